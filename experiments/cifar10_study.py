@@ -71,6 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smoothadv-warmup", type=int, default=3)
     p.add_argument("--macer-k", type=int, default=4)
     p.add_argument("--macer-lbd", type=float, default=12.0)
+    p.add_argument(
+        "--macer-warmup",
+        type=int,
+        default=0,
+        help="epochs of classification loss only before MACER's robustness term",
+    )
     # test-time sigma search: the paper's ascent (K 100, lr 1e-4, n 1) by default
     p.add_argument("--search", default="ascent", choices=["ascent", "grid"])
     p.add_argument("--sigma-iterations", type=int, default=100)
@@ -96,7 +102,7 @@ def method_settings(args, method: str) -> dict:
             "warmup": args.smoothadv_warmup,
         }
     if method == "macer":
-        return {"k": args.macer_k, "lbd": args.macer_lbd}
+        return {"k": args.macer_k, "lbd": args.macer_lbd, "warmup": args.macer_warmup}
     return {}
 
 

@@ -112,7 +112,8 @@ def test_settings_round_trip(name, settings):
     ("smoothadv", {"m": 0}), ("smoothadv", {"warmup": 0}), ("smoothadv", {"attack": "fgsm"}),
     ("smoothadv", {"attack": 3}), ("macer", {"k": 0}), ("macer", {"k": True}),
     ("macer", {"lbd": -1}), ("macer", {"lbd": float("inf")}), ("macer", {"gamma": -0.5}),
-    ("macer", {"beta": 0}), ("macer", {"beta": -2.0}), ("consistency", {"m": 0}),
+    ("macer", {"beta": 0}), ("macer", {"beta": -2.0}), ("macer", {"warmup": -1}),
+    ("macer", {"warmup": 1.5}), ("consistency", {"m": 0}),
     ("consistency", {"lbd": -10}), ("consistency", {"eta": -0.5}), ("consistency", {"m": 2.0}),
 ])
 def test_bad_settings_are_rejected(name, settings):
@@ -130,7 +131,8 @@ def test_trainer_validation_rejects_bad_method_settings(tmp_path):
 def test_defaults_are_the_published_ones():
     assert SmoothAdv().settings() == {"eps": 0.25, "steps": 2, "m": 1, "warmup": 10,
                                       "attack": "pgd"}
-    assert Macer().settings() == {"k": 16, "lbd": 12.0, "gamma": 8.0, "beta": 16.0}
+    assert Macer().settings() == {"k": 16, "lbd": 12.0, "gamma": 8.0, "beta": 16.0,
+                                  "warmup": 0}
     assert Consistency().settings() == {"m": 2, "lbd": 10.0, "eta": 0.5}
     assert build_method("smoothadv", attack="DDN").attack == "ddn"
 
@@ -246,6 +248,20 @@ def test_macer_classification_loss_is_ce_of_the_averaged_softmax():
     expected = F.cross_entropy(model.bias.detach().expand(len(x), CLASSES), y)
     assert result.terms["ce"] == pytest.approx(float(expected), rel=1e-5)
     assert result.loss.item() == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_macer_warmup_epochs_train_on_the_classification_term_only():
+    model = ConstantModel()
+    x, _ = tiny_batch()
+    y = torch.full((len(x),), CLASSES - 1)  # the constant model's top class: every margin counts
+    sigma = torch.full((len(x),), 0.25)
+    method = Macer(k=2, lbd=3.0, warmup=2)
+    during = method.loss(model, x, y, sigma, epoch=1)
+    after = method.loss(model, x, y, sigma, epoch=2)
+    assert during.terms["robust"] > 0
+    assert during.loss.item() == pytest.approx(during.terms["ce"], rel=1e-6)
+    expected = after.terms["ce"] + 3.0 * after.terms["robust"]
+    assert after.loss.item() == pytest.approx(expected, rel=1e-6)
 
 
 # -- Consistency -----------------------------------------------------------------------------

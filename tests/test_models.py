@@ -78,6 +78,7 @@ def resnet50_imagenet() -> nn.Module:
         ("cnn", (1, 28, 28), 3),
         ("cnn", (3, 32, 32), 3),
         ("cnn", (3, 64, 48), 2),
+        ("cnn_small", (3, 32, 32), 3),
         ("cifar_resnet20", (3, 32, 32), 2),
         ("cifar_resnet110", (3, 32, 32), 2),
         ("cifar_resnet18", (3, 32, 32), 2),
@@ -117,8 +118,8 @@ def test_build_model_rejects_bad_arguments() -> None:
         build_model("cnn", 10, (1, 32, 32), CIFAR_MEAN, CIFAR_STD)
     with pytest.raises(InputError):
         build_model("cnn", 10, (3, 4, 4), CIFAR_MEAN, CIFAR_STD)
-    assert set(ARCH_NAMES) == {"cnn", "cifar_resnet20", "cifar_resnet110", "cifar_resnet18",
-                               "resnet50"}
+    assert set(ARCH_NAMES) == {"cnn", "cnn_small", "cifar_resnet20", "cifar_resnet110",
+                               "cifar_resnet18", "resnet50"}
 
 
 def test_normalize_layer() -> None:
