@@ -72,6 +72,8 @@ def test_cifar10_study_script_runs_every_step_on_tiny_data(tmp_path):
         "gaussian,macer",
         "--macer-k",
         "2",
+        "--macer-warmup",
+        "0",
         "--sigma-iterations",
         "2",
         "--n0",
