@@ -67,7 +67,13 @@ class Macer(Method):
         self.warmup = warmup
 
     def settings(self) -> dict:
-        return {"k": self.k, "lbd": self.lbd, "gamma": self.gamma, "beta": self.beta, "warmup": self.warmup}
+        return {
+            "k": self.k,
+            "lbd": self.lbd,
+            "gamma": self.gamma,
+            "beta": self.beta,
+            "warmup": self.warmup,
+        }
 
     def robustness(self, logits: Tensor, y: Tensor, sigma: Tensor) -> Tensor:
         """1/B sum over R of sigma_i/2 (gamma - margin_i); logits (B, k, C), sigma (B,)."""
