@@ -71,7 +71,7 @@ def add_train_parser(sub) -> None:
     p.add_argument(
         "--arch",
         required=True,
-        help="cnn, cifar_resnet20, cifar_resnet110, cifar_resnet18, resnet50",
+        help="cnn, cnn_small, cifar_resnet20, cifar_resnet110, cifar_resnet18, resnet50",
     )
     p.add_argument("--method", default="gaussian", help="gaussian, smoothadv, macer, consistency")
     p.add_argument("--sigma", type=float, required=True, help="training noise level (pixel units)")
