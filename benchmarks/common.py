@@ -184,28 +184,26 @@ def _jsonable(value: object) -> object:
     return str(value)
 
 
-def rss_bytes() -> int:
-    """Current resident set size of this process (Linux), else 0."""
+def _proc_status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (Linux) in bytes, else 0."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    return _proc_status_bytes("VmRSS")
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux VmHWM), else 0."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    """Peak resident set size of this process (VmHWM)."""
+    return _proc_status_bytes("VmHWM")
 
 
 def mib(n: float) -> float:
