@@ -10,7 +10,12 @@ both clamped to [0.02, 0.98] before Phi^-1. Plain gradient ascent s <- s + lr dR
 steps from s_0, the noise reparametrised so that the gradient flows into s. Defaults are the
 authors' (lr 1e-4, K 100, n 1).
 
-Soundness note: the search uses its own noise stream, independent of the Monte Carlo noise
+Besides the paper's ascent, two forward-only searches pick among log-spaced candidates:
+`grid_sigma_search` scores them by the same surrogate, and `certified_sigma_search` by the
+radius CERTIFY itself would give (hard votes, Clopper-Pearson at the certification's N and
+alpha), which is what the certified accuracy counts. `SEARCHES` names them all.
+
+Soundness note: every search uses its own noise stream, independent of the Monte Carlo noise
 that later certifies x with the chosen sigma, so CERTIFY's guarantee holds for that sigma.
 The resulting classifier (sigma depends on x) is made certifiable by the memory (memory.py).
 """
@@ -22,12 +27,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from scipy.stats import beta, norm
 from torch import Tensor, nn
 
 from ddrs.errors import InputError
 from ddrs.sampling import STREAM_SIGMA_SEARCH, block_seed, eval_mode, model_device
 from ddrs.smooth import check_inputs
+from ddrs.stats import check_alpha
 
 MIN_SIGMA = 1e-3  # lower bound on any optimised sigma (pixel units): keeps s > 0
 DEFAULT_CLAMP = (0.02, 0.98)
@@ -246,4 +254,136 @@ def grid_sigma_search(
     return _joined(parts)
 
 
-SEARCHES = {"ascent": sigma_search, "grid": grid_sigma_search}
+def predicted_certified_radius(frequency, sigma, n: int, alpha: float) -> np.ndarray:
+    """The radius CERTIFY would return if the top class got `frequency` of its N votes.
+
+        pA_lower = Beta^-1(alpha; f N, N (1 - f) + 1)     (Clopper-Pearson, f N votes of N)
+        R        = sigma * Phi^-1(pA_lower)  if pA_lower >= 1/2,  else 0 (CERTIFY abstains)
+
+    f N need not be an integer (the beta quantile is continuous in it); f = 0 gives 0.
+    Arrays broadcast; pixel units like sigma.
+    """
+    f = np.asarray(frequency, dtype=np.float64)
+    s = np.asarray(sigma, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p_lower = beta.ppf(alpha, f * n, n * (1.0 - f) + 1.0)
+    p_lower = np.where(f > 0, p_lower, 0.0)
+    return np.where(p_lower >= 0.5, s * norm.ppf(np.maximum(p_lower, 0.5)), 0.0)
+
+
+def _candidates(sigma0: Tensor, grid: int, spread, sigma_range) -> Tensor:
+    """(B, grid) ascending candidate sigmas: sigma0 * log-spaced factors, or one absolute range."""
+    low, high = sigma_range if sigma_range is not None else spread
+    points = torch.logspace(math.log10(low), math.log10(high), grid, dtype=torch.float64)
+    if sigma_range is not None:
+        return points.float().expand(sigma0.numel(), grid).clone()
+    return (sigma0.double()[:, None] * points[None, :]).float()
+
+
+def _check_certified_args(grid, spread, sigma_range, samples, n, alpha) -> None:
+    if not (isinstance(grid, int) and grid >= 1):
+        raise InputError(f"grid must be an integer >= 1, got {grid!r}")
+    if sigma_range is not None:
+        if not 0 < sigma_range[0] <= sigma_range[1] or not math.isfinite(sigma_range[1]):
+            raise InputError(f"sigma range must satisfy 0 < low <= high, got {sigma_range!r}")
+    elif not 0 < spread[0] <= spread[1] or not math.isfinite(spread[1]):
+        raise InputError(f"spread must satisfy 0 < low <= high, got {spread!r}")
+    if not (isinstance(samples, int) and samples >= 1):
+        raise InputError(f"samples must be an integer >= 1, got {samples!r}")
+    if not (isinstance(n, int) and n >= 1):
+        raise InputError(f"n (the certification's N) must be an integer >= 1, got {n!r}")
+    check_alpha(alpha)
+
+
+def _hard_votes(model, x: Tensor, candidates: Tensor, noise: Tensor, batch: int) -> Tensor:
+    """Top-class vote frequency (B, G): f(x_i + s_ig e_ij) for the same e_ij at every s_ig."""
+    count, grid = candidates.shape
+    samples = noise.shape[1]
+    flat_x = x.repeat_interleave(grid * samples, 0)
+    flat_noise = noise.repeat_interleave(grid, 0).flatten(0, 1)  # (B*G*m, *shape)
+    scale = candidates.flatten().repeat_interleave(samples).view(-1, *([1] * (x.dim() - 1)))
+    predictions = torch.cat(
+        [
+            model(flat_x[lo : lo + batch] + scale[lo : lo + batch] * flat_noise[lo : lo + batch])
+            .argmax(dim=1)
+            for lo in range(0, flat_x.shape[0], batch)
+        ]
+    ).view(count * grid, samples)
+    votes = torch.zeros(count * grid, int(predictions.max()) + 1, device=predictions.device)
+    votes.scatter_add_(1, predictions, torch.ones_like(predictions, dtype=votes.dtype))
+    return (votes.max(dim=1).values / samples).view(count, grid)
+
+
+def certified_sigma_search(
+    model: nn.Module,
+    x: Tensor,
+    sigma0: Tensor | float,
+    *,
+    grid: int = 9,
+    spread: tuple[float, float] = (0.5, 2.0),
+    sigma_range: tuple[float, float] | None = None,
+    samples: int = 64,
+    n: int = 100_000,
+    alpha: float = 0.001,
+    seed: int = 0,
+    keys: Sequence[int] | None = None,
+    batch: int = 256,
+) -> SigmaSearch:
+    """Pick each input's sigma by the radius CERTIFY would give it (forward passes only).
+
+    Candidates: `grid` log-spaced sigmas in sigma0 * [spread] (or in the absolute
+    `sigma_range`, the same for every input). For each candidate, the base classifier's hard
+    votes on `samples` noisy copies x + s e_j, the e_j drawn once per input from the
+    sigma-search noise stream and shared by all candidates (common random numbers, so the
+    candidates are compared on the same noise). With f the top class's share of the votes,
+    the score is `predicted_certified_radius(f, s, n, alpha)`:
+    s * Phi^-1(Beta^-1(alpha; f N, N(1 - f) + 1)), or 0 where CERTIFY would abstain.
+    The highest score wins, ties to the smaller sigma. `n` and `alpha` should be those of the
+    certification that follows. radius_before / radius_after are the scores of the candidate
+    nearest sigma0 (in log scale) and of the chosen one.
+
+    Sound to certify with: the selection noise is independent of CERTIFY's noise, so each
+    certificate holds for the sigma chosen; the memory makes the whole classifier certifiable.
+    """
+    sigma0 = check_inputs(x, sigma0)
+    _check_certified_args(grid, spread, sigma_range, samples, n, alpha)
+    batch = _check_batch(batch)
+    device = model_device(model)
+    keys = _search_keys(x, keys)
+    candidates = _candidates(sigma0, grid, spread, sigma_range)
+    nearest = (candidates.log() - sigma0.log()[:, None]).abs().argmin(dim=1)
+    step = max(1, batch // (samples * grid))
+    parts = []
+    with frozen_eval(model), torch.inference_mode():
+        for lo in range(0, x.shape[0], step):
+            xs = x[lo : lo + step].to(device, torch.float32)
+            noise = _PerInputNoise(keys[lo : lo + step], seed, device).draw(samples, xs.shape[1:])
+            sigmas = candidates[lo : lo + step]
+            frequency = _hard_votes(model, xs, sigmas.to(device), noise, batch).cpu()
+            scores = predicted_certified_radius(frequency.numpy(), sigmas.numpy(), n, alpha)
+            best = np.argmax(scores, axis=1)  # the first maximum: ties go to the smaller sigma
+            rows = np.arange(len(best))
+            before = scores[rows, nearest[lo : lo + step].numpy()]
+            parts.append(
+                SigmaSearch(
+                    sigmas[rows, best],
+                    torch.from_numpy(before).float(),
+                    torch.from_numpy(scores[rows, best]).float(),
+                )
+            )
+    return _joined(parts)
+
+
+def _check_batch(batch) -> int:
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise InputError(f"batch must be a positive integer, got {batch!r}")
+    return batch
+
+
+SEARCHES = {
+    "ascent": sigma_search,
+    "grid": grid_sigma_search,
+    "certified": certified_sigma_search,
+}
+DEFAULT_SAMPLES = {"ascent": 1, "grid": 8, "certified": 64}
+DEFAULT_GRID = {"grid": 12, "certified": 9}

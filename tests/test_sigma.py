@@ -1,13 +1,23 @@
 """Sigma search on models where the best sigma is known or easy to bound."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import LinearBinary
+from scipy.stats import norm
 from torch import nn
 
 from ddrs.errors import InputError
 from ddrs.models import build_model
-from ddrs.sigma import grid_sigma_search, optimize_sigma, sigma_search, surrogate_radius
+from ddrs.sigma import (
+    certified_sigma_search,
+    grid_sigma_search,
+    optimize_sigma,
+    predicted_certified_radius,
+    sigma_search,
+    surrogate_radius,
+)
+from ddrs.stats import clopper_pearson_lower
 
 
 def _confident_linear(margin: float) -> tuple[LinearBinary, torch.Tensor]:
@@ -114,3 +124,113 @@ def test_grid_search_never_scores_below_its_start_and_is_batch_invariant():
     assert torch.equal(a.sigma, b.sigma)
     assert (a.radius_after >= a.radius_before).all()
     assert ((a.sigma >= 0.125 - 1e-6) & (a.sigma <= 0.5 + 1e-6)).all()
+
+
+# -- the certified selector ---------------------------------------------------------------
+
+
+def _exact_scores(margin: float, candidates, n: int, alpha: float):
+    """CERTIFY's radius at each candidate if the top-class share were the exact pA = Phi(m/s)."""
+    s = np.asarray(candidates, dtype=np.float64)
+    return predicted_certified_radius(norm.cdf(margin / s), s, n, alpha)
+
+
+def test_predicted_radius_matches_certify_formula_on_integer_counts():
+    # 9,990 of 10,000 votes: CERTIFY's bound is clopper_pearson_lower(9990, 10000, alpha)
+    bound = clopper_pearson_lower(9990, 10_000, 0.001)
+    expected = 0.3 * norm.ppf(bound)
+    assert predicted_certified_radius(0.999, 0.3, 10_000, 0.001) == pytest.approx(expected)
+    assert predicted_certified_radius(0.5, 0.3, 10_000, 0.001) == 0.0  # abstains
+    assert predicted_certified_radius(0.0, 0.3, 10_000, 0.001) == 0.0
+
+
+@pytest.mark.parametrize("margin,n", [(0.15, 10_000), (0.3, 1_000), (0.6, 10_000)])
+def test_certified_search_picks_the_exactly_best_candidate_of_a_linear_classifier(margin, n):
+    # For the sharp linear classifier pA(s) = Phi(margin / s) exactly. CERTIFY's radius is
+    # capped at s * Phi^-1(alpha^(1/N)) for small s and eaten by the Clopper-Pearson penalty
+    # for large s; in between it is nearly flat. Candidates margin * (1/8, 1, 8) have a clear
+    # winner (the middle one), clear also against the noise of 16,384 votes (the score's
+    # noise grows with s, as R = s Phi^-1(f) is steep where f is near 1/2); the search must
+    # find it ...
+    model, x = _confident_linear(margin)
+    alpha = 0.001
+    found = certified_sigma_search(
+        model, x, margin, grid=3, spread=(0.125, 8.0), samples=16384, n=n, alpha=alpha,
+        batch=65536,
+    )
+    candidates = margin * np.array([0.125, 1.0, 8.0])
+    exact = _exact_scores(margin, candidates, n, alpha)
+    assert np.argmax(exact) == 1 and exact[1] > 1.3 * np.sort(exact)[-2]
+    assert found.sigma.item() == pytest.approx(candidates[1], rel=1e-5)
+    assert found.radius_after.item() == pytest.approx(exact[1], rel=0.05)  # 16,384 votes
+    # ... and on a fine grid over the flat top, its pick is within 1% of the exact best.
+    fine = certified_sigma_search(
+        model, x, margin, grid=13, spread=(0.125, 8.0), samples=16384, n=n, alpha=alpha,
+        batch=65536,
+    )
+    grid = margin * np.logspace(np.log10(0.125), np.log10(8.0), 13)
+    exact = _exact_scores(margin, grid, n, alpha)
+    picked = exact[np.argmin(np.abs(grid - fine.sigma.item()))]
+    assert picked >= 0.99 * exact.max()
+
+
+def test_certified_search_ties_go_to_the_smaller_sigma():
+    # A constant classifier: every candidate gets all votes, so s * Phi^-1(alpha^(1/N))
+    # grows with s, and with one absolute candidate range the largest must win; with
+    # a classifier that is always wrong-and-split (half/half) every score is 0: smallest wins.
+    class Constant(nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = torch.tensor(logits)
+
+        def forward(self, z):
+            return self.logits.expand(z.shape[0], -1)
+
+    x = torch.rand(3, 1, 4, 4)
+    found = certified_sigma_search(Constant([0.0, 1.0]), x, 0.25, sigma_range=(0.1, 0.4), grid=4)
+    assert torch.allclose(found.sigma, torch.full((3,), 0.4))
+
+    class Split(nn.Module):
+        def forward(self, z):  # class = sign of the first noise coordinate: p = 1/2
+            return torch.stack([z.flatten(1)[:, 0] - x[0].flatten()[0], torch.zeros(len(z))], 1)
+
+    found = certified_sigma_search(Split(), x[:1], 0.25, sigma_range=(0.1, 0.4), grid=4)
+    assert found.sigma.item() == pytest.approx(0.1)
+    assert found.radius_after.item() == 0.0
+
+
+def test_certified_search_is_deterministic_and_independent_of_batching_and_company():
+    torch.manual_seed(0)
+    model = build_model("cnn", 10, (1, 8, 8), (0.3,), (0.4,))
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    keys = [10, 11, 12, 13, 14, 15]
+    options = {"grid": 5, "samples": 16, "n": 1000, "alpha": 0.01, "seed": 3}
+    a = certified_sigma_search(model, x, 0.25, keys=keys, batch=4096, **options)
+    b = certified_sigma_search(model, x, 0.25, keys=keys, batch=7, **options)
+    assert torch.equal(a.sigma, b.sigma) and torch.equal(a.radius_after, b.radius_after)
+    alone = certified_sigma_search(model, x[2:3], 0.25, keys=keys[2:3], **options)
+    assert alone.sigma.item() == a.sigma[2].item()  # other inputs in the call change nothing
+    again = certified_sigma_search(model, x, 0.25, keys=keys, batch=4096, **options)
+    assert torch.equal(a.sigma, again.sigma)
+    other_seed = certified_sigma_search(model, x, 0.25, keys=keys, **(options | {"seed": 4}))
+    assert not torch.equal(a.radius_after, other_seed.radius_after)
+    assert (a.radius_after >= a.radius_before).all()
+    grid = 0.25 * np.logspace(np.log10(0.5), np.log10(2.0), 5)
+    assert all(np.isclose(grid, s, rtol=1e-5).any() for s in a.sigma.tolist())
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"grid": 0}, "grid"),
+        ({"samples": 0}, "samples"),
+        ({"n": 0}, "n "),
+        ({"alpha": 1.5}, "alpha"),
+        ({"spread": (2.0, 0.5)}, "spread"),
+        ({"sigma_range": (0.0, 0.5)}, "range"),
+        ({"batch": 0}, "batch"),
+    ],
+)
+def test_bad_certified_search_settings(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        certified_sigma_search(nn.Flatten(), torch.rand(1, 1, 2, 2), 0.25, **kwargs)
