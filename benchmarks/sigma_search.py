@@ -7,6 +7,9 @@ On the same test inputs of a model trained with Gaussian augmentation (sigma0 = 
   paper's K * lr in a fifth of the steps),
 * ddrs's forward-only grid search (12 log-spaced candidates in sigma0 * [0.5, 2] plus sigma0,
   scored on the same 8 noise draws), and a cheaper grid (6 candidates, 4 draws),
+* the certified selector (9 log-spaced candidates in sigma0 * [0.5, 2], each scored by the
+  radius CERTIFY would give at the certification's N and alpha from hard votes on 64 common
+  noise draws; also with 16 draws, and over sigma0 * [0.5, 4]),
 * the fixed-sigma baseline (sigma0 everywhere).
 
 Cost: forward / backward passes per input (one pass = one noisy sample through the model),
@@ -47,7 +50,13 @@ from common import (
 from ddrs.data import get_dataset
 from ddrs.models import load_checkpoint
 from ddrs.report import average_certified_radius, certified_accuracy
-from ddrs.sigma import frozen_eval, grid_sigma_search, sigma_search, surrogate_radius
+from ddrs.sigma import (
+    certified_sigma_search,
+    frozen_eval,
+    grid_sigma_search,
+    sigma_search,
+    surrogate_radius,
+)
 from ddrs.smooth import Smooth
 from ddrs.train.loop import TrainConfig, train
 
@@ -129,6 +138,11 @@ def main() -> None:
         return lambda: grid_sigma_search(model, x, SIGMA0, grid=points, spread=(0.5, 2.0),
                                          samples=samples, keys=indices).sigma
 
+    def certified(samples: int, spread=(0.5, 2.0), points: int = 9):
+        return lambda: certified_sigma_search(model, x, SIGMA0, grid=points, spread=spread,
+                                              samples=samples, n=n, alpha=args.alpha,
+                                              keys=indices, batch=2048).sigma
+
     methods = {
         "ascent K100 lr1e-4 n1 (paper)": (ascent(1e-4), 100, 100),
         "ascent K100 lr1e-3 n1": (ascent(1e-3), 100, 100),
@@ -136,6 +150,9 @@ def main() -> None:
         "ascent K20 lr5e-4 n1": (ascent(5e-4, 20), 20, 20),
         "grid 12 x 8 draws": (grid(12, 8), 13 * 8, 0),
         "grid 6 x 4 draws": (grid(6, 4), 7 * 4, 0),
+        "certified 9 x 64 votes": (certified(64), 9 * 64, 0),
+        "certified 9 x 16 votes": (certified(16), 9 * 16, 0),
+        "certified 9 x 64, x[0.5, 4]": (certified(64, (0.5, 4.0)), 9 * 64, 0),
     }
     paper = "ascent K100 lr1e-4 n1 (paper)"
     chosen = {}
@@ -148,6 +165,7 @@ def main() -> None:
     # warm-up (first calls allocate and pick kernels), on a few inputs
     sigma_search(model, x[:8], SIGMA0, iterations=3, keys=indices[:8], measure=False)
     grid_sigma_search(model, x[:8], SIGMA0, keys=indices[:8])
+    certified_sigma_search(model, x[:8], SIGMA0, keys=indices[:8], n=n, alpha=args.alpha)
     print("timing the searches (in turn, repeated):")
     times = interleaved({name: keep(name, fn) for name, (fn, _, _) in methods.items()}, repeats)
     chosen["fixed sigma0 (baseline)"] = torch.full((len(indices),), SIGMA0)

@@ -1,7 +1,9 @@
 """The data-dependent smoothed classifier, online: sigma search + CERTIFY + memory.
 
 Each query x is answered by
-  1. sigma_x = the sigma search from sigma0 (sigma.py),
+  1. sigma_x = a sigma search from sigma0 (sigma.py; `selector` names it: "certified" picks
+     by the radius CERTIFY would give at this classifier's N and alpha, "ascent" is the
+     paper's gradient ascent, "grid" the surrogate-scored grid),
   2. (c, R) = CERTIFY(x, sigma_x) (smooth.py),
   3. the memory rule (memory.py), which makes the answers of a classifier whose sigma
      depends on x certifiable: no two stored balls of different classes intersect.
@@ -17,7 +19,7 @@ from torch import Tensor, nn
 from ddrs.memory import CertificationMemory
 from ddrs.models import model_fingerprint
 from ddrs.sampling import CPU_BATCH
-from ddrs.sigma import sigma_search
+from ddrs.sigma import SEARCHES, check_search_options
 from ddrs.smooth import Smooth
 
 
@@ -55,13 +57,19 @@ class DataDependentSmoothClassifier:
     alpha: float = 0.001
     batch: int | None = None  # samples per forward pass; None: automatic
     seed: int = 0
-    search: dict = field(default_factory=lambda: {"iterations": 100, "lr": 1e-4, "samples": 1})
+    selector: str = "certified"
+    search: dict = field(default_factory=dict)  # the selector's options (sigma.SEARCHES)
 
     def __post_init__(self):
+        if self.selector == "certified":  # score candidates at the N and alpha used below
+            self.search = {"n": self.n, "alpha": self.alpha} | self.search
+        elif self.selector == "ascent" and not self.search:  # the authors' settings
+            self.search = {"iterations": 100, "lr": 1e-4, "samples": 1}
+        check_search_options(self.selector, self.search)
         self.smooth = Smooth(self.model, self.num_classes, seed=self.seed)
 
     def sigma_for(self, x: Tensor, key: int) -> float:
-        found = sigma_search(
+        found = SEARCHES[self.selector](
             self.model,
             x.unsqueeze(0),
             self.sigma0,

@@ -155,34 +155,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--out", required=True)
 
-    p = sub.add_parser("sigma", help="optimise a sigma per input (data-dependent smoothing)")
+    p = sub.add_parser(
+        "sigma",
+        help="choose a sigma per input (data-dependent smoothing)",
+        description="Searches: certified (default) scores log-spaced candidates by the radius "
+        "CERTIFY would give at --n and --alpha, from hard votes on --samples noisy copies; "
+        "ascent is the paper's gradient ascent on its surrogate (authors: K 100, lr 1e-4, n 1); "
+        "grid scores candidates by that surrogate.",
+    )
     add_model_args(p)
-    p.add_argument("--sigma0", type=float, required=True, help="start value: the training sigma")
-    p.add_argument("--iterations", type=int, default=100, help="ascent steps K (authors: 100)")
-    p.add_argument("--lr", type=float, default=1e-4, help="ascent step size (authors: 1e-4)")
+    p.add_argument(
+        "--sigma0", type=float, required=True, help="centre of the candidates / ascent start"
+    )
     p.add_argument(
         "--search",
-        default="ascent",
-        choices=["ascent", "grid"],
-        help="ascent: the paper's gradient ascent; grid: forward-only grid search",
+        default="certified",
+        choices=["certified", "ascent", "grid"],
+        help="certified: by the predicted certified radius (default); ascent: the paper's "
+        "gradient ascent; grid: forward-only, by the paper's surrogate",
     )
     p.add_argument(
         "--samples",
         type=int,
-        default=1,
-        help="noise samples per step n (authors: 1); grid: per candidate (try 8)",
+        default=None,
+        help="noise samples: per candidate (certified 64, grid 8) or per ascent step (1)",
     )
-    p.add_argument("--grid", type=int, default=12, help="grid: number of candidate sigmas")
+    p.add_argument(
+        "--grid", type=int, default=None, help="number of candidates (certified 9, grid 12)"
+    )
     p.add_argument(
         "--spread",
         type=_floats,
         default=(0.5, 2.0),
-        help="grid: low,high factors of sigma0 spanned by the candidates",
+        help="low,high factors of sigma0 spanned by the candidates (default 0.5,2)",
     )
-    p.add_argument("--clamp", type=_floats, default=(0.02, 0.98), help="low,high clamp of pA, pB")
-    p.add_argument("--min-sigma", type=float, default=1e-3, help="lower bound on sigma")
-    p.add_argument("--max-sigma", type=float, default=None, help="optional upper bound on sigma")
-    p.add_argument("--out", required=True, help="TSV of idx, sigma, surrogate radius before/after")
+    p.add_argument(
+        "--n",
+        type=int,
+        default=CERTIFY_DEFAULTS["n"],
+        help="certified: the N of the certification that follows (default 100,000)",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=CERTIFY_DEFAULTS["alpha"],
+        help="certified: the alpha of the certification that follows (default 0.001)",
+    )
+    p.add_argument("--iterations", type=int, default=100, help="ascent: steps K (authors: 100)")
+    p.add_argument("--lr", type=float, default=1e-4, help="ascent: step size (authors: 1e-4)")
+    p.add_argument(
+        "--clamp", type=_floats, default=(0.02, 0.98), help="ascent, grid: low,high clamp of pA, pB"
+    )
+    p.add_argument(
+        "--min-sigma",
+        type=float,
+        default=None,
+        help="lower bound on sigma (default 1e-3); certified: with --max-sigma, the "
+        "candidates span this absolute range instead of sigma0 * spread",
+    )
+    p.add_argument("--max-sigma", type=float, default=None, help="upper bound on sigma")
+    p.add_argument("--out", required=True, help="TSV of idx, sigma, score before/after")
 
     p = sub.add_parser("memory", help="certification memory tools")
     msub = p.add_subparsers(dest="memory_command", required=True)

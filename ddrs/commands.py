@@ -126,18 +126,39 @@ def cmd_predict(args) -> None:
     print(f"results: {args.out}")
 
 
-def cmd_sigma(args) -> None:
-    model, dataset = load_model_and_data(args)
-    options = {
-        "samples": args.samples,
-        "clamp": tuple(args.clamp),
-        "min_sigma": args.min_sigma,
-        "max_sigma": args.max_sigma,
-    }
-    if args.search == "ascent":
+def sigma_search_options(args) -> dict:
+    """The keyword arguments of the chosen search (sigma.SEARCHES), from the CLI flags."""
+    from ddrs.sigma import DEFAULT_GRID, DEFAULT_SAMPLES, MIN_SIGMA
+
+    search = args.search
+    options: dict = {"samples": DEFAULT_SAMPLES[search] if args.samples is None else args.samples}
+    if search == "certified":
+        options.update(grid=args.grid or DEFAULT_GRID[search], n=args.n, alpha=args.alpha)
+        if args.min_sigma is not None and args.max_sigma is not None:
+            options["sigma_range"] = (args.min_sigma, args.max_sigma)
+        elif args.min_sigma is not None or args.max_sigma is not None:
+            raise InputError(
+                "--search certified takes both --min-sigma and --max-sigma (an absolute "
+                "candidate range) or neither (candidates sigma0 * --spread)"
+            )
+        else:
+            options["spread"] = tuple(args.spread)
+        return options
+    options.update(
+        clamp=tuple(args.clamp),
+        min_sigma=MIN_SIGMA if args.min_sigma is None else args.min_sigma,
+        max_sigma=args.max_sigma,
+    )
+    if search == "ascent":
         options.update(iterations=args.iterations, lr=args.lr)
     else:
-        options.update(grid=args.grid, spread=tuple(args.spread))
+        options.update(grid=args.grid or DEFAULT_GRID[search], spread=tuple(args.spread))
+    return options
+
+
+def cmd_sigma(args) -> None:
+    options = sigma_search_options(args)
+    model, dataset = load_model_and_data(args)
     settings = {
         **_common_settings(args, model),
         "sigma0": args.sigma0,

@@ -116,6 +116,7 @@ def quickstart(
         test_set,
         str(sigmas_tsv),
         sigma0=s.sigma,
+        search="ascent",
         options=options,
         selection=_selection(s),
         settings={"quickstart": "sigma", **_plain(s)},

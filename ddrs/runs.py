@@ -24,8 +24,8 @@ from ddrs.results import (
     SIGMA_COLUMNS,
     ResultsWriter,
 )
-from ddrs.sampling import CPU_BATCH
-from ddrs.sigma import SEARCHES
+from ddrs.sampling import CPU_BATCH, auto_batch_size
+from ddrs.sigma import SEARCHES, check_search_options
 from ddrs.smooth import Smooth
 
 
@@ -208,7 +208,7 @@ def sigma_dataset(
     out: str,
     *,
     sigma0: float,
-    search: str = "ascent",
+    search: str = "certified",
     options: dict | None = None,
     batch: int | None = None,
     selection: Selection = Selection(),
@@ -216,16 +216,19 @@ def sigma_dataset(
     settings: dict | None = None,
     progress: bool = True,
 ) -> str:
-    """Choose a sigma for every selected input with `search` ("ascent": the paper's gradient
-    ascent; "grid": the forward-only grid search) and its `options`; rows `idx sigma sigma0
-    radius_before radius_after time`."""
-    if search not in SEARCHES:
-        raise InputError(f"unknown sigma search {search!r}; choose one of {sorted(SEARCHES)}")
+    """Choose a sigma for every selected input with `search` (a name in sigma.SEARCHES:
+    "certified", "ascent" or "grid") and its `options`; rows `idx sigma sigma0 radius_before
+    radius_after time` (the search's score at sigma0 and at the chosen sigma)."""
     options = options or {}
+    check_search_options(search, options)
+    if not (isinstance(sigma0, (int, float)) and math.isfinite(sigma0) and sigma0 > 0):
+        raise InputError(f"sigma0 must be finite and > 0, got {sigma0!r}")
+    if batch is not None and (not isinstance(batch, int) or batch < 1):
+        raise InputError(f"batch must be a positive integer, got {batch!r}")
+    batch = batch or auto_batch_size(model, dataset.info.input_shape)
     with ResultsWriter(out, SIGMA_COLUMNS, settings or {}) as writer:
         todo = _todo(selection.indices(len(dataset)), writer)
         bar = _progress(len(todo), "sigma", progress)
-        batch = batch or CPU_BATCH
         for group in _groups(todo, max(1, min(100, batch // options.get("samples", 1)))):
             x, _ = _stack(dataset, group)
             t0 = time.perf_counter()

@@ -296,20 +296,22 @@ def _check_certified_args(grid, spread, sigma_range, samples, n, alpha) -> None:
 
 
 def _hard_votes(model, x: Tensor, candidates: Tensor, noise: Tensor, batch: int) -> Tensor:
-    """Top-class vote frequency (B, G): f(x_i + s_ig e_ij) for the same e_ij at every s_ig."""
+    """Top-class vote frequency (B, G): f(x_i + s_ig e_ij) for the same e_ij at every s_ig.
+
+    The B * G * m noisy inputs are built `batch` at a time (flat order: input, candidate,
+    sample), so memory stays O(batch) however many candidates and samples there are.
+    """
     count, grid = candidates.shape
     samples = noise.shape[1]
-    flat_x = x.repeat_interleave(grid * samples, 0)
-    flat_noise = noise.repeat_interleave(grid, 0).flatten(0, 1)  # (B*G*m, *shape)
-    scale = candidates.flatten().repeat_interleave(samples).view(-1, *([1] * (x.dim() - 1)))
-    predictions = torch.cat(
-        [
-            model(flat_x[lo : lo + batch] + scale[lo : lo + batch] * flat_noise[lo : lo + batch])
-            .argmax(dim=1)
-            for lo in range(0, flat_x.shape[0], batch)
-        ]
-    ).view(count * grid, samples)
-    votes = torch.zeros(count * grid, int(predictions.max()) + 1, device=predictions.device)
+    total = count * grid * samples
+    predictions = torch.empty(total, dtype=torch.int64, device=x.device)
+    for lo in range(0, total, batch):
+        flat = torch.arange(lo, min(lo + batch, total), device=x.device)
+        i, g, j = flat // (grid * samples), (flat // samples) % grid, flat % samples
+        scale = candidates[i, g].view(-1, *([1] * (x.dim() - 1)))
+        predictions[lo : lo + len(flat)] = model(x[i] + scale * noise[i, j]).argmax(dim=1)
+    predictions = predictions.view(count * grid, samples)
+    votes = torch.zeros(count * grid, int(predictions.max()) + 1, device=x.device)
     votes.scatter_add_(1, predictions, torch.ones_like(predictions, dtype=votes.dtype))
     return (votes.max(dim=1).values / samples).view(count, grid)
 
@@ -387,3 +389,28 @@ SEARCHES = {
 }
 DEFAULT_SAMPLES = {"ascent": 1, "grid": 8, "certified": 64}
 DEFAULT_GRID = {"grid": 12, "certified": 9}
+
+
+def check_search_options(search: str, options: dict) -> None:
+    """Reject an unknown search or bad settings before any work (or any file) starts."""
+    if search not in SEARCHES:
+        raise InputError(f"unknown sigma search {search!r}; choose one of {sorted(SEARCHES)}")
+    o = {"samples": DEFAULT_SAMPLES[search]} | options
+    if search == "certified":
+        _check_certified_args(
+            o.get("grid", DEFAULT_GRID[search]),
+            o.get("spread", (0.5, 2.0)),
+            o.get("sigma_range"),
+            o["samples"],
+            o.get("n", 100_000),
+            o.get("alpha", 0.001),
+        )
+        return
+    _check_search_args(
+        o.get("iterations", 0),
+        o.get("lr", 0.0),
+        o["samples"],
+        o.get("clamp", DEFAULT_CLAMP),
+        o.get("min_sigma", MIN_SIGMA),
+        o.get("max_sigma"),
+    )

@@ -1,6 +1,7 @@
 """The online data-dependent classifier equals the offline pipeline (sigma TSV, certify,
 memory apply in index order) on the same inputs, seeds and order."""
 
+import pytest
 import torch
 
 from ddrs.classifier import DataDependentSmoothClassifier, memory_fingerprint
@@ -12,7 +13,14 @@ from ddrs.runs import Selection, certify_dataset, sigma_dataset
 from ddrs.train.loop import TrainConfig, train
 
 
-def test_online_classifier_matches_offline_resolution(tmp_path):
+SEARCH_OPTIONS = {
+    "ascent": {"iterations": 4, "lr": 1e-2, "samples": 2},
+    "certified": {"grid": 5, "samples": 8, "n": 200, "alpha": 0.01},
+}
+
+
+@pytest.mark.parametrize("selector", ["ascent", "certified"])
+def test_online_classifier_matches_offline_resolution(tmp_path, selector):
     ckpt = train(
         TrainConfig(
             dataset="digits",
@@ -29,7 +37,7 @@ def test_online_classifier_matches_offline_resolution(tmp_path):
     model = load_checkpoint(ckpt).model
     data = get_dataset("digits", "test")
     shape = data.info.input_shape
-    search = {"iterations": 4, "lr": 1e-2, "samples": 2}
+    search = SEARCH_OPTIONS[selector]
     count, n0, n, alpha = 30, 20, 200, 0.01
 
     # offline: sigmas for all, Monte Carlo for all, then the memory in index order
@@ -39,6 +47,7 @@ def test_online_classifier_matches_offline_resolution(tmp_path):
         data,
         str(sigmas),
         sigma0=0.25,
+        search=selector,
         options=search,
         selection=Selection(max=count),
         progress=False,
@@ -63,7 +72,8 @@ def test_online_classifier_matches_offline_resolution(tmp_path):
     # online: one query at a time
     with CertificationMemory(tmp_path / "online.sqlite", fingerprint, shape) as memory:
         clf = DataDependentSmoothClassifier(
-            model, 10, memory, sigma0=0.25, n0=n0, n=n, alpha=alpha, search=search
+            model, 10, memory, sigma0=0.25, n0=n0, n=n, alpha=alpha, selector=selector,
+            search=search,
         )
         answers = [clf.certify(data[i][0], key=i) for i in range(count)]
         assert len(memory) == count
@@ -92,6 +102,7 @@ def test_online_predict_is_stored_and_repeat_returns_stored_answer(tmp_path):
             sigma0=0.25,
             n0=10,
             n=100,
+            selector="ascent",
             search={"iterations": 2, "lr": 1e-3, "samples": 1},
         )
         x = torch.rand(1, 8, 8)

@@ -348,12 +348,14 @@ def spread_indices(total: int, count: int | None) -> list[int]:
     return [i * total // count for i in range(count)]
 
 
+SIGMA_QUANTILES = {"sigma_min": 0.0, "sigma_p10": 0.1, "sigma_median": 0.5, "sigma_p90": 0.9,
+                   "sigma_max": 1.0}
+
+
 def sigma_summary(buffer: torch.Tensor) -> dict:
-    return {
-        "sigma_min": buffer.min().item(),
-        "sigma_median": buffer.median().item(),
-        "sigma_max": buffer.max().item(),
-    }
+    """The distribution of the per-sample training sigmas (min, p10, median, p90, max)."""
+    values = torch.quantile(buffer.double(), torch.tensor(list(SIGMA_QUANTILES.values())).double())
+    return dict(zip(SIGMA_QUANTILES, values.tolist()))
 
 
 def format_row(row: dict) -> str:
