@@ -296,8 +296,11 @@ def certified_accuracy_curve(table: dict[str, np.ndarray], radii: np.ndarray) ->
 
 
 def plot_certified_accuracy(runs: Sequence[Run], path: str | os.PathLike,
-                            title: str | None = None) -> None:
-    """Certified accuracy vs radius, one step curve per run, saved as a PNG."""
+                            title: str | None = None,
+                            envelope: Sequence[Run] | None = None,
+                            envelope_label: str = ENVELOPE_LABEL) -> None:
+    """Certified accuracy vs radius, one step curve per run, saved as a PNG. With `envelope`,
+    also the best of those runs at each radius, as a dashed black curve."""
     plt = _pyplot()
     certified = [r.table["radius"][r.table["correct"] == 1] for r in runs]
     top = max((float(c.max()) for c in certified if len(c)), default=0.0)
@@ -309,6 +312,10 @@ def plot_certified_accuracy(runs: Sequence[Run], path: str | os.PathLike,
                 acr = average_certified_radius(run.table)
                 ax.plot(grid, certified_accuracy_curve(run.table, grid), drawstyle="steps-post",
                         linewidth=1.8, label=f"{run.label} (ACR {acr:.3f})")
+        curves = [certified_accuracy_curve(r.table, grid) for r in envelope or () if r.size]
+        if curves:
+            ax.plot(grid, np.max(curves, axis=0), drawstyle="steps-post", color="black",
+                    linestyle="--", linewidth=1.4, label=envelope_label)
         ax.set_xlabel("radius (L2, pixel units)")
         ax.set_ylabel("certified accuracy")
         ax.set_title(title or "Certified accuracy vs radius")
@@ -374,7 +381,7 @@ def report_command(args: argparse.Namespace) -> None:
     else:
         sys.stdout.write(table)
     if args.plot:
-        plot_certified_accuracy(runs, args.plot)
+        plot_certified_accuracy(runs, args.plot, envelope=runs if args.envelope else None)
         print(f"plot: {args.plot}", file=sys.stderr)
     if args.sigma_plot:
         if plot_sigma_histogram(runs, args.sigma_plot):
@@ -382,3 +389,41 @@ def report_command(args: argparse.Namespace) -> None:
         else:
             print("sigma plot: no run has per-input sigmas (a sigma column that varies); "
                   "nothing written", file=sys.stderr)
+
+
+def plot_training_sigmas(logs: Sequence[tuple[str, str | os.PathLike]],
+                         path: str | os.PathLike) -> bool:
+    """The per-sample training sigmas over epochs, from training logs (log.csv with the
+    sigma_min/p10/median/p90/max columns): median line, p10-p90 band, min-max dotted.
+    `logs` is (label, path) pairs; False (no file) when no log has those columns."""
+    import csv
+
+    series = []
+    for label, log in logs:
+        with open(log, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if rows and "sigma_p10" in rows[0]:
+            series.append((label, {k: np.array([float(r[k]) for r in rows])
+                                   for k in ("epoch", "sigma_min", "sigma_p10", "sigma_median",
+                                             "sigma_p90", "sigma_max")}))
+    if not series:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    try:
+        for label, v in series:
+            (line,) = ax.plot(v["epoch"], v["sigma_median"], marker="o", markersize=3,
+                              label=f"{label} (median; band p10-p90; dotted min, max)")
+            ax.fill_between(v["epoch"], v["sigma_p10"], v["sigma_p90"], alpha=0.2,
+                            color=line.get_color())
+            for key in ("sigma_min", "sigma_max"):
+                ax.plot(v["epoch"], v[key], linestyle=":", color=line.get_color())
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("training sigma (pixel units)")
+        ax.set_title("Per-sample training sigmas")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="upper left", fontsize=8)
+        _save_atomically(fig, path)
+    finally:
+        plt.close(fig)
+    return True

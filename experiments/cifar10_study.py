@@ -1,46 +1,63 @@
-"""Reproduction study of Data Dependent Randomized Smoothing on CIFAR-10, at a chosen scale.
+"""CIFAR-10 study: data-dependent sigma against the strongest fixed-sigma baseline.
 
-For each training method (gaussian, smoothadv, macer) train a model with a fixed sigma and
-one with data-dependent sigma (same architecture, epochs, data and seed), optimise a sigma
-per test input for the data-dependent model, certify the same test subset with the same
-N0, N and alpha (data-dependent: through the certification memory), and report.
+Rows, all the same architecture, epochs, data and seed, certified on the same test images
+with the same N0, N and alpha:
 
-Every step writes its outputs under --out and is skipped or resumed when re-run, so the
-study can be run piece by piece (--steps, --methods) and survives interruptions. The
-defaults are the run in docs/results/cifar10.md (2 CPU cores, about 2 hours); the
-paper's scale is a matter of flags, e.g.
+* fixed: one model per training sigma in --fixed-sigmas (0.12, 0.25, 0.5), certified at its
+  own sigma; their envelope (the best of them at each radius) is the baseline the paper's
+  claim is about;
+* data-dependent training (per-sample sigmas from sigma0, warm-started, Alfarra et al.) with
+  each dd-lr in --dd-lrs; the one kept is chosen on validation images (below), then
+  certified with per-input test sigmas from each selector (the paper's ascent, the surrogate
+  grid, the certified selector) through the certification memory;
+* test-time only: the fixed sigma0 model certified with per-input sigmas from the certified
+  selector, through a memory (what a user holding a published checkpoint would do).
 
-  python experiments/cifar10_study.py --data-root DIR --arch cifar_resnet18 --epochs 200 \
-      --train-subset 0 --batch 256 --lr 0.1 --lr-step 60 --dd-iterations 10 \
-      --dd-samples 64 --macer-k 16 --macer-warmup 0 --smoothadv-warmup 10 \
-      --n 100000 --skip 1
+Settings are chosen on validation images held out from training (--val-images images spread
+over the training images that are not in the --train-subset), never on the test images:
+the dd-lr, and the certified selector's candidate range (--spreads) for each model, by
+certified accuracy at --select-radius (ties: ACR) at --val-n. Every choice is written to
+`choices.json` with the validation numbers behind it.
+
+Every step writes under --out and is skipped or resumed when re-run (--steps picks steps):
+
+    python experiments/cifar10_study.py --data-root data/cifar10 --out runs/cifar10_study
+
+The paper's scale is a matter of flags (--arch cifar_resnet18 --epochs 200 --train-subset 0
+--dd-lrs 1e-4 --dd-iterations 10 --dd-samples 64 --n 100000 --skip 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import time
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from ddrs.classifier import memory_fingerprint
 from ddrs.data import get_dataset
 from ddrs.memory import CertificationMemory
 from ddrs.models import load_checkpoint
 from ddrs.report import (
+    envelope_summary,
     format_table,
     load_runs,
     plot_certified_accuracy,
     plot_sigma_histogram,
+    plot_training_sigmas,
     run_summary,
 )
-from ddrs.results import read_sigmas
+from ddrs.results import read_sigmas, read_table
 from ddrs.runs import Selection, certify_dataset, sigma_dataset
-from ddrs.train.loop import TrainConfig, train
+from ddrs.train.loop import TrainConfig, train, training_subset
 
-STEPS = ("train", "sigma", "certify", "report")
-VARIANTS = ("fixed", "dd")
+STEPS = ("train", "select", "certify", "report")
 RADII = [0.0, 0.25, 0.5, 0.75, 1.0]
+SELECTORS = ("ascent", "grid", "certified")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,93 +65,125 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-root", required=True, help="CIFAR-10 (ImageFolder or python batches)")
     p.add_argument("--out", default="runs/cifar10_study")
     p.add_argument("--steps", default=",".join(STEPS), help="comma list of " + ",".join(STEPS))
-    p.add_argument("--methods", default="gaussian,smoothadv,macer")
-    p.add_argument("--variants", default="fixed,dd")
+    p.add_argument("--method", default="gaussian", help="training method of every model")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    # training (same for every row)
+    # training (the same for every model)
     p.add_argument("--arch", default="cnn_small")
-    p.add_argument("--sigma", type=float, default=0.25, help="training sigma = sigma0")
+    p.add_argument("--sigma0", type=float, default=0.25, help="dd models' initial sigma")
+    p.add_argument("--fixed-sigmas", default="0.12,0.25,0.5")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--train-subset", type=int, default=20000, help="0: all 50,000")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--lr-step", type=int, default=4)
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    # data-dependent training: the authors' ImageNet settings (K 1, n 1) by default
+    # data-dependent training: K 1, n 1; dd-lr candidates: the authors' 1e-4, and the step
+    # that gives their drift (440 epochs x K 10 x 1e-4) in 10 epochs x K 1, and a tenth of it
+    p.add_argument("--dd-lrs", default="0.044,0.0044,0.0001")
     p.add_argument("--dd-iterations", type=int, default=1)
     p.add_argument("--dd-samples", type=int, default=1)
-    p.add_argument("--dd-lr", type=float, default=1e-4)
-    # methods
-    p.add_argument("--smoothadv-eps", type=float, default=0.25)
-    p.add_argument("--smoothadv-steps", type=int, default=2)
-    p.add_argument("--smoothadv-m", type=int, default=1)
-    p.add_argument("--smoothadv-warmup", type=int, default=3)
-    p.add_argument("--macer-k", type=int, default=4)
-    p.add_argument("--macer-lbd", type=float, default=12.0)
+    # selection on validation images
+    p.add_argument("--val-images", type=int, default=500)
+    p.add_argument("--val-n", type=int, default=2000, help="N of the validation certificates")
+    p.add_argument("--select-radius", type=float, default=0.5)
     p.add_argument(
-        "--macer-warmup",
-        type=int,
-        default=4,
-        help="epochs of classification loss only before MACER's robustness term",
+        "--spreads",
+        default="0.5:2,0.5:4,0.71:1.41",
+        help="certified selector's candidate ranges (factors of the model's sigma) to choose from",
     )
-    # test-time sigma search: the paper's ascent (K 100, lr 1e-4, n 1) by default
-    p.add_argument("--search", default="ascent", choices=["ascent", "grid"])
-    p.add_argument("--sigma-iterations", type=int, default=100)
-    p.add_argument("--sigma-lr", type=float, default=1e-4)
-    p.add_argument("--sigma-samples", type=int, default=1)
-    # certification (same for every row)
+    # test-time selectors
+    p.add_argument("--certified-grid", type=int, default=9)
+    p.add_argument("--certified-samples", type=int, default=64)
+    p.add_argument("--grid-samples", type=int, default=8)
+    p.add_argument("--ascent-iterations", type=int, default=100)
+    p.add_argument("--ascent-lr", type=float, default=1e-4)
+    # certification (the same for every row)
     p.add_argument("--n0", type=int, default=100)
     p.add_argument("--n", type=int, default=10000)
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--skip", type=int, default=20, help="every SKIP-th test image (20: 500)")
     p.add_argument("--max", type=int, default=-1)
-    p.add_argument("--cert-batch", type=int, default=400)
+    p.add_argument("--cert-batch", type=int, default=400, help="noisy samples per forward pass")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
 
-def method_settings(args, method: str) -> dict:
-    if method == "smoothadv":
-        return {
-            "eps": args.smoothadv_eps,
-            "steps": args.smoothadv_steps,
-            "m": args.smoothadv_m,
-            "warmup": args.smoothadv_warmup,
-        }
-    if method == "macer":
-        return {"k": args.macer_k, "lbd": args.macer_lbd, "warmup": args.macer_warmup}
-    return {}
+def floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v]
 
 
-def run_dir(args, method: str, variant: str) -> Path:
-    return Path(args.out) / f"{method}-{variant}"
+def spreads(args) -> list[tuple[float, float]]:
+    return [tuple(float(v) for v in item.split(":")) for item in args.spreads.split(",")]
 
 
-def log_time(args, step: str, method: str, variant: str, seconds: float) -> None:
+def fixed_name(args, sigma: float) -> str:
+    return f"{args.method}-fixed-{sigma:g}"
+
+
+def dd_name(args, lr: float) -> str:
+    return f"{args.method}-dd-lr{lr:g}"
+
+
+def log_time(args, step: str, name: str, seconds: float) -> None:
     path = Path(args.out) / "timings.csv"
     new = not path.exists()
     with open(path, "a", newline="") as f:
         writer = csv.writer(f)
         if new:
-            writer.writerow(["step", "method", "variant", "seconds", "finished"])
-        writer.writerow([step, method, variant, f"{seconds:.1f}", time.strftime("%F %T")])
+            writer.writerow(["step", "run", "seconds", "device", "finished"])
+        device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+        writer.writerow([step, name, f"{seconds:.1f}", device, time.strftime("%F %T")])
 
 
-def step_train(args, method: str, variant: str) -> None:
-    out = run_dir(args, method, variant)
-    if (out / "last.pt").exists() and load_checkpoint(out / "last.pt").meta[
-        "epoch"
-    ] + 1 >= args.epochs:
+def timed(args, step: str, name: str, fn, *a) -> None:
+    started = time.perf_counter()
+    print(f"== {step} {name}", flush=True)
+    fn(*a)
+    log_time(args, step, name, time.perf_counter() - started)
+
+
+# -- data -------------------------------------------------------------------------------
+
+
+class Picked:
+    """Some images of a dataset, renumbered 0..k-1 (results files index this list)."""
+
+    def __init__(self, base, indices: list[int]):
+        self.base, self.indices, self.info = base, indices, base.info
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        x, label, _ = self.base[self.indices[i]]
+        return x, label, i
+
+
+def validation_set(args) -> Picked:
+    """--val-images training images spread over those not in the training subset."""
+    train_set = get_dataset("cifar10", "train", args.data_root, augment=False)
+    used = set(training_subset(len(train_set), args.train_subset or None, args.seed))
+    unused = [i for i in range(len(train_set)) if i not in used]
+    count = min(args.val_images, len(unused))
+    return Picked(train_set, [unused[k * len(unused) // count] for k in range(count)])
+
+
+# -- steps ------------------------------------------------------------------------------
+
+
+def step_train(args, name: str, sigma: float, dd_lr: float | None) -> None:
+    out = Path(args.out) / name
+    last = out / "last.pt"
+    if last.exists() and load_checkpoint(last).meta["epoch"] + 1 >= args.epochs:
         return
     train(
         TrainConfig(
             dataset="cifar10",
             arch=args.arch,
             out=str(out),
-            method=method,
-            method_settings=method_settings(args, method),
-            sigma=args.sigma,
+            method=args.method,
+            sigma=sigma,
             epochs=args.epochs,
             batch=args.batch,
             lr=args.lr,
@@ -145,140 +194,195 @@ def step_train(args, method: str, variant: str) -> None:
             train_subset=args.train_subset or None,
             eval_max=1000,
             device=args.device,
-            data_dependent=variant == "dd",
+            data_dependent=dd_lr is not None,
             dd_iterations=args.dd_iterations,
             dd_samples=args.dd_samples,
-            dd_lr=args.dd_lr,
-            resume=(out / "last.pt").exists(),
+            dd_lr=dd_lr or 0.0,
+            resume=last.exists(),
             progress=not args.no_progress,
         )
     )
 
 
-def _settings(args, method: str, variant: str, step: str) -> dict:
-    keys = (
-        "sigma",
-        "n0",
-        "n",
-        "alpha",
-        "seed",
-        "search",
-        "sigma_iterations",
-        "sigma_lr",
-        "sigma_samples",
-    )
-    return {
-        "study": "cifar10",
-        "step": step,
-        "method": method,
-        "variant": variant,
-        **{k: getattr(args, k) for k in keys},
-    }
+def search_options(args, selector: str, spread=(0.5, 2.0)) -> dict:
+    if selector == "certified":
+        return {
+            "grid": args.certified_grid,
+            "spread": tuple(spread),
+            "samples": args.certified_samples,
+            "n": args.n,
+            "alpha": args.alpha,
+        }
+    if selector == "grid":
+        return {"grid": 12, "spread": (0.5, 2.0), "samples": args.grid_samples}
+    return {"iterations": args.ascent_iterations, "lr": args.ascent_lr, "samples": 1}
 
 
-def step_sigma(args, method: str, variant: str, test_set) -> None:
-    if variant != "dd":
+def certify_with_sigmas(args, model, dataset, folder: Path, stem: str, selector, options,
+                        sigma0: float, selection: Selection, n: int, seed: int) -> str:
+    """Sigmas from `selector`, then CERTIFY through a fresh memory; returns the results path."""
+    sigmas = folder / f"{stem}.sigmas.tsv"
+    settings = {"study": "cifar10", "selector": selector, **options, "sigma0": sigma0}
+    sigma_dataset(model, dataset, str(sigmas), sigma0=sigma0, search=selector, options=options,
+                  batch=args.cert_batch, selection=selection, seed=seed,
+                  settings=settings, progress=not args.no_progress)
+    out = folder / f"{stem}.certify.tsv"
+    shape = dataset.info.input_shape
+    with CertificationMemory(folder / f"{stem}.memory.sqlite",
+                             memory_fingerprint(model, "cifar10", shape), shape) as memory:
+        certify_dataset(model, dataset, str(out), n0=args.n0, n=n, alpha=args.alpha,
+                        sigmas=read_sigmas(sigmas), memory=memory, batch=args.cert_batch,
+                        selection=selection, seed=seed, progress=not args.no_progress,
+                        settings={**settings, "n0": args.n0, "n": n, "alpha": args.alpha})
+    return str(out)
+
+
+def score(path: str, radius: float) -> tuple[float, float]:
+    """(certified accuracy at `radius`, ACR): what a choice maximises, in that order."""
+    t = read_table(path, required=("correct", "radius"))
+    ok = t["correct"] == 1
+    return float(np.mean(ok & (t["radius"] >= radius))), float(np.mean(t["radius"] * ok))
+
+
+def step_select(args) -> dict:
+    """Choose the dd-lr and each model's selector range on validation images; choices.json."""
+    path = Path(args.out) / "choices.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    val = validation_set(args)
+    folder = Path(args.out) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    everything = Selection()
+    seed = args.seed + 1  # validation noise: its own streams
+
+    def evaluate(name: str, sigma0: float, spread) -> tuple[float, float]:
+        model = load_checkpoint(Path(args.out) / name / "last.pt").model
+        stem = f"{name}.certified-{spread[0]:g}-{spread[1]:g}"
+        out = certify_with_sigmas(args, model, val, folder, stem, "certified",
+                                  search_options(args, "certified", spread) | {"n": args.val_n},
+                                  sigma0, everything, args.val_n, seed)
+        return score(out, args.select_radius)
+
+    results: dict = {"validation_images": val.indices, "radius": args.select_radius,
+                     "n": args.val_n, "dd_lr": {}, "spread": {}}
+    first = spreads(args)[0]
+    for lr in floats(args.dd_lrs):
+        results["dd_lr"][f"{lr:g}"] = evaluate(dd_name(args, lr), args.sigma0, first)
+    best_lr = max(results["dd_lr"], key=lambda k: results["dd_lr"][k])
+    chosen = {"dd_lr": float(best_lr)}
+    for name in (dd_name(args, float(best_lr)), fixed_name(args, args.sigma0)):
+        tried = {f"{a:g}:{b:g}": evaluate(name, args.sigma0, (a, b)) for a, b in spreads(args)}
+        results["spread"][name] = tried
+        best = max(tried, key=lambda k: tried[k])
+        chosen[name] = [float(v) for v in best.split(":")]
+    results["chosen"] = chosen
+    path.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def test_selection(args) -> Selection:
+    return Selection(skip=args.skip, max=args.max)
+
+
+def step_fixed_certify(args, name: str, sigma: float, test_set) -> None:
+    folder = Path(args.out) / "test"
+    folder.mkdir(parents=True, exist_ok=True)
+    model = load_checkpoint(Path(args.out) / name / "last.pt").model
+    certify_dataset(model, test_set, str(folder / f"{name}.certify.tsv"), n0=args.n0, n=args.n,
+                    alpha=args.alpha, sigma=sigma, batch=args.cert_batch,
+                    selection=test_selection(args), seed=args.seed,
+                    progress=not args.no_progress,
+                    settings={"study": "cifar10", "n0": args.n0, "n": args.n,
+                              "alpha": args.alpha, "sigma": sigma})
+
+
+def dd_rows(args, choices: dict) -> list[tuple[str, str, str, tuple]]:
+    """(row stem, model run, selector, certified spread) of every per-input-sigma test row."""
+    dd = dd_name(args, choices["chosen"]["dd_lr"])
+    fixed = fixed_name(args, args.sigma0)
+    rows = [(f"{dd}.{s}", dd, s, tuple(choices["chosen"][dd])) for s in SELECTORS]
+    rows.append((f"{fixed}.certified", fixed, "certified", tuple(choices["chosen"][fixed])))
+    return rows
+
+
+def step_dd_certify(args, stem: str, name: str, selector: str, spread, test_set) -> None:
+    folder = Path(args.out) / "test"
+    folder.mkdir(parents=True, exist_ok=True)
+    model = load_checkpoint(Path(args.out) / name / "last.pt").model
+    certify_with_sigmas(args, model, test_set, folder, stem, selector,
+                        search_options(args, selector, spread), args.sigma0,
+                        test_selection(args), args.n, args.seed)
+
+
+LABELS = {"ascent": "paper's ascent", "grid": "surrogate grid", "certified": "certified selector"}
+
+
+def step_report(args, choices: dict) -> None:
+    folder = Path(args.out) / "test"
+    fixed = [(f"fixed sigma={s:g}", folder / f"{fixed_name(args, s)}.certify.tsv")
+             for s in floats(args.fixed_sigmas)]
+    per_input = []
+    for stem, name, selector, _ in dd_rows(args, choices):
+        kind = "test-time only" if "fixed" in name else "dd-trained"
+        per_input.append((f"{kind}, {LABELS[selector]}", folder / f"{stem}.certify.tsv"))
+    fixed = [(label, p) for label, p in fixed if p.exists()]
+    per_input = [(label, p) for label, p in per_input if p.exists()]
+    if not fixed and not per_input:
+        print("report: no test results yet")
         return
-    out = run_dir(args, method, variant)
-    model = load_checkpoint(out / "last.pt").model
-    options = {"samples": args.sigma_samples}
-    if args.search == "ascent":
-        options.update(iterations=args.sigma_iterations, lr=args.sigma_lr)
-    sigma_dataset(
-        model,
-        test_set,
-        str(out / "sigmas.tsv"),
-        sigma0=args.sigma,
-        search=args.search,
-        options=options,
-        selection=selection(args),
-        seed=args.seed,
-        settings=_settings(args, method, variant, "sigma"),
-        progress=not args.no_progress,
-    )
-
-
-def step_certify(args, method: str, variant: str, test_set) -> None:
-    out = run_dir(args, method, variant)
-    model = load_checkpoint(out / "last.pt").model
-    common = dict(
-        n0=args.n0,
-        n=args.n,
-        alpha=args.alpha,
-        batch=args.cert_batch,
-        selection=selection(args),
-        seed=args.seed,
-        progress=not args.no_progress,
-        settings=_settings(args, method, variant, "certify"),
-    )
-    if variant == "fixed":
-        certify_dataset(model, test_set, str(out / "certify.tsv"), sigma=args.sigma, **common)
-        return
-    shape = test_set.info.input_shape
-    fingerprint = memory_fingerprint(model, "cifar10", shape)
-    with CertificationMemory(out / "memory.sqlite", fingerprint, shape) as memory:
-        certify_dataset(
-            model,
-            test_set,
-            str(out / "certify.tsv"),
-            sigmas=read_sigmas(out / "sigmas.tsv"),
-            memory=memory,
-            **common,
-        )
-
-
-def step_report(args, methods, variants) -> None:
-    paths, labels = [], []
-    for method in methods:
-        for variant in variants:
-            path = run_dir(args, method, variant) / "certify.tsv"
-            if path.exists():
-                paths.append(str(path))
-                labels.append(f"{method} {'fixed sigma' if variant == 'fixed' else 'data-dep.'}")
-    if not paths:
-        print("report: no certify results yet")
-        return
-    runs = load_runs(paths, labels)
-    table = format_table([run_summary(r, RADII) for r in runs], RADII, "markdown", True)
+    fixed_runs = load_runs([str(p) for _, p in fixed], [label for label, _ in fixed])
+    dd_runs = load_runs([str(p) for _, p in per_input], [label for label, _ in per_input])
+    summaries = [run_summary(r, RADII) for r in fixed_runs]
+    if fixed_runs:
+        best = envelope_summary(summaries, RADII)
+        summaries.append(best | {"label": "fixed-sigma envelope (best per radius)"})
+    summaries += [run_summary(r, RADII) for r in dd_runs]
+    table = format_table(summaries, RADII, "markdown")
     out = Path(args.out)
     (out / "table.md").write_text(table + "\n")
-    plot_certified_accuracy(
-        runs, out / "certified_accuracy.png", title="CIFAR-10 (JPEG copy): certified accuracy"
-    )
-    plot_sigma_histogram(runs, out / "sigma_histogram.png")
+    plot_certified_accuracy(fixed_runs + dd_runs, out / "certified_accuracy.png",
+                            title="CIFAR-10 (JPEG copy): certified accuracy",
+                            envelope=fixed_runs, envelope_label="fixed-sigma envelope")
+    plot_sigma_histogram(dd_runs, out / "sigma_histogram.png")
+    logs = [(f"dd-lr {lr:g}", out / dd_name(args, lr) / "log.csv") for lr in floats(args.dd_lrs)]
+    plot_training_sigmas([(label, p) for label, p in logs if p.exists()],
+                         out / "training_sigmas.png")
     print(table)
-    print(
-        f"written: {out / 'table.md'}, {out / 'certified_accuracy.png'}, "
-        f"{out / 'sigma_histogram.png'}"
-    )
-
-
-def selection(args) -> Selection:
-    return Selection(skip=args.skip, max=args.max)
+    print(f"written: {out / 'table.md'} and the plots in {out}")
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     steps = args.steps.split(",")
-    methods, variants = args.methods.split(","), args.variants.split(",")
+    unknown = set(steps) - set(STEPS)
+    if unknown:
+        raise SystemExit(f"unknown steps {sorted(unknown)}; choose from {','.join(STEPS)}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    test_set = get_dataset("cifar10", "test", args.data_root, augment=False)
-    for step in ("train", "sigma", "certify"):
-        if step not in steps:
-            continue
-        for method in methods:
-            for variant in variants:
-                started = time.perf_counter()
-                print(f"== {step} {method} {variant}", flush=True)
-                if step == "train":
-                    step_train(args, method, variant)
-                elif step == "sigma":
-                    step_sigma(args, method, variant, test_set)
-                else:
-                    step_certify(args, method, variant, test_set)
-                log_time(args, step, method, variant, time.perf_counter() - started)
+    if "train" in steps:
+        for sigma in floats(args.fixed_sigmas):
+            timed(args, "train", fixed_name(args, sigma), step_train, args, fixed_name(args, sigma),
+                  sigma, None)
+        for lr in floats(args.dd_lrs):
+            timed(args, "train", dd_name(args, lr), step_train, args, dd_name(args, lr),
+                  args.sigma0, lr)
+    choices = None
+    if "select" in steps:
+        started = time.perf_counter()
+        choices = step_select(args)
+        log_time(args, "select", "validation", time.perf_counter() - started)
+        print(f"choices: {json.dumps(choices['chosen'])}", flush=True)
+    if {"certify", "report"} & set(steps):
+        choices = choices or json.loads((Path(args.out) / "choices.json").read_text())
+        test_set = get_dataset("cifar10", "test", args.data_root, augment=False)
+    if "certify" in steps:
+        for sigma in floats(args.fixed_sigmas):
+            name = fixed_name(args, sigma)
+            timed(args, "certify", name, step_fixed_certify, args, name, sigma, test_set)
+        for stem, name, selector, spread in dd_rows(args, choices):
+            timed(args, "sigma+certify", stem, step_dd_certify, args, stem, name, selector,
+                  spread, test_set)
     if "report" in steps:
-        step_report(args, methods, variants)
+        step_report(args, choices)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from ddrs.results import read_sigmas, read_table
 from ddrs.runs import Selection, certify_dataset, sigma_dataset
 from ddrs.train.loop import TrainConfig, train
 
-
 SEARCH_OPTIONS = {
     "ascent": {"iterations": 4, "lr": 1e-2, "samples": 2},
     "certified": {"grid": 5, "samples": 8, "n": 200, "alpha": 0.01},

@@ -213,10 +213,8 @@ class Trainer:
     def _train_loader(self, epoch: int) -> DataLoader:
         dataset = self.train_set
         if self.config.train_subset and self.config.train_subset < len(dataset):
-            chosen = torch.randperm(
-                len(dataset), generator=torch.Generator().manual_seed(self.config.seed)
-            )[: self.config.train_subset]
-            dataset = Subset(dataset, chosen.sort().values.tolist())
+            chosen = training_subset(len(dataset), self.config.train_subset, self.config.seed)
+            dataset = Subset(dataset, chosen)
         if self.dist.enabled:
             sampler = DistributedSampler(
                 dataset, self.dist.world_size, self.dist.rank, shuffle=True, seed=self.config.seed
@@ -339,6 +337,15 @@ class Trainer:
             logger.close()
             shutdown(self.dist)
         return self.out / "last.pt"
+
+
+def training_subset(total: int, size: int | None, seed: int) -> list[int]:
+    """The sorted indices `--train-subset size` trains on (all when size is None or >= total);
+    the rest of the training split is free for validation."""
+    if size is None or size >= total:
+        return list(range(total))
+    chosen = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:size]
+    return chosen.sort().values.tolist()
 
 
 def spread_indices(total: int, count: int | None) -> list[int]:
