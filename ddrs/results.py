@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,30 @@ def _format(value) -> str:
     return str(value)
 
 
+_TIMEDELTA = re.compile(
+    r"^(?:(?P<days>-?\d+) days?, )?(?P<h>\d+):(?P<m>\d{1,2}):(?P<s>\d{1,2}(?:\.\d*)?)$"
+)
+
+
+def parse_seconds(text: str) -> float:
+    """A time column value in seconds: a number (`13.7`, `13.7s`) or Python's timedelta text
+    as Cohen et al.'s certify.py writes it (`0:00:13.736080`, `1 day, 2:03:04.5`). Anything
+    else is NaN: the time column is informational and never makes a file unreadable."""
+    text = text.strip()
+    try:
+        return float(text[:-1] if text.endswith("s") else text)
+    except ValueError:
+        pass
+    match = _TIMEDELTA.match(text)
+    if not match:
+        return math.nan
+    days = int(match["days"] or 0)
+    return days * 86400 + int(match["h"]) * 3600 + int(match["m"]) * 60 + float(match["s"])
+
+
 def _parse(column: str, text: str, path, line_no: int):
+    if column == "time":
+        return parse_seconds(text)
     try:
         return int(text) if column in INTEGER_COLUMNS else float(text)
     except ValueError:

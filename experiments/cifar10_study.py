@@ -204,6 +204,13 @@ def step_train(args, name: str, sigma: float, dd_lr: float | None) -> None:
     )
 
 
+def load_model(args, name: str):
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return load_checkpoint(Path(args.out) / name / "last.pt", device=torch.device(device)).model
+
+
 def search_options(args, selector: str, spread=(0.5, 2.0)) -> dict:
     if selector == "certified":
         return {
@@ -256,7 +263,7 @@ def step_select(args) -> dict:
     seed = args.seed + 1  # validation noise: its own streams
 
     def evaluate(name: str, sigma0: float, spread) -> tuple[float, float]:
-        model = load_checkpoint(Path(args.out) / name / "last.pt").model
+        model = load_model(args, name)
         stem = f"{name}.certified-{spread[0]:g}-{spread[1]:g}"
         out = certify_with_sigmas(args, model, val, folder, stem, "certified",
                                   search_options(args, "certified", spread) | {"n": args.val_n},
@@ -287,7 +294,7 @@ def test_selection(args) -> Selection:
 def step_fixed_certify(args, name: str, sigma: float, test_set) -> None:
     folder = Path(args.out) / "test"
     folder.mkdir(parents=True, exist_ok=True)
-    model = load_checkpoint(Path(args.out) / name / "last.pt").model
+    model = load_model(args, name)
     certify_dataset(model, test_set, str(folder / f"{name}.certify.tsv"), n0=args.n0, n=args.n,
                     alpha=args.alpha, sigma=sigma, batch=args.cert_batch,
                     selection=test_selection(args), seed=args.seed,
@@ -308,7 +315,7 @@ def dd_rows(args, choices: dict) -> list[tuple[str, str, str, tuple]]:
 def step_dd_certify(args, stem: str, name: str, selector: str, spread, test_set) -> None:
     folder = Path(args.out) / "test"
     folder.mkdir(parents=True, exist_ok=True)
-    model = load_checkpoint(Path(args.out) / name / "last.pt").model
+    model = load_model(args, name)
     certify_with_sigmas(args, model, test_set, folder, stem, selector,
                         search_options(args, selector, spread), args.sigma0,
                         test_selection(args), args.n, args.seed)

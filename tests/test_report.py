@@ -7,6 +7,7 @@ import io
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ddrs.cli import main
@@ -245,3 +246,24 @@ def test_cli_out_file_and_errors(files, tmp_path, capsys):
     assert files["ours"].read_text() == OURS
     assert main(["report", str(files["ours"]), "--sigma-plot", str(tmp_path / "x.png")]) == 0
     assert "nothing written" in capsys.readouterr().err
+
+
+def test_reference_time_column_in_timedelta_spelling_is_read(tmp_path):
+    # Cohen et al.'s certify.py writes str(datetime.timedelta): 10 of their 13 published
+    # logs look like this and used to be refused.
+    from ddrs.report import load_runs, run_summary
+    from ddrs.results import parse_seconds
+
+    path = tmp_path / "noise_0.25.tsv"
+    path.write_text(
+        "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
+        "0\t3\t3\t0.52\t1\t0:00:13.736080\n"
+        "20\t8\t-1\t0.0\t0\t1 day, 2:03:04.5\n"
+        "40\t1\t1\t0.9\t1\t12.5\n"
+        "60\t2\t2\t0.1\t1\tn/a\n"
+    )
+    run = load_runs([path])[0]
+    assert run.table["time"][:3].tolist() == [13.73608, 93784.5, 12.5]
+    assert np.isnan(run.table["time"][3])
+    assert run_summary(run, [0.5])["certified"][0.5] == 0.5
+    assert parse_seconds("13.7s") == 13.7 and parse_seconds("0:01:00") == 60.0
