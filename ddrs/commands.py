@@ -16,7 +16,14 @@ from ddrs.memory import CertificationMemory
 from ddrs.models import load_checkpoint, load_user_model, model_fingerprint
 from ddrs.report import summary_line
 from ddrs.results import MEMORY_COLUMNS, ResultsWriter, read_sigmas, read_table
-from ddrs.runs import Selection, certify_dataset, predict_dataset, sigma_dataset
+from ddrs.runs import (
+    Selection,
+    certify_dataset,
+    check_run_args,
+    check_sigmas_cover,
+    predict_dataset,
+    sigma_dataset,
+)
 
 
 def _device(name: str) -> torch.device:
@@ -31,13 +38,27 @@ def load_model_and_data(args: argparse.Namespace):
     info = dataset.info
     device = _device(args.device)
     if args.checkpoint:
-        model = load_checkpoint(
-            args.checkpoint, device=device, expect={"num_classes": info.num_classes}
-        ).model
+        expect = {"num_classes": info.num_classes, "input_shape": list(info.input_shape)}
+        try:
+            model = load_checkpoint(args.checkpoint, device=device, expect=expect).model
+        except CheckpointError as error:
+            raise CheckpointError(
+                f"{error} — this checkpoint was trained for other inputs than {args.dataset}'s "
+                f"{tuple(info.input_shape)} images in {info.num_classes} classes; pass the "
+                "checkpoint trained on this dataset (or the --dataset it was trained on)"
+            ) from None
     else:
         model = load_user_model(args.model).to(device).eval()
-    with torch.inference_mode():
-        probe = model(dataset[0][0].unsqueeze(0).to(device))
+    try:
+        with torch.inference_mode():
+            probe = model(dataset[0][0].unsqueeze(0).to(device))
+    except (RuntimeError, ValueError, TypeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else error
+        raise CheckpointError(
+            f"the model fails on one {args.dataset} input of shape "
+            f"{tuple(info.input_shape)} ({type(error).__name__}: {first_line}); is it the "
+            "model for this dataset?"
+        ) from None
     if probe.dim() != 2 or probe.shape[1] != info.num_classes:
         raise CheckpointError(
             f"the model maps a {tuple(info.input_shape)} input to shape {tuple(probe.shape)}; "
@@ -57,11 +78,18 @@ def _common_settings(args, model) -> dict:
         "dataset": args.dataset,
         "split": args.split,
         "seed": args.seed,
+        "skip": args.skip,
+        "max": args.max,
     }
 
 
 def _sigma_settings(args) -> dict:
     if args.sigmas:
+        if not Path(args.sigmas).is_file():
+            raise InputError(
+                f"--sigmas {args.sigmas}: no such file; write it first with `ddrs sigma ... "
+                f"--out {args.sigmas}`"
+            )
         return {"sigmas": str(args.sigmas), "sigmas_sha256": _file_digest(args.sigmas)}
     return {"sigma": args.sigma}
 
@@ -96,10 +124,24 @@ def _smoothing_run(args, model) -> tuple[dict, dict]:
     return settings, options
 
 
+def _check_run_flags(args, n0: int | None = None) -> None:
+    """Every flag of certify / predict, checked before the model, data or any file."""
+    check_run_args(
+        n=args.n,
+        alpha=args.alpha,
+        n0=n0,
+        batch=args.batch,
+        selection=_selection(args),
+        sigma=args.sigma,
+    )
+
+
 def cmd_certify(args) -> None:
+    _check_run_flags(args, n0=args.n0)
     model, dataset = load_model_and_data(args)
     settings, options = _smoothing_run(args, model)
     settings.update(n0=args.n0, memory=args.memory)
+    check_sigmas_cover(options["selection"].indices(len(dataset)), options["sigmas"])
     memory = None
     if args.memory:
         fingerprint = memory_fingerprint(model, args.dataset, dataset.info.input_shape)
@@ -116,6 +158,7 @@ def cmd_certify(args) -> None:
 
 
 def cmd_predict(args) -> None:
+    _check_run_flags(args)
     model, dataset = load_model_and_data(args)
     settings, options = _smoothing_run(args, model)
     predict_dataset(model, dataset, args.out, settings=settings, **options)
@@ -132,8 +175,9 @@ def sigma_search_options(args) -> dict:
 
     search = args.search
     options: dict = {"samples": DEFAULT_SAMPLES[search] if args.samples is None else args.samples}
+    grid = DEFAULT_GRID.get(search) if args.grid is None else args.grid
     if search == "certified":
-        options.update(grid=args.grid or DEFAULT_GRID[search], n=args.n, alpha=args.alpha)
+        options.update(grid=grid, n=args.n, alpha=args.alpha)
         if args.min_sigma is not None and args.max_sigma is not None:
             options["sigma_range"] = (args.min_sigma, args.max_sigma)
         elif args.min_sigma is not None or args.max_sigma is not None:
@@ -152,7 +196,7 @@ def sigma_search_options(args) -> dict:
     if search == "ascent":
         options.update(iterations=args.iterations, lr=args.lr)
     else:
-        options.update(grid=args.grid or DEFAULT_GRID[search], spread=tuple(args.spread))
+        options.update(grid=grid, spread=tuple(args.spread))
     return options
 
 

@@ -7,6 +7,7 @@ as in Cohen et al.'s `certify.py`: every `skip`-th index, below `max` (None: to 
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from ddrs.results import (
 from ddrs.sampling import CPU_BATCH, auto_batch_size
 from ddrs.sigma import SEARCHES, check_search_options
 from ddrs.smooth import Smooth
+from ddrs.stats import check_alpha
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,42 @@ class Selection:
             raise InputError(f"--skip must be >= 1, got {self.skip}")
         stop = length if self.max is None or self.max < 0 else min(self.max, length)
         return list(range(0, stop, self.skip))
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def check_run_args(
+    *,
+    n: int,
+    alpha: float,
+    n0: int | None = None,
+    batch: int | None = None,
+    selection: Selection = Selection(),
+    sigma: float | None = None,
+) -> None:
+    """Reject bad settings of a certify / predict run before any file is created."""
+    for name, value in (("n", n), ("n0", n0)):
+        if value is not None and not _is_count(value):
+            raise InputError(f"--{name} must be a positive integer, got {value!r}")
+    check_alpha(alpha)
+    if batch is not None and not _is_count(batch):
+        raise InputError(f"--batch must be a positive integer, got {batch!r}")
+    if not _is_count(selection.skip):
+        raise InputError(f"--skip must be >= 1, got {selection.skip}")
+    if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
+        raise InputError(f"--sigma must be finite and > 0, got {sigma!r}")
+
+
+def check_sigmas_cover(indices: list[int], sigmas: dict[int, float] | None) -> None:
+    missing = [i for i in indices if sigmas is not None and i not in sigmas]
+    if missing:
+        raise ResultsFileError(
+            f"the sigmas file has no row for dataset index {missing[0]} ({len(missing)} of "
+            f"the {len(indices)} selected inputs missing); run `ddrs sigma` with the same "
+            "--skip/--max"
+        )
 
 
 def _groups(indices: list[int], size: int) -> Iterator[list[int]]:
@@ -111,6 +149,8 @@ def certify_dataset(
     """
     if (sigma is None) == (sigmas is None):
         raise InputError("give exactly one of a fixed sigma or a per-input sigmas file")
+    check_run_args(n=n, alpha=alpha, n0=n0, batch=batch, selection=selection, sigma=sigma)
+    check_sigmas_cover(selection.indices(len(dataset)), sigmas)
     smooth = Smooth(model, dataset.info.num_classes, seed=seed, amp=amp, compile=compile)
     columns = MEMORY_COLUMNS if memory is not None else CERTIFY_COLUMNS
     with ResultsWriter(out, columns, settings or {}) as writer:
@@ -176,6 +216,8 @@ def predict_dataset(
     """PREDICT every selected input; rows `idx label predict correct time`."""
     if (sigma is None) == (sigmas is None):
         raise InputError("give exactly one of a fixed sigma or a per-input sigmas file")
+    check_run_args(n=n, alpha=alpha, batch=batch, selection=selection, sigma=sigma)
+    check_sigmas_cover(selection.indices(len(dataset)), sigmas)
     smooth = Smooth(model, dataset.info.num_classes, seed=seed, amp=amp, compile=compile)
     with ResultsWriter(out, PREDICT_COLUMNS, settings or {}) as writer:
         todo = _todo(selection.indices(len(dataset)), writer)

@@ -213,6 +213,7 @@ def sample_counts(
     device = model_device(model)
     x = x.to(device, torch.float32)
     num_inputs, shape = x.shape[0], tuple(x.shape[1:])
+    batch = max(1, min(batch, num_inputs * num))  # buffers no larger than the work
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device).expand(num_inputs)
     keys = list(range(num_inputs)) if keys is None else [int(k) for k in keys]
     source = NoiseSource(seed, stream, device)

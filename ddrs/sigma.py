@@ -23,6 +23,7 @@ The resulting classifier (sigma depends on x) is made certifiable by the memory 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +37,11 @@ from ddrs.errors import InputError
 from ddrs.sampling import STREAM_SIGMA_SEARCH, block_seed, eval_mode, model_device
 from ddrs.smooth import check_inputs
 from ddrs.stats import check_alpha
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
 
 MIN_SIGMA = 1e-3  # lower bound on any optimised sigma (pixel units): keeps s > 0
 DEFAULT_CLAMP = (0.02, 0.98)
@@ -99,9 +105,9 @@ class _PerInputNoise:
 
 
 def _check_search_args(iterations, lr, samples, clamp, min_sigma, max_sigma) -> None:
-    if not isinstance(iterations, int) or iterations < 0:
+    if not _is_int(iterations) or iterations < 0:
         raise InputError(f"iterations must be an integer >= 0, got {iterations!r}")
-    if not (isinstance(samples, int) and samples >= 1):
+    if not (_is_int(samples) and samples >= 1):
         raise InputError(f"samples must be an integer >= 1, got {samples!r}")
     if not math.isfinite(lr) or lr < 0:
         raise InputError(f"lr must be finite and >= 0, got {lr!r}")
@@ -177,6 +183,7 @@ def sigma_search(
     """
     sigma0 = check_inputs(x, sigma0)
     _check_search_args(iterations, lr, samples, clamp, min_sigma, max_sigma)
+    iterations, samples, batch = int(iterations), int(samples), _check_batch(batch)
     device = model_device(model)
     keys = _search_keys(x, keys)
     high = math.inf if max_sigma is None else max_sigma
@@ -224,7 +231,8 @@ def grid_sigma_search(
     """
     sigma0 = check_inputs(x, sigma0)
     _check_search_args(0, 0.0, samples, clamp, min_sigma, max_sigma)
-    if not (isinstance(grid, int) and grid >= 1) or not 0 < spread[0] <= 1 <= spread[1]:
+    samples, batch = int(samples), _check_batch(batch)
+    if not (_is_int(grid) and grid >= 1) or not 0 < spread[0] <= 1 <= spread[1]:
         raise InputError(f"need grid >= 1 and 0 < low <= 1 <= high, got {grid}, {spread}")
     device = model_device(model)
     keys = _search_keys(x, keys)
@@ -281,16 +289,16 @@ def _candidates(sigma0: Tensor, grid: int, spread, sigma_range) -> Tensor:
 
 
 def _check_certified_args(grid, spread, sigma_range, samples, n, alpha) -> None:
-    if not (isinstance(grid, int) and grid >= 1):
+    if not (_is_int(grid) and grid >= 1):
         raise InputError(f"grid must be an integer >= 1, got {grid!r}")
     if sigma_range is not None:
         if not 0 < sigma_range[0] <= sigma_range[1] or not math.isfinite(sigma_range[1]):
             raise InputError(f"sigma range must satisfy 0 < low <= high, got {sigma_range!r}")
     elif not 0 < spread[0] <= spread[1] or not math.isfinite(spread[1]):
         raise InputError(f"spread must satisfy 0 < low <= high, got {spread!r}")
-    if not (isinstance(samples, int) and samples >= 1):
+    if not (_is_int(samples) and samples >= 1):
         raise InputError(f"samples must be an integer >= 1, got {samples!r}")
-    if not (isinstance(n, int) and n >= 1):
+    if not (_is_int(n) and n >= 1):
         raise InputError(f"n (the certification's N) must be an integer >= 1, got {n!r}")
     check_alpha(alpha)
 
@@ -349,6 +357,7 @@ def certified_sigma_search(
     """
     sigma0 = check_inputs(x, sigma0)
     _check_certified_args(grid, spread, sigma_range, samples, n, alpha)
+    grid, samples, n, alpha = int(grid), int(samples), int(n), float(alpha)
     batch = _check_batch(batch)
     device = model_device(model)
     keys = _search_keys(x, keys)
@@ -377,7 +386,7 @@ def certified_sigma_search(
 
 
 def _check_batch(batch) -> int:
-    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+    if not _is_int(batch) or isinstance(batch, bool) or batch < 1:
         raise InputError(f"batch must be a positive integer, got {batch!r}")
     return batch
 

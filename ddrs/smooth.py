@@ -8,6 +8,7 @@ units of the un-normalised input (values in [0, 1]).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -71,9 +72,10 @@ def check_inputs(x: Tensor, sigma, expected_dims: int | None = None) -> Tensor:
 
 
 def _check_count(name: str, value: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    """`value` as an int if it is a positive integer (numpy integers too), else InputError."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise InputError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    return int(value)
 
 
 class Smooth:
@@ -148,8 +150,8 @@ class Smooth:
         lower bound pA_lower is below 1/2.
         """
         sigma = check_inputs(x, sigma)
-        _check_count("n0", n0), _check_count("n", n)
-        check_alpha(alpha)
+        n0, n = _check_count("n0", n0), _check_count("n", n)
+        alpha = check_alpha(alpha)
         batch = self._batch(batch, x)
         keys = self._keys(x.shape[0], keys)
         counts0 = self._counts(x, sigma, n0, batch, STREAM_SELECTION, keys)
@@ -197,8 +199,8 @@ class Smooth:
         The probability of returning a class other than g(x) is at most alpha (per input).
         """
         sigma = check_inputs(x, sigma)
-        _check_count("n", n)
-        check_alpha(alpha)
+        n = _check_count("n", n)
+        alpha = check_alpha(alpha)
         batch = self._batch(batch, x)
         keys = self._keys(x.shape[0], keys)
         counts = self._counts(x, sigma, n, batch, STREAM_PREDICTION, keys)
