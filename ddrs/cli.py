@@ -11,7 +11,13 @@ CERTIFY_DEFAULTS = {"n0": 100, "n": 100_000, "alpha": 0.001}
 
 
 def _floats(text: str) -> tuple[float, float]:
-    low, high = (float(v) for v in text.split(","))
+    """'LOW,HIGH' -> (low, high); argparse reports a bad value with this message."""
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected two numbers LOW,HIGH (e.g. 0.5,2), got {text!r}"
+        ) from None
     return low, high
 
 

@@ -23,3 +23,7 @@ class ResultsFileError(DDRSError):
 
 class MemoryStoreError(DDRSError):
     """A certification memory is corrupt, belongs to another model, or is inconsistent."""
+
+
+class TrainingError(DDRSError):
+    """Training cannot go on (e.g. the loss became NaN); the last finished epoch is kept."""

@@ -135,3 +135,12 @@ def test_numpy_scalars_are_accepted_like_python_numbers():
     assert smooth.predict_batch(x, np.float64(0.25), np.int32(50), np.float32(0.01),
                                 keys=[0, 1]) == smooth.predict_batch(x, 0.25, 50, 0.01,
                                                                      keys=[0, 1])
+
+
+def test_a_malformed_pair_names_its_format(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sigma", "--checkpoint", "c.pt", "--dataset", "digits", "--sigma0", "0.25",
+              "--spread", "abc", "--out", "s.tsv"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "expected two numbers LOW,HIGH" in err and "_floats" not in err

@@ -138,3 +138,91 @@ def test_evaluation_subset_is_spread_over_the_split():
     chosen = spread_indices(10_000, 200)  # CIFAR test folders: 1,000 per class, sorted
     assert len(chosen) == 200 and len(set(chosen)) == 200
     assert {i // 1000 for i in chosen} == set(range(10))
+
+
+class Killed(BaseException):
+    """Stands for kill -9 at a chosen point: nothing after it runs."""
+
+
+def _rows(out) -> list[dict]:
+    with open(out / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: v for k, v in r.items() if k not in ("epoch_time", "throughput")} for r in rows]
+
+
+@pytest.mark.parametrize("point", ["before last.pt", "after last.pt", "after log row"])
+def test_a_kill_at_any_point_of_an_epoch_end_resumes_to_the_same_run(tmp_path, monkeypatch, point):
+    import ddrs.train.loop as loop
+
+    dd = dict(data_dependent=True, dd_iterations=1, dd_samples=2, dd_lr=1e-2, epochs=3)
+    train(config(tmp_path / "straight", **dd))
+
+    real_save, real_write = loop.save_checkpoint, loop.EpochLog.write
+    calls = {"n": 0}
+
+    def save(path, *a, **k):  # epoch 2 (the 2nd last.pt save) is where the kill lands
+        if path.name == "last.pt":
+            calls["n"] += 1
+            if calls["n"] == 2 and point == "before last.pt":
+                raise Killed
+        real_save(path, *a, **k)
+        if path.name == "last.pt" and calls["n"] == 2 and point == "after last.pt":
+            raise Killed
+
+    def write(self, row):
+        real_write(self, row)
+        if row["epoch"] == 2 and point == "after log row":
+            raise Killed
+
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    monkeypatch.setattr(loop.EpochLog, "write", write)
+    with pytest.raises(Killed):
+        train(config(tmp_path / "killed", **dd))
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    monkeypatch.setattr(loop.EpochLog, "write", real_write)
+    stale = tmp_path / "killed" / ".best.pt.4242.deadbeef.tmp"  # what kill -9 mid-write leaves
+    stale.write_bytes(b"partial")
+    train(config(tmp_path / "killed", resume=True, **dd))
+
+    assert _rows(tmp_path / "killed") == _rows(tmp_path / "straight")
+    for name in ("last.pt", "best.pt"):
+        a = load_checkpoint(tmp_path / "straight" / name)
+        b = load_checkpoint(tmp_path / "killed" / name)
+        assert a.meta["epoch"] == b.meta["epoch"], name
+        assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in a.model.state_dict().items())
+    assert not list((tmp_path / "killed").glob("*.tmp")) and not stale.exists()
+
+
+def test_training_into_an_existing_run_needs_resume(tmp_path):
+    train(config(tmp_path, epochs=1))
+    with pytest.raises(InputError, match="--resume"):
+        train(config(tmp_path, epochs=2))
+
+
+@pytest.mark.parametrize("name", ["lr", "momentum", "weight_decay", "dd_lr", "sigma"])
+def test_non_finite_settings_are_rejected(tmp_path, name):
+    with pytest.raises(InputError, match=name.replace("_", "-")):
+        train(config(tmp_path, **{name: float("nan")}))
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_a_non_finite_loss_stops_training_with_a_clear_error(tmp_path, monkeypatch):
+    from ddrs.errors import TrainingError
+    from ddrs.train.methods import gaussian
+
+    real = gaussian.GaussianAugmentation.loss
+
+    def poisoned(self, *args):
+        result = real(self, *args)
+        return type(result)(result.loss * float("nan"), result.noisy_logits, result.terms)
+
+    monkeypatch.setattr(gaussian.GaussianAugmentation, "loss", poisoned)
+    with pytest.raises(TrainingError, match="lower --lr"):
+        train(config(tmp_path, epochs=1))
+
+
+def test_chance_accuracy_for_two_epochs_is_flagged_in_the_log(tmp_path, capsys):
+    train(config(tmp_path, epochs=2, lr=0.0))  # a model that cannot learn
+    rows = _rows(tmp_path)
+    assert rows[0]["note"] == "" and "at chance" in rows[1]["note"]
+    assert "warning: training accuracy has been at chance" in capsys.readouterr().out

@@ -24,7 +24,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from ddrs.data import get_dataset
-from ddrs.errors import CheckpointError, InputError
+from ddrs.errors import CheckpointError, InputError, TrainingError
 from ddrs.models import build_model, load_checkpoint, save_checkpoint
 from ddrs.sampling import block_seed
 from ddrs.sigma import sigma_search
@@ -88,6 +88,11 @@ def validate(config: TrainConfig) -> None:
             raise InputError(
                 f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}"
             )
+    for name in ("lr", "momentum", "weight_decay", "dd_lr", "lr_gamma"):
+        if not math.isfinite(getattr(config, name)):
+            raise InputError(
+                f"--{name.replace('_', '-')} must be a finite number, got {getattr(config, name)}"
+            )
     for name in ("lr", "momentum", "weight_decay", "dd_lr", "dd_iterations", "dd_start_epoch"):
         if getattr(config, name) < 0:
             raise InputError(
@@ -134,9 +139,17 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.StepLR(
             self.optimizer, config.lr_step, config.lr_gamma
         )
+        if not config.resume and (self.out / "last.pt").exists():
+            raise InputError(
+                f"{self.out} already holds a training run (last.pt); pass --resume to continue "
+                "it, or choose another --out"
+            )
         self.sigma_buffer = torch.full((len(self.train_set),), float(config.sigma))
         self.sigma_updates = torch.zeros(len(self.train_set), dtype=torch.int64)
         self.start_epoch, self.best_accuracy = 0, -1.0
+        self.log_rows: list[dict] = []  # every epoch's log row, kept in last.pt too
+        self.legacy_log = False
+        self.chance_epochs = 0  # consecutive epochs at chance accuracy
         if config.init:
             self._init_from(config.init)
         if config.resume:
@@ -175,10 +188,15 @@ class Trainer:
             "sigma_buffer": self.sigma_buffer,
             "sigma_updates": self.sigma_updates,
             "best_accuracy": self.best_accuracy,
+            "log_rows": self.log_rows,
+            "chance_epochs": self.chance_epochs,
         }
-        save_checkpoint(self.out / "last.pt", self.model, self.meta(epoch), **extra)
+        # best.pt before last.pt: last.pt is the commit point of an epoch, so a kill between
+        # the two redoes the epoch on --resume (which rewrites best.pt identically) rather
+        # than leaving a recorded best metric without its best.pt.
         if is_best:
             save_checkpoint(self.out / "best.pt", self.model, self.meta(epoch), **extra)
+        save_checkpoint(self.out / "last.pt", self.model, self.meta(epoch), **extra)
 
     def _init_from(self, path: str) -> None:
         loaded = load_checkpoint(path, expect={"arch": self.config.arch})
@@ -207,6 +225,9 @@ class Trainer:
         self.sigma_buffer = payload["sigma_buffer"].clone()
         self.sigma_updates = payload["sigma_updates"].clone()
         self.best_accuracy = float(payload["best_accuracy"])
+        self.legacy_log = "log_rows" not in payload  # written before logs were kept inside
+        self.log_rows = [dict(row) for row in payload.get("log_rows", [])]
+        self.chance_epochs = int(payload.get("chance_epochs", 0))
         self.start_epoch = int(loaded.meta["epoch"]) + 1
 
     # -- data ----------------------------------------------------------------------------
@@ -272,6 +293,13 @@ class Trainer:
             x, y = x.to(self.device), y.to(self.device)
             sigma = self._batch_sigma(x, idx, epoch, updated).to(self.device)
             result = self.method.loss(self.net, x, y, sigma, epoch)
+            if not torch.isfinite(result.loss):
+                raise TrainingError(
+                    f"the training loss became {result.loss.item()} in epoch {epoch + 1} "
+                    f"(batch {seen // max(1, len(y)) + 1}); lower --lr (now "
+                    f"{self.optimizer.param_groups[0]['lr']:g}) and start again; the last "
+                    "finished epoch is kept in last.pt"
+                )
             self.optimizer.zero_grad(set_to_none=True)
             result.loss.backward()
             self.optimizer.step()
@@ -298,6 +326,18 @@ class Trainer:
         row["throughput"] = seen_all / row["epoch_time"]
         return row
 
+    def _chance_note(self, row: dict) -> str:
+        """A warning when training accuracy has stayed at chance for two epochs in a row."""
+        chance = 1.0 / self.info.num_classes
+        self.chance_epochs = self.chance_epochs + 1 if row["train_noisy_acc"] < 1.5 * chance else 0
+        if self.chance_epochs < 2:
+            return ""
+        return (
+            f"training accuracy has been at chance ({row['train_noisy_acc']:.3f}, chance "
+            f"{chance:.3f}) for {self.chance_epochs} epochs: the model is not learning; try a "
+            "lower --lr, or a first epoch at a smaller --sigma"
+        )
+
     def evaluate(self) -> dict:
         """Clean and noisy (one sample at the training sigma) accuracy on the test split."""
         chosen = spread_indices(len(self.test_set), self.config.eval_max)
@@ -318,9 +358,12 @@ class Trainer:
         c = self.config
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(self.out)
         logger = EpochLog(
             self.out / "log.csv", enabled=self.dist.is_main, tensorboard=c.tensorboard
         )
+        if not self.legacy_log:
+            logger.rewrite(self.log_rows)  # the log is exactly the checkpoint's epochs
         try:
             for epoch in range(self.start_epoch, c.epochs):
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -328,11 +371,15 @@ class Trainer:
                 if self.dist.is_main:
                     row.update(self.evaluate())
                     row.update(sigma_summary(self.sigma_buffer))
+                    row["note"] = self._chance_note(row)
                     is_best = row["test_noisy_acc"] > self.best_accuracy
                     self.best_accuracy = max(self.best_accuracy, row["test_noisy_acc"])
+                    self.log_rows.append(row)
                     self.save(epoch, is_best)
                     logger.write(row)
                     tqdm.write(format_row(row))
+                    if row["note"]:
+                        tqdm.write(f"warning: {row['note']}")
         finally:
             logger.close()
             shutdown(self.dist)
@@ -365,6 +412,12 @@ def sigma_summary(buffer: torch.Tensor) -> dict:
     return dict(zip(SIGMA_QUANTILES, values.tolist()))
 
 
+def remove_stale_temp_files(out: Path) -> None:
+    """Delete the temporary files of checkpoint writes that a kill interrupted."""
+    for stale in out.glob(".*.pt.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def format_row(row: dict) -> str:
     keys = [
         "epoch",
@@ -392,12 +445,26 @@ class EpochLog:
                 ) from error
             self.writer = SummaryWriter(str(path.parent / "tensorboard"))
 
+    def rewrite(self, rows: list[dict]) -> None:
+        """Replace the CSV by `rows` (on start and resume: the checkpoint's own epochs)."""
+        if not self.enabled:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            if rows:
+                writer = csv.DictWriter(f, fieldnames=list(rows[-1]), extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
         new = not self.path.exists() or self.path.stat().st_size == 0
         with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
+            writer = csv.DictWriter(f, fieldnames=list(row), extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerow(row)
@@ -405,7 +472,7 @@ class EpochLog:
             os.fsync(f.fileno())
         if self.writer:
             for key, value in row.items():
-                if key != "epoch":
+                if key != "epoch" and isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, row["epoch"])
 
     def close(self) -> None:
