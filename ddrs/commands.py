@@ -67,6 +67,14 @@ def load_model_and_data(args: argparse.Namespace):
     return model, dataset
 
 
+def _has_rows(path: str) -> bool:
+    """Whether a results file exists with at least one row after its header."""
+    if not Path(path).is_file():
+        return False
+    with open(path) as f:
+        return sum(1 for line in f if line.strip()) > 1
+
+
 def _file_digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
@@ -78,8 +86,7 @@ def _common_settings(args, model) -> dict:
         "dataset": args.dataset,
         "split": args.split,
         "seed": args.seed,
-        "skip": args.skip,
-        "max": args.max,
+        "skip": args.skip,  # --max may grow on resume: the rows stay a prefix of the selection
     }
 
 
@@ -143,7 +150,14 @@ def cmd_certify(args) -> None:
     settings.update(n0=args.n0, memory=args.memory)
     check_sigmas_cover(options["selection"].indices(len(dataset)), options["sigmas"])
     memory = None
+    if args.memory and not Path(args.memory).exists() and _has_rows(args.out):
+        raise ResultsFileError(
+            f"cannot resume {args.out}: its rows were resolved against a memory, and "
+            f"{args.memory} does not exist; restore that memory, or start both afresh"
+        )
     if args.memory:
+        if Path(args.memory).is_file() and Path(args.memory).stat().st_size == 0:
+            print(f"note: {args.memory} is an empty file; starting a new memory in it")
         fingerprint = memory_fingerprint(model, args.dataset, dataset.info.input_shape)
         memory = CertificationMemory(args.memory, fingerprint, dataset.info.input_shape)
     try:
@@ -300,14 +314,23 @@ def cmd_memory_stats(args) -> None:
 
 def cmd_memory_check(args) -> int:
     with CertificationMemory.open_existing(args.memory) as memory:
+        corrupt = memory.corrupt_entries()
         violations = memory.check()
         count = len(memory)
-    if violations:
-        for i, j, overlap in violations[:20]:
-            print(f"entries {i} and {j} (different classes) overlap by {overlap:.6g}")
-        print(f"memory check FAILED: {len(violations)} intersecting pair(s) among {count} entries")
+    for order in corrupt[:20]:
+        print(f"entry {order} does not match its checksum (changed outside ddrs)")
+    for i, j, overlap in violations[:20]:
+        print(f"entries {i} and {j} (different classes) overlap by {overlap:.6g}")
+    if corrupt or violations:
+        print(
+            f"memory check FAILED: {len(corrupt)} corrupt entr{'y' if len(corrupt) == 1 else 'ies'}"
+            f" and {len(violations)} intersecting pair(s) among {count} entries"
+        )
         return 1
-    print(f"memory check ok: {count} entries, no balls of different classes intersect")
+    print(
+        f"memory check ok: {count} entries, every checksum matches, no balls of different "
+        "classes intersect"
+    )
     return 0
 
 

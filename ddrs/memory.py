@@ -39,6 +39,7 @@ computed directly in float64, chunk by chunk, from an in-RAM copy of the inputs 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -54,7 +55,7 @@ from torch import Tensor
 
 from ddrs.errors import InputError, MemoryStoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: a checksum per entry (a version-1 memory is upgraded when opened)
 TOLERANCE = 1e-9  # relative overlap allowed by `check`: overlap <= TOLERANCE * (1 + R_i + R_j)
 ABSTAIN = -1
 CHUNK_BYTES = 64 << 20  # float32 inputs read per chunk (5,461 CIFAR rows, 111 ImageNet rows)
@@ -75,9 +76,17 @@ CREATE TABLE entries (
     mc_radius REAL NOT NULL,
     changed INTEGER NOT NULL,
     shrunk INTEGER NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    checksum TEXT NOT NULL
 );
 """
+
+
+def entry_checksum(order: int, x_bytes: bytes, predict: int, radius: float) -> str:
+    """sha256 of what an entry certifies: its order, stored input bytes, class and radius."""
+    digest = hashlib.sha256(f"{int(order)}|{int(predict)}|{float(radius)!r}|".encode())
+    digest.update(x_bytes)
+    return digest.hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -108,7 +117,9 @@ def _check_certificate(predict: int, radius: float) -> tuple[int, float]:
     return int(predict), radius
 
 
-def _as_input(x: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
+def _as_input(
+    x: Tensor, shape: tuple[int, ...] | None = None, pixel_range: tuple[float, float] | None = None
+) -> Tensor:
     """Validate one input and return it flattened as float32 on the CPU (as it is stored)."""
     if not isinstance(x, Tensor):
         raise InputError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -119,6 +130,14 @@ def _as_input(x: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
     x = x.detach().to("cpu", torch.float32).reshape(-1)
     if not torch.isfinite(x).all():
         raise InputError("x contains NaN or infinite values")
+    if pixel_range is not None and x.numel():
+        low, high = pixel_range
+        if x.min() < low or x.max() > high:
+            raise InputError(
+                f"x must be an un-normalised image in [{low:g}, {high:g}], got values in "
+                f"[{x.min().item():.3g}, {x.max().item():.3g}] (normalisation belongs inside "
+                "the model)"
+            )
     return x
 
 
@@ -249,6 +268,7 @@ class CertificationMemory:
         create: bool = True,
         chunk_size: int | None = None,
         cache_bytes: int = 1 << 30,
+        pixel_range: tuple[float, float] | None = (0.0, 1.0),
     ) -> None:
         if chunk_size is not None and chunk_size < 1:
             raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -259,6 +279,7 @@ class CertificationMemory:
         # rows read per chunk: by default CHUNK_BYTES of float32 inputs, whatever their size
         self.chunk_size = int(chunk_size or max(1, CHUNK_BYTES // (4 * self.dim)))
         self.cache_bytes = int(cache_bytes)
+        self.pixel_range = pixel_range  # inputs outside it are refused (None: any values)
         self._cache: _Cache | None = _Cache(self.dim) if cache_bytes > 0 else None
         in_ram = self.path == ":memory:" or self.path.startswith("file::memory:")
         if not in_ram and not create and not os.path.exists(self.path):
@@ -302,6 +323,9 @@ class CertificationMemory:
                     if not _table_names(self._conn):  # another process may have just created it
                         self._initialise()
             _require_tables(self._conn, self.path)
+            if _read_meta(self._conn, self.path).get("schema_version") == 1:
+                with self._transaction("IMMEDIATE"):
+                    self._upgrade_from_1()
             self._check_meta(_read_meta(self._conn, self.path))
 
     def _initialise(self) -> None:
@@ -316,6 +340,18 @@ class CertificationMemory:
             "repeats": 0,
         }
         self._conn.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+
+    def _upgrade_from_1(self) -> None:
+        """Schema 1 -> 2: add each entry's checksum, computed from its stored content."""
+        if _read_meta(self._conn, self.path).get("schema_version") != 1:
+            return  # another process upgraded it meanwhile
+        self._conn.execute("ALTER TABLE entries ADD COLUMN checksum TEXT NOT NULL DEFAULT ''")
+        for rows in self._rows("x, predict, radius", 0, None, self.chunk_size):
+            self._conn.executemany(
+                "UPDATE entries SET checksum = ? WHERE ord = ?",
+                [(entry_checksum(o, x, c, r), o) for o, x, c, r in rows],
+            )
+        self._conn.execute("UPDATE meta SET value = 2 WHERE key = 'schema_version'")
 
     def _check_meta(self, meta: dict) -> None:
         if meta.get("schema_version") != SCHEMA_VERSION:
@@ -348,7 +384,7 @@ class CertificationMemory:
     ) -> Resolution:
         """Resolve x's certificate against the memory and store the answer, atomically."""
         predict, radius = _check_certificate(predict, radius)
-        xf = _as_input(x, self.input_shape)
+        xf = _as_input(x, self.input_shape, self.pixel_range)
         sigma = float(sigma)
         if not math.isfinite(sigma) or sigma <= 0:
             raise InputError(f"sigma must be finite and > 0, got {sigma!r}")
@@ -396,12 +432,13 @@ class CertificationMemory:
         return self._conn.execute("SELECT COALESCE(MAX(ord) + 1, 0) FROM entries").fetchone()[0]
 
     def _insert(self, xf: Tensor, res: Resolution, sigma: float, idx: int | None) -> None:
+        x_bytes = xf.numpy().astype("<f4", copy=False).tobytes()
         self._conn.execute(
-            "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 res.entry,
                 None if idx is None else int(idx),
-                xf.numpy().astype("<f4", copy=False).tobytes(),
+                x_bytes,
                 float(xf.double().square().sum()),
                 res.predict,
                 res.radius,
@@ -411,6 +448,7 @@ class CertificationMemory:
                 int(res.changed),
                 int(res.shrunk),
                 time.time(),
+                entry_checksum(res.entry, x_bytes, res.predict, res.radius),
             ),
         )
 
@@ -428,10 +466,17 @@ class CertificationMemory:
         """Append the rows other writers (or this one) added since the last sync."""
         cache = self._cache
         start = int(cache.order[cache.n - 1]) + 1 if cache.n else 0
-        for rows in self._rows("x, predict, radius", start, None, self.chunk_size):
+        for rows in self._rows("x, predict, radius, checksum", start, None, self.chunk_size):
             if cache.nbytes(cache.n + len(rows)) > self.cache_bytes:
                 self._cache = None  # too large for RAM: scan the database instead
                 return
+            bad = _bad_checksums(rows)
+            if bad:
+                raise MemoryStoreError(
+                    f"certification memory {self.path!r}: entry {bad[0]} does not match its "
+                    f"checksum ({len(bad)} such entries in this chunk): the file was changed "
+                    "outside ddrs. Restore it from a backup; `ddrs memory check` lists them all"
+                )
             cache.append(*self._decode(rows))
 
     def _decode(self, rows: list[tuple]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -524,6 +569,22 @@ class CertificationMemory:
             "input_shape": list(self.input_shape),
         }
 
+    def corrupt_entries(self) -> list[int]:
+        """Orders of the entries whose stored content no longer matches their checksum."""
+        bad: list[int] = []
+        with _db_errors(self.path):
+            for rows in self._rows("x, predict, radius, checksum", 0, None, self.chunk_size):
+                bad += _bad_checksums(rows)
+        return bad
+
+    def answers_by_idx(self) -> dict[int, tuple[int, float]]:
+        """{idx: (predict, radius)} of the entries stored with a dataset index."""
+        with _db_errors(self.path):
+            rows = self._conn.execute(
+                "SELECT idx, predict, radius FROM entries WHERE idx IS NOT NULL"
+            ).fetchall()
+        return {int(i): (int(c), float(r)) for i, c, r in rows}
+
     def check(self, tol: float = TOLERANCE) -> list[tuple[int, int, float]]:
         """All pairs (i, j, overlap), i < j by order, of different classes whose balls overlap
         by more than tol * (1 + R_i + R_j), where overlap = R_i + R_j - d_ij. Blockwise: at most
@@ -580,6 +641,11 @@ def _db_errors(path: str) -> Iterator[None]:
             f"certification memory {path!r}: {e} (is it corrupt, not a memory, or locked by "
             "another process for too long?)"
         ) from e
+
+
+def _bad_checksums(rows: list[tuple]) -> list[int]:
+    """Orders of the rows (ord, x, predict, radius, checksum) whose checksum does not match."""
+    return [o for o, x, c, r, k in rows if entry_checksum(o, x, c, r) != k]
 
 
 def _quick_check(conn: sqlite3.Connection, path: str) -> None:

@@ -24,6 +24,7 @@ from ddrs.results import (
     PREDICT_COLUMNS,
     SIGMA_COLUMNS,
     ResultsWriter,
+    read_table,
 )
 from ddrs.sampling import CPU_BATCH, auto_batch_size
 from ddrs.sigma import SEARCHES, check_search_options
@@ -81,6 +82,22 @@ def check_sigmas_cover(indices: list[int], sigmas: dict[int, float] | None) -> N
         )
 
 
+def check_results_agree_with_memory(out: str, memory: CertificationMemory) -> None:
+    """Before resuming a memory run: every row already written must be the memory's answer
+    for that index (class and radius), else the two files do not belong together."""
+    table = read_table(out, required=MEMORY_COLUMNS)
+    stored = memory.answers_by_idx()
+    for idx, predict, radius in zip(table["idx"], table["predict"], table["radius"]):
+        answer = stored.get(int(idx))
+        if answer is None or answer[0] != int(predict) or answer[1] != float(radius):
+            found = "no entry" if answer is None else f"class {answer[0]}, radius {answer[1]!r}"
+            raise ResultsFileError(
+                f"cannot resume {out}: its row for idx {int(idx)} (class {int(predict)}, radius "
+                f"{float(radius)!r}) is not in memory {memory.path} ({found}); resume with the "
+                "memory this file was written with, or start both afresh"
+            )
+
+
 def _groups(indices: list[int], size: int) -> Iterator[list[int]]:
     for lo in range(0, len(indices), size):
         yield indices[lo : lo + size]
@@ -118,6 +135,14 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _todo(indices: list[int], writer: ResultsWriter) -> list[int]:
+    """The selected indices not yet in the file; refuses a file holding unselected ones."""
+    selected = set(indices)
+    stray = sorted(writer.done - selected)
+    if stray:
+        raise ResultsFileError(
+            f"{writer.path} holds rows for indices this selection does not include (e.g. "
+            f"{stray[0]}, {len(stray)} in all): resume with its --skip/--max, or another --out"
+        )
     return [i for i in indices if i not in writer.done]
 
 
@@ -154,6 +179,8 @@ def certify_dataset(
     smooth = Smooth(model, dataset.info.num_classes, seed=seed, amp=amp, compile=compile)
     columns = MEMORY_COLUMNS if memory is not None else CERTIFY_COLUMNS
     with ResultsWriter(out, columns, settings or {}) as writer:
+        if memory is not None and writer.done:
+            check_results_agree_with_memory(out, memory)
         todo = _todo(selection.indices(len(dataset)), writer)
         bar = _progress(len(todo), "certify", progress)
         samples = 0

@@ -281,3 +281,33 @@ def test_python_dash_m_entry_point():
         [sys.executable, "-m", "ddrs", "--help"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and "certify" in result.stdout
+
+
+def test_resume_refuses_a_memory_that_does_not_hold_the_written_rows(checkpoint, tmp_path, capsys):
+    out, memory = tmp_path / "r.tsv", tmp_path / "m.sqlite"
+    memory.write_bytes(b"")  # an existing empty file is fine, and said so
+    args = certify_args(checkpoint, out, "--sigma", "0.25", "--memory", str(memory))
+    assert main([*args, "--max", "4"]) == 0
+    assert "empty file; starting a new memory" in capsys.readouterr().out
+    memory.rename(tmp_path / "kept.sqlite")  # the memory was lost ...
+    assert main([*args, "--max", "8"]) == 2
+    assert "does not exist" in capsys.readouterr().err and not memory.exists()
+    other = certify_args(checkpoint, tmp_path / "o.tsv", "--sigma", "0.25", "--memory",
+                         str(memory), "--skip", "3")
+    assert main([*other, "--max", "8"]) == 0  # ... or replaced by another run's memory
+    assert main([*args, "--max", "8"]) == 2
+    assert "is not in memory" in capsys.readouterr().err
+    memory.unlink()
+    (tmp_path / "kept.sqlite").rename(memory)  # ... and restored: resuming works again
+    assert main([*args, "--max", "8"]) == 0
+    assert read_table(out)["idx"].tolist() == list(range(8))
+
+
+def test_resume_refuses_another_selection(checkpoint, tmp_path, capsys):
+    out = tmp_path / "r.tsv"
+    assert main(certify_args(checkpoint, out, "--sigma", "0.25", "--max", "6")) == 0
+    assert main(certify_args(checkpoint, out, "--sigma", "0.25", "--max", "60", "--skip",
+                             "20")) == 2
+    assert "skip" in capsys.readouterr().err
+    assert main(certify_args(checkpoint, out, "--sigma", "0.25", "--max", "3")) == 2
+    assert "does not include" in capsys.readouterr().err

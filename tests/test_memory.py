@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import ddrs
 from ddrs.errors import InputError, MemoryStoreError
-from ddrs.memory import TOLERANCE, CertificationMemory, Resolution, resolve
+from ddrs.memory import TOLERANCE, CertificationMemory, Resolution, entry_checksum, resolve
 
 REPO = Path(ddrs.__file__).resolve().parents[1]
 HIGH = (3, 8, 8)
@@ -109,7 +109,7 @@ def assert_replays(mem: CertificationMemory) -> None:
 
 @pytest.fixture
 def line() -> CertificationMemory:
-    with CertificationMemory(":memory:", "fp", (1,)) as mem:
+    with CertificationMemory(":memory:", "fp", (1,), pixel_range=None) as mem:
         yield mem
 
 
@@ -215,16 +215,17 @@ def test_stats_and_entries(line):
 
 def test_check_reports_violations(tmp_path):
     path = tmp_path / "m.sqlite"
-    with CertificationMemory(path, "fp", (1,), chunk_size=2) as mem:
+    with CertificationMemory(path, "fp", (1,), chunk_size=2, pixel_range=None) as mem:
         for v in range(0, 50, 10):
             mem.resolve_and_store(point(v), v // 10 % 2, 4.0, sigma=0.5)
         assert mem.check() == []
     blob = point(34).numpy().tobytes()
     with sqlite3.connect(path) as conn:  # tamper: a class-2 ball of radius 3 at 34
         conn.execute(
-            "INSERT INTO entries VALUES (5, NULL, ?, 0, 2, 3.0, 0.5, 2, 3.0, 0, 0, 0)", (blob,)
+            "INSERT INTO entries VALUES (5, NULL, ?, 0, 2, 3.0, 0.5, 2, 3.0, 0, 0, 0, ?)",
+            (blob, entry_checksum(5, blob, 2, 3.0)),
         )
-    with CertificationMemory(path, "fp", (1,), chunk_size=2) as mem:
+    with CertificationMemory(path, "fp", (1,), chunk_size=2, pixel_range=None) as mem:
         assert mem.check() == [(3, 5, 3.0), (4, 5, 1.0)]
 
 
@@ -244,9 +245,11 @@ step = st.one_of(
 def make_memories(shape: tuple[int, ...]) -> list[CertificationMemory]:
     """The same rule three ways: cached, scanning SQLite, and a cache that overflows."""
     return [
-        CertificationMemory(":memory:", "fp", shape, chunk_size=2),
-        CertificationMemory(":memory:", "fp", shape, chunk_size=3, cache_bytes=0),
-        CertificationMemory(":memory:", "fp", shape, chunk_size=1, cache_bytes=200),
+        CertificationMemory(":memory:", "fp", shape, chunk_size=2, pixel_range=None),
+        CertificationMemory(":memory:", "fp", shape, chunk_size=3, cache_bytes=0, pixel_range=None),
+        CertificationMemory(
+            ":memory:", "fp", shape, chunk_size=1, cache_bytes=200, pixel_range=None
+        ),
     ]
 
 
@@ -340,10 +343,12 @@ def fill(mem: CertificationMemory, n: int, seed: int, classes=(-1, 0, 1, 2)) -> 
 
 def test_persistence_round_trip(tmp_path):
     path = tmp_path / "memory.sqlite"
-    with CertificationMemory(path, "model-A", HIGH, chunk_size=4) as mem:
+    with CertificationMemory(path, "model-A", HIGH, chunk_size=4, pixel_range=None) as mem:
         fill(mem, 15, seed=0)
         before = [torch.cat(t) for t in zip(*mem.entries(), strict=True)]
-    with CertificationMemory(path, "model-A", HIGH, create=False, chunk_size=5) as mem:
+    with CertificationMemory(
+        path, "model-A", HIGH, create=False, chunk_size=5, pixel_range=None
+    ) as mem:
         after = [torch.cat(t) for t in zip(*mem.entries(), strict=True)]
         assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
         fill(mem, 10, seed=1)
@@ -356,24 +361,24 @@ def test_persistence_round_trip(tmp_path):
 
 def test_wrong_fingerprint_or_shape_refused(tmp_path):
     path = tmp_path / "memory.sqlite"
-    with CertificationMemory(path, "model-A", (1, 4, 4)) as mem:
+    with CertificationMemory(path, "model-A", (1, 4, 4), pixel_range=None) as mem:
         mem.resolve_and_store(torch.zeros(1, 4, 4), 0, 1.0, sigma=0.5)
     with pytest.raises(MemoryStoreError, match="another model"):
-        CertificationMemory(path, "model-B", (1, 4, 4))
+        CertificationMemory(path, "model-B", (1, 4, 4), pixel_range=None)
     with pytest.raises(MemoryStoreError, match="shape"):
-        CertificationMemory(path, "model-A", (4, 4))
+        CertificationMemory(path, "model-A", (4, 4), pixel_range=None)
 
 
 def test_missing_file_with_create_false(tmp_path):
     path = tmp_path / "absent.sqlite"
     with pytest.raises(MemoryStoreError, match="does not exist"):
-        CertificationMemory(path, "fp", (1,), create=False)
+        CertificationMemory(path, "fp", (1,), create=False, pixel_range=None)
     with pytest.raises(MemoryStoreError, match="does not exist"):
         CertificationMemory.open_existing(path)
     assert not path.exists()
     path.touch()
     with pytest.raises(MemoryStoreError, match="empty"):
-        CertificationMemory(path, "fp", (1,), create=False)
+        CertificationMemory(path, "fp", (1,), create=False, pixel_range=None)
 
 
 def test_corrupt_files_refused(tmp_path):
@@ -383,7 +388,7 @@ def test_corrupt_files_refused(tmp_path):
     with sqlite3.connect(other) as conn:
         conn.execute("CREATE TABLE results (x)")
     good = tmp_path / "good.sqlite"
-    with CertificationMemory(good, "fp", HIGH) as mem:
+    with CertificationMemory(good, "fp", HIGH, pixel_range=None) as mem:
         fill(mem, 30, seed=0)
     data = good.read_bytes()
     truncated = tmp_path / "truncated.sqlite"
@@ -392,7 +397,7 @@ def test_corrupt_files_refused(tmp_path):
     header_only.write_bytes(data[:60])
     for path in (junk, other, truncated, header_only):
         with pytest.raises(MemoryStoreError):
-            CertificationMemory(path, "fp", HIGH)
+            CertificationMemory(path, "fp", HIGH, pixel_range=None)
         with pytest.raises(MemoryStoreError):
             CertificationMemory.open_existing(path)
 
@@ -404,7 +409,7 @@ WRITER = textwrap.dedent(
     path, seed, n, classes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     classes = [int(c) for c in classes.split(",")]
     g = torch.Generator().manual_seed(seed)
-    with CertificationMemory(path, "fp", (3, 8, 8)) as mem:
+    with CertificationMemory(path, "fp", (3, 8, 8), pixel_range=None) as mem:
         print("ready", flush=True)
         while not os.path.exists(path + ".go"):
             time.sleep(0.005)
@@ -438,7 +443,7 @@ def assert_consistent_file(path: Path) -> int:
         assert lengths in ([], [(math.prod(HIGH) * 4,)])
         orders = [o for (o,) in conn.execute("SELECT ord FROM entries ORDER BY ord")]
         assert orders == list(range(len(orders)))
-    with CertificationMemory(path, "fp", HIGH, create=False) as mem:
+    with CertificationMemory(path, "fp", HIGH, create=False, pixel_range=None) as mem:
         assert mem.check() == []
         assert_replays(mem)
         return len(mem)
@@ -446,7 +451,7 @@ def assert_consistent_file(path: Path) -> int:
 
 def test_kill_during_insert_leaves_consistent_store(tmp_path):
     path = tmp_path / "memory.sqlite"
-    CertificationMemory(path, "fp", HIGH).close()
+    CertificationMemory(path, "fp", HIGH, pixel_range=None).close()
     proc = spawn_writer(path, seed=3, n=10**6, classes="-1,0,1,2")
     Path(f"{path}.go").touch()
     try:
@@ -457,23 +462,75 @@ def test_kill_during_insert_leaves_consistent_store(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert assert_consistent_file(path) >= 25
-    with CertificationMemory(path, "fp", HIGH) as mem:  # and it can be continued
+    with CertificationMemory(path, "fp", HIGH, pixel_range=None) as mem:  # and it can be continued
         fill(mem, 3, seed=9)
     assert_consistent_file(path)
 
 
 def test_concurrent_writers(tmp_path):
     path = tmp_path / "memory.sqlite"
-    CertificationMemory(path, "fp", HIGH).close()
+    CertificationMemory(path, "fp", HIGH, pixel_range=None).close()
     procs = [spawn_writer(path, 1, 40, "-1,0"), spawn_writer(path, 2, 40, "1,2")]
     Path(f"{path}.go").touch()
     for proc in procs:
         proc.communicate(timeout=120)
         assert proc.returncode == 0
     assert assert_consistent_file(path) == 80
-    with CertificationMemory(path, "fp", HIGH, create=False) as mem:
+    with CertificationMemory(path, "fp", HIGH, create=False, pixel_range=None) as mem:
         idx = torch.cat([chunk[5] for chunk in mem.entries()])
         assert sorted(idx.tolist()) == [*range(1000, 1040), *range(2000, 2040)]
         writer = (idx // 1000).tolist()
         assert sum(a != b for a, b in pairwise(writer)) >= 2  # the writers interleaved
         assert mem.stats()["changed"] + mem.stats()["shrunk"] > 0
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def _flip_one_byte(path, order: int) -> None:
+    with sqlite3.connect(path) as conn:
+        (blob,) = conn.execute("SELECT x FROM entries WHERE ord = ?", (order,)).fetchone()
+        changed = bytearray(blob)
+        changed[5] ^= 0x01
+        conn.execute("UPDATE entries SET x = ? WHERE ord = ?", (bytes(changed), order))
+
+
+def test_a_changed_byte_in_a_stored_input_is_found(tmp_path, capsys):
+    from ddrs.cli import main
+
+    path = tmp_path / "m.sqlite"
+    with CertificationMemory(path, "fp", (1, 4, 4)) as mem:
+        for k in range(4):
+            mem.resolve_and_store(torch.full((1, 4, 4), k / 4), k % 2, 0.1, sigma=0.25)
+        assert mem.corrupt_entries() == []
+    assert main(["memory", "check", str(path)]) == 0
+    _flip_one_byte(path, 2)
+    with CertificationMemory(path, "fp", (1, 4, 4)) as mem:
+        assert mem.corrupt_entries() == [2]
+        with pytest.raises(MemoryStoreError, match="entry 2 does not match its checksum"):
+            mem.resolve_and_store(torch.full((1, 4, 4), 0.9), 0, 0.1, sigma=0.25)
+    capsys.readouterr()
+    assert main(["memory", "check", str(path)]) == 1
+    assert "entry 2 does not match its checksum" in capsys.readouterr().out
+
+
+def test_a_version_1_memory_is_upgraded_with_checksums(tmp_path):
+    path = tmp_path / "m.sqlite"
+    with CertificationMemory(path, "fp", (1, 2, 2)) as mem:
+        for k in range(3):
+            mem.resolve_and_store(torch.full((1, 2, 2), k / 3), k, 0.05, sigma=0.25)
+    with sqlite3.connect(path) as conn:  # what version 1 wrote: no checksum column
+        conn.execute("ALTER TABLE entries DROP COLUMN checksum")
+        conn.execute("UPDATE meta SET value = 1 WHERE key = 'schema_version'")
+    with CertificationMemory(path, "fp", (1, 2, 2)) as mem:
+        assert len(mem) == 3 and mem.corrupt_entries() == []
+        assert mem.resolve_and_store(torch.full((1, 2, 2), 1.0), 0, 0.05, sigma=0.25).entry == 3
+
+
+def test_inputs_outside_the_pixel_range_are_refused_and_not_stored(tmp_path):
+    with CertificationMemory(tmp_path / "m.sqlite", "fp", (1, 2, 2)) as mem:
+        with pytest.raises(InputError, match=r"\[0, 1\]"):
+            mem.resolve_and_store(torch.full((1, 2, 2), 1.5), 0, 0.1, sigma=0.25)
+        with pytest.raises(InputError, match=r"\[0, 1\]"):
+            mem.resolve_and_store(torch.full((1, 2, 2), -0.1), 0, 0.1, sigma=0.25)
+        assert len(mem) == 0
