@@ -31,7 +31,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dataset", required=True, help="digits, mnist, cifar10, imagenet, imagefolder")
     p.add_argument("--data-root", help="dataset folder (default: $DDRS_DATA_ROOT)")
-    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--split", default="test", choices=["train", "test"], help="dataset split")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--skip", type=int, default=1, help="use every SKIP-th input (Cohen's --skip)")
     p.add_argument("--max", type=int, default=-1, help="stop before this dataset index (-1: all)")
@@ -39,7 +39,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--batch",
         type=int,
         default=None,
-        help="noisy samples per forward pass (default: automatic)",
+        help="noisy samples per forward pass (None: automatic)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of all Monte Carlo noise")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -72,8 +72,8 @@ def add_train_parser(sub) -> None:
         description="Defaults: SGD lr 0.1, momentum 0.9, weight decay 1e-4, "
         "lr x0.1 every 30 epochs, batch 256 (Cohen et al.'s CIFAR-10 settings).",
     )
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--data-root")
+    p.add_argument("--dataset", required=True, help="digits, mnist, cifar10, imagenet, imagefolder")
+    p.add_argument("--data-root", help="dataset folder (default: $DDRS_DATA_ROOT)")
     p.add_argument(
         "--arch",
         required=True,
@@ -81,25 +81,25 @@ def add_train_parser(sub) -> None:
     )
     p.add_argument("--method", default="gaussian", help="gaussian, smoothadv, macer, consistency")
     p.add_argument("--sigma", type=float, required=True, help="training noise level (pixel units)")
-    p.add_argument("--epochs", type=int, default=90)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--epochs", type=int, default=90, help="training epochs")
+    p.add_argument("--batch", type=int, default=256, help="training batch size")
+    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
     p.add_argument(
         "--lr-step", type=int, default=30, help="multiply lr by --lr-gamma every this many epochs"
     )
-    p.add_argument("--lr-gamma", type=float, default=0.1)
+    p.add_argument("--lr-gamma", type=float, default=0.1, help="lr factor every --lr-step")
     p.add_argument("--train-subset", type=int, help="train on a fixed random subset of this size")
     p.add_argument("--eval-max", type=int, default=2000, help="test inputs for per-epoch accuracy")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, order, noise")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--out", required=True, help="run folder: last.pt, best.pt, log.csv")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt exactly")
     p.add_argument("--init", help="fine-tune: start from this checkpoint's weights")
     p.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     dd = p.add_argument_group("data-dependent sigma (Alfarra et al. 2022)")
     dd.add_argument("--data-dependent", action="store_true", help="per-sample sigma, warm-started")
     dd.add_argument(
@@ -108,7 +108,12 @@ def add_train_parser(sub) -> None:
         default=10,
         help="ascent steps per batch (authors: 10 CIFAR, 1 ImageNet)",
     )
-    dd.add_argument("--dd-lr", type=float, default=1e-4)
+    dd.add_argument(
+        "--dd-lr",
+        type=float,
+        default=1e-4,
+        help="ascent step (authors: 1e-4 over 440 epochs; short runs: see docs/METHODS.md)",
+    )
     dd.add_argument(
         "--dd-samples",
         type=int,
@@ -129,6 +134,30 @@ def add_train_parser(sub) -> None:
     )
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends '(default: X)' to an option's help when it has a meaningful default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        shown = not (default is None or default is False or default == argparse.SUPPRESS)
+        shown = shown and not action.required
+        if shown and "%(default)" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _show_defaults(subparsers) -> None:
+    """Every subcommand's --help shows each option's default."""
+    add_parser = subparsers.add_parser
+
+    def with_defaults(*args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        return add_parser(*args, **kwargs)
+
+    subparsers.add_parser = with_defaults
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ddrs",
@@ -136,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         "randomized smoothing. Sigmas and radii are L2, in [0, 1] pixel units.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _show_defaults(sub)
 
     add_train_parser(sub)
 
@@ -157,9 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_sigma_source(p)
     add_engine_args(p)
-    p.add_argument("--n", type=int, default=100_000)
-    p.add_argument("--alpha", type=float, default=0.001)
-    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--n", type=int, default=CERTIFY_DEFAULTS["n"], help="noise samples per input"
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=CERTIFY_DEFAULTS["alpha"],
+        help="bound on the probability of returning a wrong class (else abstain)",
+    )
+    p.add_argument("--out", required=True, help="results TSV (resumed if it exists)")
 
     p = sub.add_parser(
         "sigma",
@@ -184,28 +221,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples",
         type=int,
         default=None,
-        help="noise samples: per candidate (certified 64, grid 8) or per ascent step (1)",
+        help="noise samples: per candidate (None: certified 64, grid 8) or per ascent step (1)",
     )
     p.add_argument(
-        "--grid", type=int, default=None, help="number of candidates (certified 9, grid 12)"
+        "--grid", type=int, default=None, help="number of candidates (None: certified 9, grid 12)"
     )
     p.add_argument(
         "--spread",
         type=_floats,
         default=(0.5, 2.0),
-        help="low,high factors of sigma0 spanned by the candidates (default 0.5,2)",
+        help="low,high factors of sigma0 spanned by the candidates",
     )
     p.add_argument(
         "--n",
         type=int,
         default=CERTIFY_DEFAULTS["n"],
-        help="certified: the N of the certification that follows (default 100,000)",
+        help="certified: the N of the certification that follows",
     )
     p.add_argument(
         "--alpha",
         type=float,
         default=CERTIFY_DEFAULTS["alpha"],
-        help="certified: the alpha of the certification that follows (default 0.001)",
+        help="certified: the alpha of the certification that follows",
     )
     p.add_argument("--iterations", type=int, default=100, help="ascent: steps K (authors: 100)")
     p.add_argument("--lr", type=float, default=1e-4, help="ascent: step size (authors: 1e-4)")
@@ -216,14 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-sigma",
         type=float,
         default=None,
-        help="lower bound on sigma (default 1e-3); certified: with --max-sigma, the "
+        help="lower bound on sigma (None: 1e-3); certified: with --max-sigma, the "
         "candidates span this absolute range instead of sigma0 * spread",
     )
     p.add_argument("--max-sigma", type=float, default=None, help="upper bound on sigma")
     p.add_argument("--out", required=True, help="TSV of idx, sigma, score before/after")
 
     p = sub.add_parser("memory", help="certification memory tools")
-    msub = p.add_subparsers(dest="memory_command", required=True)
+    msub = p.add_subparsers(dest="memory_command", required=True, help="what to do")
+    _show_defaults(msub)
     q = msub.add_parser("apply", help="resolve an existing results TSV against a memory, offline")
     q.add_argument("results", help="results TSV of a data-dependent certify run")
     add_model_args(q)
@@ -233,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True)
     q = msub.add_parser("stats", help="entries, classes, changed/shrunk answers, radius histogram")
     q.add_argument("memory")
+    q.add_argument("--json", action="store_true", help="print the numbers as JSON")
     q = msub.add_parser("check", help="verify that no two balls of different classes intersect")
     q.add_argument("memory")
 
@@ -240,18 +279,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="results TSVs (ours or the reference format)")
     p.add_argument("--labels", nargs="+", help="one label per run (default: file names)")
     p.add_argument("--radii", default="0:1:0.25", help="start:stop:step or a comma list")
-    p.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv"])
-    p.add_argument("--envelope", action="store_true", help="add the best-over-runs row")
+    p.add_argument(
+        "--format", default="markdown", choices=["markdown", "latex", "csv"], help="table format"
+    )
+    p.add_argument(
+        "--envelope", action="store_true", help="add the best-over-runs row (and plot curve)"
+    )
+    p.add_argument(
+        "--common",
+        action="store_true",
+        help="compare on the inputs (idx) that every run covers (runs of different sizes)",
+    )
+    p.add_argument("--title", help="title of the --plot figure")
     p.add_argument("--out", help="write the table here instead of stdout")
     p.add_argument("--plot", help="PNG of certified accuracy vs radius")
     p.add_argument("--sigma-plot", help="PNG histogram of per-input sigmas (data-dependent runs)")
+    p.add_argument("--sigma0", type=float, help="mark this sigma0 on the --sigma-plot")
 
     p = sub.add_parser(
         "quickstart", help="the main job on built-in digits: fixed vs data-dependent"
     )
-    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--out", default="runs/quickstart", help="folder of every file it writes")
     p.add_argument("--quick", action="store_true", help="a reduced run (seconds), for tests")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -308,8 +309,42 @@ def cmd_memory_apply(args) -> None:
 def cmd_memory_stats(args) -> None:
     with CertificationMemory.open_existing(args.memory) as memory:
         stats = memory.stats()
-    for key, value in stats.items():
-        print(f"{key}: {value}")
+    if args.json:
+        print(json.dumps(stats, indent=1))
+        return
+    print(format_memory_stats(args.memory, stats))
+
+
+def format_memory_stats(path: str, stats: dict) -> str:
+    """`ddrs memory stats` for a reader: counts, classes, sigma and the radius histogram."""
+    n = stats["entries"]
+
+    def share(k: int) -> str:
+        return f"{k} ({k / n:.1%})" if n else str(k)
+
+    classes = ", ".join(f"{c}: {k}" for c, k in stats["classes"].items()) or "none"
+    sigma = stats["sigma"]
+    lines = [
+        f"memory {path}: {n} entries of shape {tuple(stats['input_shape'])}",
+        f"  classes          {classes}",
+        f"  abstentions      {share(stats['abstentions'])}",
+        f"  changed by memory {share(stats['changed'])} (class taken from a stored ball)",
+        f"  shrunk by memory {share(stats['shrunk'])} (radius reduced)",
+        f"  exact repeats    {stats['repeats']} (answered from the memory, not stored again)",
+    ]
+    if sigma["min"] is not None:
+        lines.append(
+            f"  sigma            min {sigma['min']:.4f}  median {sigma['median']:.4f}  "
+            f"max {sigma['max']:.4f}"
+        )
+    edges, counts = stats["radius_histogram"]["edges"], stats["radius_histogram"]["counts"]
+    if sum(counts):
+        lines.append("  certified radius (non-abstained entries):")
+        top = max(counts)
+        for lo, hi, k in zip(edges, edges[1:], counts):
+            bar = "#" * round(30 * k / top) if top else ""
+            lines.append(f"    [{lo:6.3f}, {hi:6.3f})  {k:6d}  {bar}")
+    return "\n".join(lines)
 
 
 def cmd_memory_check(args) -> int:

@@ -146,7 +146,7 @@ def quickstart(
     (out / "table.md").write_text(table + "\n")
     curves, sigma_hist = out / "certified_accuracy.png", out / "sigma_histogram.png"
     plot_certified_accuracy(runs, curves, title="digits: certified accuracy")
-    plot_sigma_histogram(runs, sigma_hist)
+    plot_sigma_histogram(runs, sigma_hist, sigma0=s.sigma)
     print()
     print(table)
     print(f"\nall results in {out.resolve()}  ({time.perf_counter() - started:.0f} s):")

@@ -91,6 +91,26 @@ def load_runs(paths: Sequence[str | os.PathLike], labels: Sequence[str] | None =
             for label, p in zip(labels, paths)]
 
 
+def idx_mismatch(runs: Sequence[Run]) -> str | None:
+    """A one-line description of how the runs' input sets differ, or None if they agree."""
+    sets = [set(r.table["idx"].tolist()) for r in runs]
+    if len(runs) < 2 or all(s == sets[0] for s in sets):
+        return None
+    common = set.intersection(*sets)
+    sizes = ", ".join(f"{r.label}: {len(s)}" for r, s in zip(runs, sets))
+    return f"the runs cover different inputs ({sizes}; {len(common)} in common)"
+
+
+def restrict_to_common(runs: Sequence[Run]) -> list[Run]:
+    """The runs restricted to the inputs (idx) that all of them certified."""
+    common = set.intersection(*(set(r.table["idx"].tolist()) for r in runs))
+    out = []
+    for run in runs:
+        keep = np.isin(run.table["idx"], sorted(common))
+        out.append(Run(run.label, run.path, {k: v[keep] for k, v in run.table.items()}))
+    return out
+
+
 def parse_radii(text: str) -> list[float]:
     """'start:stop:step' (stop included when it lands on the grid) or '0,0.5,1'; sorted."""
     try:
@@ -273,6 +293,12 @@ def _pyplot():
     return plt
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _save_atomically(fig, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -280,6 +306,7 @@ def _save_atomically(fig, path: str | os.PathLike) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; plots are as readable as TSVs
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -331,8 +358,12 @@ def plot_certified_accuracy(runs: Sequence[Run], path: str | os.PathLike,
         plt.close(fig)
 
 
-def plot_sigma_histogram(runs: Sequence[Run], path: str | os.PathLike) -> bool:
-    """Overlaid histograms of per-input sigmas; False (no file) if no run has varying sigmas."""
+def plot_sigma_histogram(runs: Sequence[Run], path: str | os.PathLike,
+                         sigma0: float | None = None, title: str | None = None) -> bool:
+    """Overlaid histograms of per-input sigmas, `sigma0` marked; False (no file) if no run
+    has varying sigmas."""
+    from matplotlib.ticker import MaxNLocator
+
     sigmas = [(run.label, s) for run in runs if (s := run.varying_sigmas()) is not None]
     if not sigmas:
         return False
@@ -343,11 +374,17 @@ def plot_sigma_histogram(runs: Sequence[Run], path: str | os.PathLike) -> bool:
         for label, s in sigmas:
             ax.hist(s, bins=bins, alpha=0.5, edgecolor="black", linewidth=0.4,
                     label=f"{label} (median {np.median(s):.3f})")
+        if sigma0 is not None:
+            ax.axvline(sigma0, color="black", linestyle="--", linewidth=1.2,
+                       label=f"sigma0 = {sigma0:g}")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of inputs
         ax.set_xlabel("sigma (noise std, pixel units)")
         ax.set_ylabel("inputs")
-        ax.set_title("Per-input sigmas")
+        ax.set_title(title or "Per-input sigmas")
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="best")
+        # below the axes, so that it never covers the bars
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, fontsize=8,
+                  frameon=False)
         _save_atomically(fig, path)
     finally:
         plt.close(fig)
@@ -371,6 +408,14 @@ def report_command(args: argparse.Namespace) -> None:
     _check_outputs(args)
     radii = parse_radii(args.radii)
     runs = load_runs(args.runs, args.labels)
+    mismatch = idx_mismatch(runs)
+    if mismatch and args.common:
+        runs = restrict_to_common(runs)
+        print(f"note: {mismatch}; comparing on the {runs[0].size} common inputs (--common)",
+              file=sys.stderr)
+    elif mismatch:
+        print(f"warning: {mismatch}; their numbers are not comparable one to one "
+              "(--common compares on the inputs all runs share)", file=sys.stderr)
     summaries = [run_summary(run, radii) for run in runs]
     table = format_table(summaries, radii, args.format, args.envelope)
     if args.out:
@@ -381,10 +426,11 @@ def report_command(args: argparse.Namespace) -> None:
     else:
         sys.stdout.write(table)
     if args.plot:
-        plot_certified_accuracy(runs, args.plot, envelope=runs if args.envelope else None)
+        plot_certified_accuracy(runs, args.plot, title=args.title,
+                                envelope=runs if args.envelope else None)
         print(f"plot: {args.plot}", file=sys.stderr)
     if args.sigma_plot:
-        if plot_sigma_histogram(runs, args.sigma_plot):
+        if plot_sigma_histogram(runs, args.sigma_plot, sigma0=args.sigma0):
             print(f"sigma plot: {args.sigma_plot}", file=sys.stderr)
         else:
             print("sigma plot: no run has per-input sigmas (a sigma column that varies); "

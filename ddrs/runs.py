@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -127,10 +128,40 @@ def _sigmas_for(group: list[int], sigma: float | None, sigmas: dict[int, float] 
     return torch.tensor([sigmas[i] for i in group], dtype=torch.float32)
 
 
+class PlainProgress:
+    """Progress for logs and pipes (no terminal): one plain line every `interval` seconds."""
+
+    def __init__(self, total: int, desc: str, interval: float = 30.0, stream=None):
+        self.total, self.desc, self.interval = total, desc, interval
+        self.stream = stream or sys.stderr
+        self.done, self.start = 0, time.monotonic()
+        self.last, self.postfix = self.start, ""
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.interval or (self.done >= self.total > 0):
+            self.last = now
+            share = self.done / self.total if self.total else 1.0
+            print(f"{self.desc}: {self.done}/{self.total} inputs ({share:.0%}), "
+                  f"{now - self.start:.0f} s{self.postfix}", file=self.stream, flush=True)
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = "".join(f", {k.replace('_', '/')} {v}" for k, v in values.items())
+
+    def close(self) -> None:
+        pass
+
+
+PLAIN_PROGRESS_SECONDS = 30.0
+
+
 def _progress(total: int, desc: str, enabled: bool):
-    # disable=None: tqdm turns itself off when output is not a terminal (logs, CI)
+    """A tqdm bar on a terminal; plain lines now and then in a log or pipe; or nothing."""
+    if enabled and not sys.stderr.isatty():
+        return PlainProgress(total, desc, PLAIN_PROGRESS_SECONDS)
     return tqdm(
-        total=total, desc=desc, unit="input", disable=None if enabled else True, dynamic_ncols=True
+        total=total, desc=desc, unit="input", disable=not enabled, dynamic_ncols=True
     )
 
 

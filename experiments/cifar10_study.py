@@ -350,7 +350,7 @@ def step_report(args, choices: dict) -> None:
     plot_certified_accuracy(fixed_runs + dd_runs, out / "certified_accuracy.png",
                             title="CIFAR-10 (JPEG copy): certified accuracy",
                             envelope=fixed_runs, envelope_label="fixed-sigma envelope")
-    plot_sigma_histogram(dd_runs, out / "sigma_histogram.png")
+    plot_sigma_histogram(dd_runs, out / "sigma_histogram.png", sigma0=args.sigma0)
     logs = [(f"dd-lr {lr:g}", out / dd_name(args, lr) / "log.csv") for lr in floats(args.dd_lrs)]
     plot_training_sigmas([(label, p) for label, p in logs if p.exists()],
                          out / "training_sigmas.png")

@@ -1,5 +1,6 @@
 """End-to-end command-line runs on digits: certify, resume, sigmas, memory, errors."""
 
+import json
 import subprocess
 import sys
 
@@ -160,7 +161,12 @@ def test_sigmas_then_certify_with_memory_online_equals_offline(checkpoint, tmp_p
     assert main(["memory", "check", str(memory)]) == 0
     assert "ok: 40 entries" in capsys.readouterr().out
     assert main(["memory", "stats", str(memory)]) == 0
-    assert "entries" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "40 entries of shape (1, 8, 8)" in text and "certified radius" in text
+    assert "{" not in text  # a summary for a reader, not a Python dict
+    assert main(["memory", "stats", str(memory), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["entries"] == 40 and sum(stats["radius_histogram"]["counts"]) <= 40
 
 
 def test_missing_sigma_index_is_an_error(checkpoint, tmp_path, capsys):
@@ -311,3 +317,29 @@ def test_resume_refuses_another_selection(checkpoint, tmp_path, capsys):
     assert "skip" in capsys.readouterr().err
     assert main(certify_args(checkpoint, out, "--sigma", "0.25", "--max", "3")) == 2
     assert "does not include" in capsys.readouterr().err
+
+
+def test_output_to_a_file_gets_plain_progress_lines(checkpoint, tmp_path, monkeypatch, capsys):
+    import ddrs.runs
+
+    monkeypatch.setattr(ddrs.runs, "PLAIN_PROGRESS_SECONDS", 0.0)  # a line per group
+    args = certify_args(checkpoint, tmp_path / "r.tsv", "--sigma", "0.25", "--max", "4")
+    args.remove("--no-progress")
+    assert main(args) == 0
+    err = capsys.readouterr().err  # pytest's capture is not a terminal
+    assert "certify: 4/4 inputs (100%)" in err and "\r" not in err
+
+
+@pytest.mark.parametrize("command", ["certify", "predict", "sigma", "train"])
+def test_help_shows_defaults_and_every_option_has_help(command, capsys):
+    from ddrs.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    if command in ("certify", "predict"):
+        assert "(default: 100000)" in text and "(default: 0.001)" in text
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, type(parser._subparsers._actions[-1])))
+    for action in sub.choices[command]._actions:
+        assert action.help, f"{command} {action.option_strings} has no help"

@@ -267,3 +267,27 @@ def test_reference_time_column_in_timedelta_spelling_is_read(tmp_path):
     assert np.isnan(run.table["time"][3])
     assert run_summary(run, [0.5])["certified"][0.5] == 0.5
     assert parse_seconds("13.7s") == 13.7 and parse_seconds("0:01:00") == 60.0
+
+
+def _write_run(path, idx, correct):
+    lines = ["idx\tlabel\tpredict\tradius\tcorrect\ttime"]
+    lines += [f"{i}\t1\t1\t0.6\t{c}\t0.1" for i, c in zip(idx, correct)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_runs_over_different_inputs_are_flagged_and_common_compares_like_with_like(
+    tmp_path, capsys
+):
+    a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
+    _write_run(a, range(0, 10), [1] * 10)
+    _write_run(b, range(0, 20), [1] * 10 + [0] * 10)
+    assert main(["report", str(a), str(b), "--envelope", "--radii", "0.5"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: the runs cover different inputs (a: 10, b: 20; 10 in common)" in captured.err
+    assert "50.0%" in captured.out  # b over its 20 inputs
+    assert main(["report", str(a), str(b), "--common", "--radii", "0.5"]) == 0
+    captured = capsys.readouterr()
+    assert "comparing on the 10 common inputs" in captured.err
+    assert "50.0%" not in captured.out and captured.out.count("100.0%") >= 2
+    assert main(["report", str(a), str(a), "--radii", "0.5"]) == 0
+    assert "warning" not in capsys.readouterr().err
