@@ -126,6 +126,10 @@ class Trainer:
         self.train_set = get_dataset(config.dataset, "train", config.data_root)
         self.test_set = get_dataset(config.dataset, "test", config.data_root, augment=False)
         self.info = self.train_set.info
+        # the samples trained on (--train-subset): the ones whose sigmas can move
+        self.trained_indices = torch.tensor(
+            training_subset(len(self.train_set), config.train_subset, config.seed)
+        )
         self.method: Method = build_method(config.method, **config.method_settings)
         self.model = build_model(
             config.arch, self.info.num_classes, self.info.input_shape, self.info.mean, self.info.std
@@ -370,7 +374,7 @@ class Trainer:
                 row = {"epoch": epoch + 1, "lr": lr, **self.train_epoch(epoch)}
                 if self.dist.is_main:
                     row.update(self.evaluate())
-                    row.update(sigma_summary(self.sigma_buffer))
+                    row.update(sigma_summary(self.sigma_buffer[self.trained_indices]))
                     row["note"] = self._chance_note(row)
                     is_best = row["test_noisy_acc"] > self.best_accuracy
                     self.best_accuracy = max(self.best_accuracy, row["test_noisy_acc"])
@@ -407,7 +411,8 @@ SIGMA_QUANTILES = {"sigma_min": 0.0, "sigma_p10": 0.1, "sigma_median": 0.5, "sig
 
 
 def sigma_summary(buffer: torch.Tensor) -> dict:
-    """The distribution of the per-sample training sigmas (min, p10, median, p90, max)."""
+    """The distribution of the per-sample training sigmas (min, p10, median, p90, max); pass
+    the sigmas of the samples trained on (a --train-subset leaves the others untouched)."""
     values = torch.quantile(buffer.double(), torch.tensor(list(SIGMA_QUANTILES.values())).double())
     return dict(zip(SIGMA_QUANTILES, values.tolist()))
 
