@@ -43,19 +43,22 @@ class QuickstartSettings:
     dd_iterations: int = 1
     dd_samples: int = 4
     dd_lr: float = 5e-3
-    sigma_iterations: int = 100  # the authors' test-time search: K=100, n=1 ...
-    sigma_lr: float = 1e-3  # ... with a larger step than their 1e-4, see README
-    sigma_samples: int = 1
+    # Test-time sigmas: the certified selector (9 candidates in sigma0 x [0.5, 2], 64 votes
+    # each), the search that did best on digits (benchmarks/sigma_search.py)
+    sigma_grid: int = 9
+    sigma_samples: int = 64
     n0: int = 100
     n: int = 2_000
     alpha: float = 0.001
     skip: int = 1
 
 
-QUICK = QuickstartSettings(epochs=3, lr_step=2, dd_samples=2, sigma_iterations=5, n=200, skip=6)
+QUICK = QuickstartSettings(epochs=3, lr_step=2, dd_samples=2, sigma_samples=8, n=200, skip=6)
 
 
-def _train(out: Path, s: QuickstartSettings, data_dependent: bool, progress: bool) -> Path:
+def _train(
+    out: Path, s: QuickstartSettings, data_dependent: bool, progress: bool, name: str
+) -> Path:
     config = TrainConfig(
         dataset="digits",
         arch="cnn",
@@ -74,8 +77,18 @@ def _train(out: Path, s: QuickstartSettings, data_dependent: bool, progress: boo
         resume=(out / "last.pt").exists(),
     )
     if config.resume and load_checkpoint(out / "last.pt").meta["epoch"] + 1 >= s.epochs:
+        print(f"      {name}: already trained ({out / 'last.pt'})")
         return out / "last.pt"  # already trained: quickstart resumes where it stopped
+    print(f"      {name} -> {out}")
     return train(config)
+
+
+def _already(path: Path, count: int) -> str:
+    """' (already done)' when a results file holds all `count` rows (a re-run resumes)."""
+    if not path.is_file():
+        return ""
+    rows = sum(1 for line in path.read_text().splitlines() if line.strip()) - 1
+    return " (already done)" if rows >= count else f" (resuming after {rows} of {count})"
 
 
 def quickstart(
@@ -86,14 +99,18 @@ def quickstart(
     out = Path(out)
     started = time.perf_counter()
     test_set = get_dataset("digits", "test")
+    count = len(_selection(s).indices(len(test_set)))
     print(f"[1/4] training two CNNs on digits (sigma {s.sigma}, {s.epochs} epochs each)")
-    fixed_ckpt = _train(out / "fixed", s, False, progress)
-    dd_ckpt = _train(out / "data_dependent", s, True, progress)
+    fixed_ckpt = _train(out / "fixed", s, False, progress, "the fixed-sigma CNN")
+    dd_ckpt = _train(out / "data_dependent", s, True, progress, "the data-dependent CNN")
 
-    print(f"[2/4] certifying the fixed-sigma model (N={s.n}, alpha={s.alpha})")
+    fixed_tsv = out / "fixed_certify.tsv"
+    print(
+        f"[2/4] certifying the fixed-sigma model (N={s.n}, alpha={s.alpha})"
+        + _already(fixed_tsv, count)
+    )
     fixed_model = load_checkpoint(fixed_ckpt).model
     common = {"n0": s.n0, "n": s.n, "alpha": s.alpha, "progress": progress}
-    fixed_tsv = out / "fixed_certify.tsv"
     certify_dataset(
         fixed_model,
         test_set,
@@ -104,27 +121,30 @@ def quickstart(
         **common,
     )
 
+    sigmas_tsv = out / "dd_sigmas.tsv"
     print(
-        f"[3/4] optimising a sigma per test input (K={s.sigma_iterations}, "
-        f"lr={s.sigma_lr}, n={s.sigma_samples})"
+        f"[3/4] choosing a sigma per test input (certified selector: {s.sigma_grid} candidates "
+        f"in {s.sigma} x [0.5, 2], {s.sigma_samples} votes each)" + _already(sigmas_tsv, count)
     )
     dd_model = load_checkpoint(dd_ckpt).model
-    sigmas_tsv = out / "dd_sigmas.tsv"
-    options = {"iterations": s.sigma_iterations, "lr": s.sigma_lr, "samples": s.sigma_samples}
+    options = {"grid": s.sigma_grid, "samples": s.sigma_samples, "n": s.n, "alpha": s.alpha}
     sigma_dataset(
         dd_model,
         test_set,
         str(sigmas_tsv),
         sigma0=s.sigma,
-        search="ascent",
+        search="certified",
         options=options,
         selection=_selection(s),
         settings={"quickstart": "sigma", **_plain(s)},
         progress=progress,
     )
 
-    print("[4/4] certifying the data-dependent model with its sigmas and the memory")
     dd_tsv, memory_path = out / "dd_certify.tsv", out / "dd_memory.sqlite"
+    print(
+        "[4/4] certifying the data-dependent model with its sigmas and the memory"
+        + _already(dd_tsv, count)
+    )
     fingerprint = memory_fingerprint(dd_model, "digits", test_set.info.input_shape)
     with CertificationMemory(memory_path, fingerprint, test_set.info.input_shape) as memory:
         certify_dataset(

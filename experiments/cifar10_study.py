@@ -166,6 +166,8 @@ def validation_set(args) -> Picked:
     used = set(training_subset(len(train_set), args.train_subset or None, args.seed))
     unused = [i for i in range(len(train_set)) if i not in used]
     count = min(args.val_images, len(unused))
+    if count < 1:
+        raise SystemExit("no validation images: --train-subset uses every training image")
     return Picked(train_set, [unused[k * len(unused) // count] for k in range(count)])
 
 

@@ -32,9 +32,12 @@ def test_quickstart_reduced_runs_end_to_end(tmp_path, capsys):
     fixed = read_table(tmp_path / "qs" / "fixed_certify.tsv")
     assert fixed["correct"].mean() > 0.3  # a 3-epoch model is well above chance (0.1)
     # re-running resumes: nothing is retrained or recertified, results are unchanged
+    assert "-> " in out and "the data-dependent CNN" in out  # says which model trains
     before = (tmp_path / "qs" / "dd_certify.tsv").read_bytes()
     quickstart(tmp_path / "qs", quick=True, progress=False)
     assert (tmp_path / "qs" / "dd_certify.tsv").read_bytes() == before
+    again = capsys.readouterr().out
+    assert again.count("already trained") == 2 and again.count("(already done)") == 3
 
 
 def _write_cifar_batches(root: Path, per_batch: int) -> None:
@@ -58,37 +61,32 @@ def test_cifar10_study_script_runs_every_step_on_tiny_data(tmp_path):
         sys.path.pop(0)
     out = tmp_path / "study"
     args = [
-        "--data-root",
-        str(tmp_path / "data"),
-        "--out",
-        str(out),
-        "--epochs",
-        "1",
-        "--train-subset",
-        "0",
-        "--batch",
-        "50",
-        "--methods",
-        "gaussian,macer",
-        "--macer-k",
-        "2",
-        "--macer-warmup",
-        "0",
-        "--sigma-iterations",
-        "2",
-        "--n0",
-        "10",
-        "--n",
-        "50",
-        "--skip",
-        "4",
-        "--no-progress",
-    ]
+        "--data-root", str(tmp_path / "data"), "--out", str(out), "--epochs", "1",
+        "--train-subset", "150", "--batch", "50", "--fixed-sigmas", "0.12,0.25",
+        "--dd-lrs", "0.01,0.0001", "--spreads", "0.5:2,0.71:1.41", "--val-images", "10",
+        "--val-n", "50", "--ascent-iterations", "2", "--certified-samples", "8",
+        "--n0", "10", "--n", "50", "--skip", "4", "--no-progress",
+    ]  # fmt: skip
     cifar10_study.main(args)
-    for run in ("gaussian-fixed", "gaussian-dd", "macer-fixed", "macer-dd"):
-        assert len(read_table(out / run / "certify.tsv")["idx"]) == 10
-    assert (out / "gaussian-dd" / "sigmas.tsv").exists()
-    assert (out / "table.md").read_text().count("|") > 20
-    timings = (out / "timings.csv").read_text().splitlines()
-    assert len(timings) == 1 + 3 * 4  # header + (train, sigma, certify) x 4 runs
-    cifar10_study.main(args)  # everything done: a re-run only re-reports
+    test = out / "test"
+    rows = ["gaussian-fixed-0.12", "gaussian-fixed-0.25"] + [
+        f"gaussian-dd-lr{lr}.{s}" for lr in ("0.01",) for s in ("ascent", "grid", "certified")
+    ]
+    choices = __import__("json").loads((out / "choices.json").read_text())
+    chosen_dd = f"gaussian-dd-lr{choices['chosen']['dd_lr']:g}"
+    rows = [r.replace("gaussian-dd-lr0.01", chosen_dd) for r in rows]
+    rows.append("gaussian-fixed-0.25.certified")
+    for row in rows:
+        assert len(read_table(test / f"{row}.certify.tsv")["idx"]) == 10, row
+    # validation images are training images the models never trained on
+    from ddrs.train.loop import training_subset
+
+    assert not set(choices["validation_images"]) & set(training_subset(200, 150, 0))
+    assert len(choices["validation_images"]) == 10
+    assert set(choices["dd_lr"]) == {"0.01", "0.0001"}
+    table = (out / "table.md").read_text()
+    assert "fixed-sigma envelope" in table and "test-time only" in table
+    assert (out / "certified_accuracy.png").exists() and (out / "training_sigmas.png").exists()
+    before = {row: (test / f"{row}.certify.tsv").read_bytes() for row in rows}
+    cifar10_study.main(args)  # everything done: a re-run changes no result
+    assert all((test / f"{row}.certify.tsv").read_bytes() == before[row] for row in rows)
