@@ -25,7 +25,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check ddrs tests benchmarks experiments
+	$(BIN)/ruff check ddrs tests benchmarks experiments examples
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

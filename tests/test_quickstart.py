@@ -90,3 +90,14 @@ def test_cifar10_study_script_runs_every_step_on_tiny_data(tmp_path):
     before = {row: (test / f"{row}.certify.tsv").read_bytes() for row in rows}
     cifar10_study.main(args)  # everything done: a re-run changes no result
     assert all((test / f"{row}.certify.tsv").read_bytes() == before[row] for row in rows)
+
+
+def test_the_python_api_example_runs_as_written(tmp_path):
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "python_api.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "certify:" in result.stdout and "input 3: class" in result.stdout
