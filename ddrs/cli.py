@@ -182,6 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory", help="SQLite certification memory: resolve answers online in index order"
     )
     p.add_argument("--out", required=True, help="results TSV (resumed if it exists)")
+    p.add_argument(
+        "--counts",
+        help="also write each input's vote counts here (selected class, its count, top two "
+        "counts, N, N0, sigma, seed), for `ddrs recertify` at another alpha",
+    )
+
+    p = sub.add_parser(
+        "recertify", help="recompute certificates at another alpha from a --counts file"
+    )
+    p.add_argument("counts", help="counts TSV written by `ddrs certify --counts`")
+    p.add_argument("--alpha", type=float, required=True, help="the new failure probability")
+    p.add_argument("--out", required=True, help="results TSV (certify format)")
 
     p = sub.add_parser("predict", help="PREDICT inputs of a dataset; writes a results TSV")
     add_model_args(p)

@@ -22,6 +22,7 @@ from ddrs.runs import (
     certify_dataset,
     check_run_args,
     check_sigmas_cover,
+    has_rows,
     predict_dataset,
     sigma_dataset,
 )
@@ -66,14 +67,6 @@ def load_model_and_data(args: argparse.Namespace):
             f"expected logits of shape (1, {info.num_classes}) for {args.dataset}"
         )
     return model, dataset
-
-
-def _has_rows(path: str) -> bool:
-    """Whether a results file exists with at least one row after its header."""
-    if not Path(path).is_file():
-        return False
-    with open(path) as f:
-        return sum(1 for line in f if line.strip()) > 1
 
 
 def _file_digest(path: str) -> str:
@@ -151,7 +144,7 @@ def cmd_certify(args) -> None:
     settings.update(n0=args.n0, memory=args.memory)
     check_sigmas_cover(options["selection"].indices(len(dataset)), options["sigmas"])
     memory = None
-    if args.memory and not Path(args.memory).exists() and _has_rows(args.out):
+    if args.memory and not Path(args.memory).exists() and has_rows(args.out):
         raise ResultsFileError(
             f"cannot resume {args.out}: its rows were resolved against a memory, and "
             f"{args.memory} does not exist; restore that memory, or start both afresh"
@@ -163,7 +156,14 @@ def cmd_certify(args) -> None:
         memory = CertificationMemory(args.memory, fingerprint, dataset.info.input_shape)
     try:
         certify_dataset(
-            model, dataset, args.out, n0=args.n0, memory=memory, settings=settings, **options
+            model,
+            dataset,
+            args.out,
+            n0=args.n0,
+            memory=memory,
+            settings=settings,
+            counts=args.counts,
+            **options,
         )
     finally:
         if memory is not None:
@@ -243,6 +243,14 @@ def cmd_sigma(args) -> None:
         f"max {s.max():.4f}"
     )
     print(f"sigmas: {args.out}")
+
+
+def cmd_recertify(args) -> None:
+    from ddrs.runs import recertify
+
+    recertify(args.counts, args.out, args.alpha)
+    print(summary_line(args.out))
+    print(f"results: {args.out}")
 
 
 def cmd_memory_apply(args) -> None:

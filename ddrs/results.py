@@ -24,7 +24,12 @@ MEMORY_COLUMNS = CERTIFY_COLUMNS + ("mc_predict", "mc_radius")
 PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time")
 SIGMA_COLUMNS = ("idx", "sigma", "sigma0", "radius_before", "radius_after", "time")
 REFERENCE_COLUMNS = ("idx", "label", "predict", "radius", "correct")
-INTEGER_COLUMNS = {"idx", "label", "predict", "correct", "mc_predict"}
+# the counts behind each certificate: enough to recompute it at any alpha (`ddrs recertify`)
+COUNTS_COLUMNS = ("idx", "label", "selected", "count", "top1", "top2", "n", "n0", "sigma", "seed")
+INTEGER_COLUMNS = {
+    "idx", "label", "predict", "correct", "mc_predict",
+    "selected", "count", "top1", "top2", "n", "n0", "seed",
+}  # fmt: skip
 
 
 def settings_path(path: str | os.PathLike) -> Path:

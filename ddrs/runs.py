@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +23,7 @@ from ddrs.errors import InputError, ResultsFileError
 from ddrs.memory import CertificationMemory
 from ddrs.results import (
     CERTIFY_COLUMNS,
+    COUNTS_COLUMNS,
     MEMORY_COLUMNS,
     PREDICT_COLUMNS,
     SIGMA_COLUMNS,
@@ -29,7 +32,7 @@ from ddrs.results import (
 )
 from ddrs.sampling import CPU_BATCH, auto_batch_size
 from ddrs.sigma import SEARCHES, check_search_options
-from ddrs.smooth import Smooth
+from ddrs.smooth import Smooth, certificate_from_counts
 from ddrs.stats import check_alpha
 
 
@@ -81,6 +84,48 @@ def check_sigmas_cover(indices: list[int], sigmas: dict[int, float] | None) -> N
             f"the {len(indices)} selected inputs missing); run `ddrs sigma` with the same "
             "--skip/--max"
         )
+
+
+def has_rows(path: str | None) -> bool:
+    """Whether a results file exists with at least one row after its header."""
+    if path is None or not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return sum(1 for line in f if line.strip()) > 1
+
+
+def _counts_row(idx: int, label: int, cert, n0: int, seed: int) -> dict:
+    return {
+        "idx": idx, "label": label, "selected": cert.selected, "count": cert.count,
+        "top1": cert.top2[0], "top2": cert.top2[1], "n": cert.n, "n0": n0,
+        "sigma": cert.sigma, "seed": seed,
+    }  # fmt: skip
+
+
+def recertify(counts: str, out: str, alpha: float, settings: dict | None = None) -> str:
+    """CERTIFY's answers recomputed from a counts file at another `alpha`; rows in the certify
+    format (`idx label predict radius correct sigma time`, time 0). The counts do not depend
+    on alpha, so this equals a run at that alpha with the same seed and inputs."""
+    alpha = check_alpha(alpha)
+    table = read_table(counts, required=COUNTS_COLUMNS)
+    rows = []
+    for k in range(len(table["idx"])):
+        cert = certificate_from_counts(
+            int(table["selected"][k]), int(table["count"][k]), int(table["n"][k]), alpha,
+            float(table["sigma"][k]),
+        )
+        label = int(table["label"][k])
+        rows.append({
+            "idx": int(table["idx"][k]), "label": label, "predict": cert.predict,
+            "radius": cert.radius, "correct": int(cert.predict == label),
+            "sigma": float(table["sigma"][k]), "time": 0.0,
+        })  # fmt: skip
+    with ResultsWriter(out, CERTIFY_COLUMNS, {"recertify": str(counts), "alpha": alpha,
+                                              **(settings or {})}) as writer:
+        for row in rows:
+            if row["idx"] not in writer.done:
+                writer.write(row)
+    return out
 
 
 def check_results_agree_with_memory(out: str, memory: CertificationMemory) -> None:
@@ -196,20 +241,33 @@ def certify_dataset(
     on_row: Callable[[dict], None] | None = None,
     amp: str | None = None,
     compile: bool = False,
+    counts: str | None = None,
 ) -> str:
     """CERTIFY every selected input (fixed `sigma`, or per-input `sigmas` by dataset index).
 
     With a `memory`, inputs are resolved against it online in index order, and the row keeps
     both the Monte Carlo certificate (mc_predict, mc_radius) and the resolved answer.
-    `batch` None: automatic; `amp`, `compile`: see `Smooth`.
+    `batch` None: automatic; `amp`, `compile`: see `Smooth`. `counts`: also write each
+    input's vote counts there (COUNTS_COLUMNS), from which `recertify` recomputes the Monte
+    Carlo certificate at another alpha without sampling again.
     """
     if (sigma is None) == (sigmas is None):
         raise InputError("give exactly one of a fixed sigma or a per-input sigmas file")
     check_run_args(n=n, alpha=alpha, n0=n0, batch=batch, selection=selection, sigma=sigma)
     check_sigmas_cover(selection.indices(len(dataset)), sigmas)
+    if counts is not None and has_rows(out) and not has_rows(counts):
+        raise ResultsFileError(
+            f"{out} already has rows and {counts} has none: --counts must be given from the "
+            "start of a run (or choose another --out)"
+        )
     smooth = Smooth(model, dataset.info.num_classes, seed=seed, amp=amp, compile=compile)
     columns = MEMORY_COLUMNS if memory is not None else CERTIFY_COLUMNS
-    with ResultsWriter(out, columns, settings or {}) as writer:
+    counts_settings = {**(settings or {}), "counts_of": str(out)}
+    with (
+        ResultsWriter(out, columns, settings or {}) as writer,
+        ResultsWriter(counts, COUNTS_COLUMNS, counts_settings) if counts else nullcontext() as
+        counts_writer,
+    ):
         if memory is not None and writer.done:
             check_results_agree_with_memory(out, memory)
         todo = _todo(selection.indices(len(dataset)), writer)
@@ -224,6 +282,9 @@ def certify_dataset(
             elapsed = (time.perf_counter() - t0) / len(group)
             for i, idx in enumerate(group):
                 cert = certificates[i]
+                if counts_writer is not None and idx not in counts_writer.done:
+                    # before the results row: a kill between the two repeats identical counts
+                    counts_writer.write(_counts_row(idx, labels[i], cert, n0, seed))
                 row = {
                     "idx": idx,
                     "label": labels[i],

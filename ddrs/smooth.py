@@ -41,9 +41,24 @@ class Certificate:
     predict: int
     radius: float
     p_lower: float
-    count: int
+    count: int  # nA: votes for the selected class cA among the n estimation samples
     n: int
     sigma: float
+    selected: int = ABSTAIN  # cA, chosen on the n0 selection samples (even when abstaining)
+    top2: tuple[int, int] = (0, 0)  # the two largest vote counts among the n samples
+
+
+def certificate_from_counts(
+    cA: int, nA: int, n: int, alpha: float, sigma: float, top2=(0, 0)
+) -> Certificate:
+    """CERTIFY's last lines: from the selected class cA and its nA of n estimation votes, the
+    class (or ABSTAIN) and radius sigma * Phi^-1(pABar). Used by `recertify` on saved counts."""
+    pABar = float(clopper_pearson_lower(nA, n, alpha))
+    top2 = (int(top2[0]), int(top2[1]))
+    if pABar < 0.5:
+        return Certificate(ABSTAIN, 0.0, pABar, nA, n, sigma, cA, top2)
+    radius = float(radius_from_p_lower(pABar, sigma))
+    return Certificate(cA, radius, pABar, nA, n, sigma, cA, top2)
 
 
 def check_inputs(x: Tensor, sigma, expected_dims: int | None = None) -> Tensor:
@@ -158,18 +173,11 @@ class Smooth:
         cA = counts0.argmax(dim=1)
         counts = self._counts(x, sigma, n, batch, STREAM_ESTIMATION, keys)
         nA = counts.gather(1, cA[:, None]).squeeze(1)
-        pABar = clopper_pearson_lower(nA.numpy(), n, alpha)
-        certificates = []
-        for i in range(x.shape[0]):
-            s = float(sigma[i])
-            if pABar[i] < 0.5:
-                certificates.append(Certificate(ABSTAIN, 0.0, float(pABar[i]), int(nA[i]), n, s))
-            else:
-                radius = float(radius_from_p_lower(pABar[i], s))
-                certificates.append(
-                    Certificate(int(cA[i]), radius, float(pABar[i]), int(nA[i]), n, s)
-                )
-        return certificates
+        top2 = counts.topk(2, dim=1).values.tolist()
+        return [
+            certificate_from_counts(int(cA[i]), int(nA[i]), n, alpha, float(sigma[i]), top2[i])
+            for i in range(x.shape[0])
+        ]
 
     def certify(
         self,

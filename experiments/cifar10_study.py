@@ -53,9 +53,11 @@ from ddrs.report import (
 )
 from ddrs.results import read_sigmas, read_table
 from ddrs.runs import Selection, certify_dataset, sigma_dataset
+from ddrs.sampling import sample_counts
 from ddrs.train.loop import TrainConfig, train, training_subset
 
-STEPS = ("train", "select", "certify", "report")
+STEPS = ("train", "select", "certify", "noise", "report")
+NOISE_SIGMAS = (0.06, 0.09, 0.12, 0.18, 0.25, 0.35, 0.5, 0.71, 1.0)
 RADII = [0.0, 0.25, 0.5, 0.75, 1.0]
 SELECTORS = ("ascent", "grid", "certified")
 
@@ -323,6 +325,52 @@ def step_dd_certify(args, stem: str, name: str, selector: str, spread, test_set)
                         test_selection(args), args.n, args.seed)
 
 
+def step_noise_accuracy(args, choices: dict, test_set) -> None:
+    """Accuracy of each base classifier under Gaussian noise at each sigma of NOISE_SIGMAS
+    (100 draws per test image): what a per-input sigma can trade. noise_accuracy.csv + plot."""
+    path = Path(args.out) / "noise_accuracy.csv"
+    if path.exists():
+        return
+    names = [fixed_name(args, s) for s in floats(args.fixed_sigmas)]
+    names.append(dd_name(args, choices["chosen"]["dd_lr"]))
+    indices = test_selection(args).indices(len(test_set))
+    x = torch.stack([test_set[i][0] for i in indices])
+    labels = torch.tensor([int(test_set[i][1]) for i in indices])
+    rows = []
+    for name in names:
+        model = load_model(args, name)
+        for sigma in NOISE_SIGMAS:
+            counts = sample_counts(model, x, sigma, 100, test_set.info.num_classes,
+                                   batch=args.cert_batch, seed=args.seed + 2, keys=indices)
+            accuracy = counts.gather(1, labels[:, None]).sum().item() / (100 * len(indices))
+            rows.append((name, sigma, accuracy))
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "sigma", "noisy_accuracy"])
+        writer.writerows((m, f"{s:g}", f"{a:.4f}") for m, s, a in rows)
+    plot_noise_accuracy(rows, Path(args.out) / "noise_accuracy.png")
+
+
+def plot_noise_accuracy(rows, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(m for m, _, _ in rows):
+        points = [(s, a) for m, s, a in rows if m == name]
+        ax.plot(*zip(*points), marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("sigma of the test noise (pixel units)")
+    ax.set_ylabel("accuracy under noise (100 draws per image)")
+    ax.set_title("CIFAR-10 (JPEG copy): base classifiers under Gaussian noise")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(out, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
 LABELS = {"ascent": "paper's ascent", "grid": "surrogate grid", "certified": "certified selector"}
 
 
@@ -380,7 +428,7 @@ def main(argv=None) -> None:
         choices = step_select(args)
         log_time(args, "select", "validation", time.perf_counter() - started)
         print(f"choices: {json.dumps(choices['chosen'])}", flush=True)
-    if {"certify", "report"} & set(steps):
+    if {"certify", "noise", "report"} & set(steps):
         choices = choices or json.loads((Path(args.out) / "choices.json").read_text())
         test_set = get_dataset("cifar10", "test", args.data_root, augment=False)
     if "certify" in steps:
@@ -390,6 +438,8 @@ def main(argv=None) -> None:
         for stem, name, selector, spread in dd_rows(args, choices):
             timed(args, "sigma+certify", stem, step_dd_certify, args, stem, name, selector,
                   spread, test_set)
+    if "noise" in steps:
+        timed(args, "noise", "accuracy under noise", step_noise_accuracy, args, choices, test_set)
     if "report" in steps:
         step_report(args, choices)
 

@@ -343,3 +343,33 @@ def test_help_shows_defaults_and_every_option_has_help(command, capsys):
     sub = next(a for a in parser._actions if isinstance(a, type(parser._subparsers._actions[-1])))
     for action in sub.choices[command]._actions:
         assert action.help, f"{command} {action.option_strings} has no help"
+
+
+def test_counts_file_recertifies_at_another_alpha_exactly(checkpoint, tmp_path, capsys):
+    # the counts do not depend on alpha: recomputed radii equal a run at that alpha
+    counts, first = tmp_path / "counts.tsv", tmp_path / "a01.tsv"
+    base = ["--sigma", "0.25", "--max", "12"]
+    assert main(certify_args(checkpoint, first, *base, "--counts", str(counts))) == 0
+    table = read_table(counts)
+    assert table["idx"].tolist() == list(range(12))
+    assert ((table["top1"] >= table["top2"]) & (table["count"] <= table["top1"])).all()
+    assert (table["n"] == 100).all() and (table["n0"] == 20).all()
+    direct = tmp_path / "a1e-4.tsv"
+    args = certify_args(checkpoint, direct, *base)
+    args[args.index("--alpha") + 1] = "0.0001"
+    assert main(args) == 0
+    again = tmp_path / "re.tsv"
+    assert main(["recertify", str(counts), "--alpha", "0.0001", "--out", str(again)]) == 0
+    a, b = read_table(direct), read_table(again)
+    for column in ("idx", "predict", "radius", "correct", "sigma"):
+        assert np.array_equal(a[column], b[column]), column
+    assert not np.array_equal(read_table(first)["radius"], a["radius"])  # alpha mattered
+
+
+def test_counts_cannot_be_added_to_a_run_half_way(checkpoint, tmp_path, capsys):
+    out = tmp_path / "r.tsv"
+    assert main(certify_args(checkpoint, out, "--sigma", "0.25", "--max", "3")) == 0
+    args = certify_args(checkpoint, out, "--sigma", "0.25", "--max", "6", "--counts",
+                        str(tmp_path / "c.tsv"))
+    assert main(args) == 2
+    assert "from the start of a run" in capsys.readouterr().err

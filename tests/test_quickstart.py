@@ -87,6 +87,7 @@ def test_cifar10_study_script_runs_every_step_on_tiny_data(tmp_path):
     table = (out / "table.md").read_text()
     assert "fixed-sigma envelope" in table and "test-time only" in table
     assert (out / "certified_accuracy.png").exists() and (out / "training_sigmas.png").exists()
+    assert len((out / "noise_accuracy.csv").read_text().splitlines()) == 1 + 3 * 9
     before = {row: (test / f"{row}.certify.tsv").read_bytes() for row in rows}
     cifar10_study.main(args)  # everything done: a re-run changes no result
     assert all((test / f"{row}.certify.tsv").read_bytes() == before[row] for row in rows)
