@@ -291,3 +291,49 @@ def test_runs_over_different_inputs_are_flagged_and_common_compares_like_with_li
     assert "50.0%" not in captured.out and captured.out.count("100.0%") >= 2
     assert main(["report", str(a), str(a), "--radii", "0.5"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_plots_are_world_readable_and_take_a_title_and_sigma0(tmp_path, capsys):
+    import os
+    import stat
+
+    run = tmp_path / "dd.tsv"
+    lines = ["idx\tlabel\tpredict\tradius\tcorrect\tsigma\ttime"]
+    lines += [f"{i}\t1\t1\t0.4\t1\t{0.2 + 0.01 * i}\t0.1" for i in range(8)]
+    run.write_text("\n".join(lines) + "\n")
+    plot, hist = tmp_path / "curves.png", tmp_path / "sigmas.png"
+    old = os.umask(0o022)
+    try:
+        assert main(["report", str(run), "--plot", str(plot), "--title", "My title",
+                     "--sigma-plot", str(hist), "--sigma0", "0.25"]) == 0
+    finally:
+        os.umask(old)
+    for png in (plot, hist):
+        assert stat.S_IMODE(png.stat().st_mode) == 0o644, png  # like the TSVs, not 0600
+    assert not list(tmp_path.glob(".*.png"))  # no temporary file left
+
+
+def test_sigma_histogram_marks_sigma0_and_counts_in_whole_inputs(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from ddrs import report
+
+    seen = {}
+    real_save = report._save_atomically
+
+    def capture(fig, path):
+        ax = fig.axes[0]
+        seen["ticks"] = [t for t in ax.get_yticks() if t >= 0]
+        seen["labels"] = [t.get_text() for t in ax.get_legend().get_texts()]
+        real_save(fig, path)
+
+    monkeypatch.setattr(report, "_save_atomically", capture)
+    run = tmp_path / "dd.tsv"
+    lines = ["idx\tlabel\tpredict\tradius\tcorrect\tsigma\ttime"]
+    lines += [f"{i}\t1\t1\t0.4\t1\t{0.2 + 0.1 * (i % 3)}\t0.1" for i in range(5)]
+    run.write_text("\n".join(lines) + "\n")
+    runs = report.load_runs([run])
+    assert report.plot_sigma_histogram(runs, tmp_path / "h.png", sigma0=0.25)
+    assert all(float(t).is_integer() for t in seen["ticks"])
+    assert any("sigma0 = 0.25" in label for label in seen["labels"])
+    plt.close("all")
