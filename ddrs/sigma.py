@@ -30,13 +30,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.stats import beta, norm
 from torch import Tensor, nn
 
 from ddrs.errors import InputError
 from ddrs.sampling import STREAM_SIGMA_SEARCH, block_seed, eval_mode, model_device
 from ddrs.smooth import check_inputs
-from ddrs.stats import check_alpha
+from ddrs.stats import check_alpha, predicted_certified_radius
 
 
 def _is_int(value) -> bool:
@@ -260,23 +259,6 @@ def grid_sigma_search(
             chosen = candidates.gather(1, best).squeeze(1)
             parts.append(SigmaSearch(chosen, scores[:, 0], scores.gather(1, best).squeeze(1)))
     return _joined(parts)
-
-
-def predicted_certified_radius(frequency, sigma, n: int, alpha: float) -> np.ndarray:
-    """The radius CERTIFY would return if the top class got `frequency` of its N votes.
-
-        pA_lower = Beta^-1(alpha; f N, N (1 - f) + 1)     (Clopper-Pearson, f N votes of N)
-        R        = sigma * Phi^-1(pA_lower)  if pA_lower >= 1/2,  else 0 (CERTIFY abstains)
-
-    f N need not be an integer (the beta quantile is continuous in it); f = 0 gives 0.
-    Arrays broadcast; pixel units like sigma.
-    """
-    f = np.asarray(frequency, dtype=np.float64)
-    s = np.asarray(sigma, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p_lower = beta.ppf(alpha, f * n, n * (1.0 - f) + 1.0)
-    p_lower = np.where(f > 0, p_lower, 0.0)
-    return np.where(p_lower >= 0.5, s * norm.ppf(np.maximum(p_lower, 0.5)), 0.0)
 
 
 def _candidates(sigma0: Tensor, grid: int, spread, sigma_range) -> Tensor:

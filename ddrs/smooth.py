@@ -19,6 +19,7 @@ from ddrs.errors import InputError
 from ddrs.models import is_convolutional
 from ddrs.sampling import (
     STREAM_ESTIMATION,
+    STREAM_PILOT,
     STREAM_PREDICTION,
     STREAM_SELECTION,
     auto_batch_size,
@@ -27,6 +28,7 @@ from ddrs.sampling import (
 from ddrs.stats import (
     check_alpha,
     clopper_pearson_lower,
+    input_specific_sample_size,
     radius_from_p_lower,
     two_sided_binomial_pvalue,
 )
@@ -178,6 +180,63 @@ class Smooth:
             certificate_from_counts(int(cA[i]), int(nA[i]), n, alpha, float(sigma[i]), top2[i])
             for i in range(x.shape[0])
         ]
+
+    def certify_batch_adaptive(
+        self,
+        x: Tensor,
+        sigma: Tensor | float,
+        n0: int,
+        n: int,
+        alpha: float,
+        pilot: int,
+        tolerance: float,
+        batch: int | None = None,
+        keys: Sequence[int] | None = None,
+    ) -> list[Certificate]:
+        """CERTIFY with an input-specific number of estimation samples (at most n).
+
+        After selecting cA on n0 samples, a pilot of `pilot` samples from its own noise
+        stream estimates cA's frequency; each input then gets the smallest N on the ladder
+        n, n/2, n/4, ... whose predicted radius is within `tolerance` of the one predicted at
+        n (`stats.input_specific_sample_size`), or abstains at once when the pilot predicts
+        an abstention at n. The estimation uses N fresh samples, independent of the pilot
+        and the selection, so the guarantee is CERTIFY's: with probability >= 1 - alpha per
+        input, the returned class is g's on the whole ball. `Certificate.n` is each N.
+        """
+        sigma = check_inputs(x, sigma)
+        n0, n, pilot = _check_count("n0", n0), _check_count("n", n), _check_count("pilot", pilot)
+        alpha = check_alpha(alpha)
+        if not (tolerance >= 0 and tolerance < float("inf")):
+            raise InputError(f"radius tolerance must be finite and >= 0, got {tolerance!r}")
+        batch = self._batch(batch, x)
+        keys = self._keys(x.shape[0], keys)
+        cA = self._counts(x, sigma, n0, batch, STREAM_SELECTION, keys).argmax(dim=1)
+        pilot_counts = self._counts(x, sigma, pilot, batch, STREAM_PILOT, keys)
+        frequency = (pilot_counts.gather(1, cA[:, None]).squeeze(1) / pilot).tolist()
+        sizes = [
+            input_specific_sample_size(f, float(s), n, alpha, tolerance)
+            for f, s in zip(frequency, sigma.tolist())
+        ]
+        certificates: list[Certificate | None] = [None] * x.shape[0]
+        for size in sorted(set(sizes)):
+            rows = [i for i, m in enumerate(sizes) if m == size]
+            if size == 0:  # the pilot predicts an abstention: no estimation samples spent
+                for i in rows:
+                    certificates[i] = Certificate(
+                        ABSTAIN, 0.0, 0.0, 0, 0, float(sigma[i]), int(cA[i])
+                    )
+                continue
+            group = torch.tensor(rows)
+            counts = self._counts(
+                x[group], sigma[group], size, batch, STREAM_ESTIMATION, [keys[i] for i in rows]
+            )
+            top2 = counts.topk(2, dim=1).values.tolist()
+            for k, i in enumerate(rows):
+                nA = int(counts[k, cA[i]])
+                certificates[i] = certificate_from_counts(
+                    int(cA[i]), nA, size, alpha, float(sigma[i]), top2[k]
+                )
+        return certificates
 
     def certify(
         self,

@@ -54,3 +54,43 @@ def two_sided_binomial_pvalue(count_a: int, count_b: int) -> float:
 def radius_from_p_lower(p_lower, sigma):
     """Certified L2 radius sigma * Phi^-1(pA_lower) (Cohen et al., Theorem 1 with pB = 1 - pA)."""
     return sigma * norm.ppf(p_lower)
+
+
+def predicted_certified_radius(frequency, sigma, n: int, alpha: float) -> np.ndarray:
+    """The radius CERTIFY would return if the top class got `frequency` of its N votes.
+
+        pA_lower = Beta^-1(alpha; f N, N (1 - f) + 1)     (Clopper-Pearson, f N votes of N)
+        R        = sigma * Phi^-1(pA_lower)  if pA_lower >= 1/2,  else 0 (CERTIFY abstains)
+
+    f N need not be an integer (the beta quantile is continuous in it); f = 0 gives 0.
+    Arrays broadcast; pixel units like sigma.
+    """
+    f = np.asarray(frequency, dtype=np.float64)
+    s = np.asarray(sigma, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p_lower = beta.ppf(alpha, f * n, n * (1.0 - f) + 1.0)
+    p_lower = np.where(f > 0, p_lower, 0.0)
+    return np.where(p_lower >= 0.5, s * norm.ppf(np.maximum(p_lower, 0.5)), 0.0)
+
+
+def input_specific_sample_size(
+    frequency: float, sigma: float, n: int, alpha: float, tolerance: float, n_min: int = 100
+) -> int:
+    """How many estimation samples an input needs (Chen et al., AAAI 2022, in spirit).
+
+    With `frequency` the selected class's share of an independent pilot, the radius CERTIFY
+    is predicted to give at size m is `predicted_certified_radius(frequency, sigma, m, alpha)`.
+    Returns the smallest m on the ladder n, n/2, n/4, ... (not below n_min) whose predicted
+    radius is within `tolerance` of the one predicted at n; 0 when the prediction at n is to
+    abstain (the input is not worth sampling).
+    """
+    full = float(predicted_certified_radius(frequency, sigma, n, alpha))
+    if full <= 0:
+        return 0
+    best, m = n, n
+    while m // 2 >= n_min:
+        m //= 2
+        if float(predicted_certified_radius(frequency, sigma, m, alpha)) < full - tolerance:
+            break
+        best = m
+    return best

@@ -13,11 +13,10 @@ from ddrs.sigma import (
     certified_sigma_search,
     grid_sigma_search,
     optimize_sigma,
-    predicted_certified_radius,
     sigma_search,
     surrogate_radius,
 )
-from ddrs.stats import clopper_pearson_lower
+from ddrs.stats import clopper_pearson_lower, predicted_certified_radius
 
 
 def _confident_linear(margin: float) -> tuple[LinearBinary, torch.Tensor]:

@@ -94,3 +94,46 @@ def test_predict_returns_the_smoothed_class_or_abstains(linear_model):
     near = p_true < 0.53
     if near.sum() >= 10:
         assert np.mean([a == ABSTAIN for a, f in zip(answers, near) if f]) > 0.5
+
+
+# -- input-specific sample size --------------------------------------------------------------
+
+
+def test_input_specific_sample_size_ladder():
+    from ddrs.stats import input_specific_sample_size as size
+
+    assert size(0.5, 0.25, 10_000, 0.001, 0.01) == 0  # predicted to abstain: no samples
+    assert size(0.999, 0.25, 10_000, 0.001, 0.0) == 10_000  # no tolerance: the full N
+    sizes = [size(0.95, 0.25, 100_000, 0.001, t) for t in (0.0, 0.005, 0.02, 0.1, 10.0)]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] == 100_000
+    assert sizes[-1] == 100_000 // 2**9  # the ladder stops at n_min = 100: 195
+    # the chosen size's predicted radius is within the tolerance of the full one
+    from ddrs.stats import predicted_certified_radius as radius
+
+    m = size(0.95, 0.25, 100_000, 0.001, 0.02)
+    assert radius(0.95, 0.25, m, 0.001) >= radius(0.95, 0.25, 100_000, 0.001) - 0.02
+    assert radius(0.95, 0.25, m // 2, 0.001) < radius(0.95, 0.25, 100_000, 0.001) - 0.02
+
+
+def test_adaptive_certificates_keep_the_guarantee_and_save_samples(linear_model):
+    """The same guarantee as CERTIFY on the closed-form linear classifier, with fewer samples:
+    the pilot that picks each input's N is independent of the estimation samples."""
+    alpha, sigma, count, n = 0.05, 0.25, 400, 2000
+    x = _inputs(count, 3)
+    margin = linear_model.margin(x)
+    true_class = (margin > 0).long()
+    smooth = Smooth(linear_model, 2, seed=11)
+    certs = smooth.certify_batch_adaptive(x, sigma, n0=50, n=n, alpha=alpha, pilot=200,
+                                          tolerance=0.02, keys=list(range(count)))
+    violations = sum(
+        c.predict != ABSTAIN and (c.predict != int(t) or c.radius > abs(float(m)))
+        for c, t, m in zip(certs, true_class, margin)
+    )
+    assert violations <= binom.ppf(1 - 1e-4, count, alpha)
+    used = np.array([c.n for c in certs])
+    assert used.max() <= n and used.mean() < 0.6 * n  # samples saved
+    full = smooth.certify_batch(x, sigma, n0=50, n=n, alpha=alpha, keys=list(range(count)))
+    ratio = [a.radius / b.radius for a, b in zip(certs, full) if a.radius > 0 and b.radius > 0]
+    assert len(ratio) > count / 4 and np.median(ratio) > 0.9  # radii close to the full N's
+    early = [c for c in certs if c.n == 0]
+    assert all(c.predict == ABSTAIN for c in early)
