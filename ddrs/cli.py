@@ -183,6 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="results TSV (resumed if it exists)")
     p.add_argument(
+        "--pilot",
+        type=int,
+        default=0,
+        help="input-specific N: a pilot of this many samples picks each input's N (at most "
+        "--n) within --radius-tolerance of the radius predicted at --n; 0: off",
+    )
+    p.add_argument(
+        "--radius-tolerance",
+        type=float,
+        default=0.01,
+        help="with --pilot: the predicted radius an input may lose to a smaller N",
+    )
+    p.add_argument(
         "--counts",
         help="also write each input's vote counts here (selected class, its count, top two "
         "counts, N, N0, sigma, seed), for `ddrs recertify` at another alpha",

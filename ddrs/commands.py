@@ -142,6 +142,8 @@ def cmd_certify(args) -> None:
     model, dataset = load_model_and_data(args)
     settings, options = _smoothing_run(args, model)
     settings.update(n0=args.n0, memory=args.memory)
+    if args.pilot:
+        settings.update(pilot=args.pilot, radius_tolerance=args.radius_tolerance)
     check_sigmas_cover(options["selection"].indices(len(dataset)), options["sigmas"])
     memory = None
     if args.memory and not Path(args.memory).exists() and has_rows(args.out):
@@ -163,6 +165,8 @@ def cmd_certify(args) -> None:
             memory=memory,
             settings=settings,
             counts=args.counts,
+            pilot=args.pilot,
+            tolerance=args.radius_tolerance,
             **options,
         )
     finally:

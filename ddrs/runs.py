@@ -242,6 +242,8 @@ def certify_dataset(
     amp: str | None = None,
     compile: bool = False,
     counts: str | None = None,
+    pilot: int = 0,
+    tolerance: float = 0.01,
 ) -> str:
     """CERTIFY every selected input (fixed `sigma`, or per-input `sigmas` by dataset index).
 
@@ -249,12 +251,19 @@ def certify_dataset(
     both the Monte Carlo certificate (mc_predict, mc_radius) and the resolved answer.
     `batch` None: automatic; `amp`, `compile`: see `Smooth`. `counts`: also write each
     input's vote counts there (COUNTS_COLUMNS), from which `recertify` recomputes the Monte
-    Carlo certificate at another alpha without sampling again.
+    Carlo certificate at another alpha without sampling again. `pilot` > 0: input-specific
+    sample sizes (`Smooth.certify_batch_adaptive`, radius `tolerance`); each row's N is in
+    the counts file.
     """
     if (sigma is None) == (sigmas is None):
         raise InputError("give exactly one of a fixed sigma or a per-input sigmas file")
     check_run_args(n=n, alpha=alpha, n0=n0, batch=batch, selection=selection, sigma=sigma)
     check_sigmas_cover(selection.indices(len(dataset)), sigmas)
+    if pilot and not (_is_count(pilot) and math.isfinite(tolerance) and tolerance >= 0):
+        raise InputError(
+            f"--pilot must be a positive integer and --radius-tolerance finite and >= 0, got "
+            f"{pilot!r} and {tolerance!r}"
+        )
     if counts is not None and has_rows(out) and not has_rows(counts):
         raise ResultsFileError(
             f"{out} already has rows and {counts} has none: --counts must be given from the "
@@ -278,7 +287,14 @@ def certify_dataset(
             x, labels = _stack(dataset, group)
             group_sigma = _sigmas_for(group, sigma, sigmas)
             t0 = time.perf_counter()
-            certificates = smooth.certify_batch(x, group_sigma, n0, n, alpha, batch, keys=group)
+            if pilot:
+                certificates = smooth.certify_batch_adaptive(
+                    x, group_sigma, n0, n, alpha, pilot, tolerance, batch, keys=group
+                )
+            else:
+                certificates = smooth.certify_batch(
+                    x, group_sigma, n0, n, alpha, batch, keys=group
+                )
             elapsed = (time.perf_counter() - t0) / len(group)
             for i, idx in enumerate(group):
                 cert = certificates[i]
@@ -307,7 +323,7 @@ def certify_dataset(
                 writer.write(row)
                 if on_row:
                     on_row(row)
-            samples += len(group) * (n0 + n)
+            samples += sum(n0 + pilot + c.n for c in certificates)
             bar.update(len(group))
             rate = samples / (time.perf_counter() - start)
             bar.set_postfix(samples_s=f"{rate:,.0f}")

@@ -54,9 +54,12 @@ def certificate_from_counts(
     cA: int, nA: int, n: int, alpha: float, sigma: float, top2=(0, 0)
 ) -> Certificate:
     """CERTIFY's last lines: from the selected class cA and its nA of n estimation votes, the
-    class (or ABSTAIN) and radius sigma * Phi^-1(pABar). Used by `recertify` on saved counts."""
-    pABar = float(clopper_pearson_lower(nA, n, alpha))
+    class (or ABSTAIN) and radius sigma * Phi^-1(pABar). Used by `recertify` on saved counts.
+    n = 0 (an input-specific run that abstained on its pilot) abstains."""
     top2 = (int(top2[0]), int(top2[1]))
+    if n == 0:
+        return Certificate(ABSTAIN, 0.0, 0.0, 0, 0, sigma, cA, top2)
+    pABar = float(clopper_pearson_lower(nA, n, alpha))
     if pABar < 0.5:
         return Certificate(ABSTAIN, 0.0, pABar, nA, n, sigma, cA, top2)
     radius = float(radius_from_p_lower(pABar, sigma))
@@ -222,9 +225,8 @@ class Smooth:
             rows = [i for i, m in enumerate(sizes) if m == size]
             if size == 0:  # the pilot predicts an abstention: no estimation samples spent
                 for i in rows:
-                    certificates[i] = Certificate(
-                        ABSTAIN, 0.0, 0.0, 0, 0, float(sigma[i]), int(cA[i])
-                    )
+                    s_i = float(sigma[i])
+                    certificates[i] = certificate_from_counts(int(cA[i]), 0, 0, alpha, s_i)
                 continue
             group = torch.tensor(rows)
             counts = self._counts(

@@ -373,3 +373,18 @@ def test_counts_cannot_be_added_to_a_run_half_way(checkpoint, tmp_path, capsys):
                         str(tmp_path / "c.tsv"))
     assert main(args) == 2
     assert "from the start of a run" in capsys.readouterr().err
+
+
+def test_input_specific_sample_size_from_the_command_line(checkpoint, tmp_path, capsys):
+    out, counts = tmp_path / "r.tsv", tmp_path / "c.tsv"
+    args = certify_args(checkpoint, out, "--sigma", "0.25", "--max", "12", "--pilot", "50",
+                        "--radius-tolerance", "0.05", "--counts", str(counts))
+    args[args.index("--n") + 1] = "800"
+    assert main(args) == 0
+    used = read_table(counts)["n"]
+    assert (used <= 800).all() and used.min() < 800  # some inputs needed fewer samples
+    assert main(["recertify", str(counts), "--alpha", "0.01", "--out",
+                 str(tmp_path / "re.tsv")]) == 0  # each row recomputed at its own N
+    assert np.array_equal(read_table(tmp_path / "re.tsv")["radius"], read_table(out)["radius"])
+    bad = certify_args(checkpoint, tmp_path / "x.tsv", "--sigma", "0.25", "--pilot", "-3")
+    assert main(bad) == 2
