@@ -59,7 +59,7 @@ from ddrs.train.loop import TrainConfig, train, training_subset
 STEPS = ("train", "select", "certify", "noise", "report")
 NOISE_SIGMAS = (0.06, 0.09, 0.12, 0.18, 0.25, 0.35, 0.5, 0.71, 1.0)
 RADII = [0.0, 0.25, 0.5, 0.75, 1.0]
-SELECTORS = ("ascent", "grid", "certified")
+SELECTORS = ("certified", "ascent", "grid")  # in the order they are certified
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -312,7 +312,7 @@ def dd_rows(args, choices: dict) -> list[tuple[str, str, str, tuple]]:
     dd = dd_name(args, choices["chosen"]["dd_lr"])
     fixed = fixed_name(args, args.sigma0)
     rows = [(f"{dd}.{s}", dd, s, tuple(choices["chosen"][dd])) for s in SELECTORS]
-    rows.append((f"{fixed}.certified", fixed, "certified", tuple(choices["chosen"][fixed])))
+    rows.insert(1, (f"{fixed}.certified", fixed, "certified", tuple(choices["chosen"][fixed])))
     return rows
 
 
