@@ -134,7 +134,9 @@ def log_time(args, step: str, name: str, seconds: float) -> None:
         writer = csv.writer(f)
         if new:
             writer.writerow(["step", "run", "seconds", "device", "finished"])
-        device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+        device = args.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         writer.writerow([step, name, f"{seconds:.1f}", device, time.strftime("%F %T")])
 
 
@@ -379,8 +381,11 @@ def step_report(args, choices: dict) -> None:
     fixed = [(f"fixed sigma={s:g}", folder / f"{fixed_name(args, s)}.certify.tsv")
              for s in floats(args.fixed_sigmas)]
     per_input = []
-    for stem, name, selector, _ in dd_rows(args, choices):
-        kind = "test-time only" if "fixed" in name else "dd-trained"
+    order = {"ascent": 0, "grid": 1, "certified": 2}
+    rows = sorted(dd_rows(args, choices), key=lambda r: ("fixed" in r[1], order[r[2]]))
+    for stem, name, selector, _ in rows:
+        kind = (f"fixed {args.sigma0:g} model" if "fixed" in name
+                else f"dd-trained (dd-lr {choices['chosen']['dd_lr']:g})")
         per_input.append((f"{kind}, {LABELS[selector]}", folder / f"{stem}.certify.tsv"))
     fixed = [(label, p) for label, p in fixed if p.exists()]
     per_input = [(label, p) for label, p in per_input if p.exists()]

@@ -85,7 +85,7 @@ def test_cifar10_study_script_runs_every_step_on_tiny_data(tmp_path):
     assert len(choices["validation_images"]) == 10
     assert set(choices["dd_lr"]) == {"0.01", "0.0001"}
     table = (out / "table.md").read_text()
-    assert "fixed-sigma envelope" in table and "test-time only" in table
+    assert "fixed-sigma envelope" in table and "fixed 0.25 model, certified selector" in table
     assert (out / "certified_accuracy.png").exists() and (out / "training_sigmas.png").exists()
     assert len((out / "noise_accuracy.csv").read_text().splitlines()) == 1 + 3 * 9
     before = {row: (test / f"{row}.certify.tsv").read_bytes() for row in rows}
