@@ -23,7 +23,7 @@ Every step writes under --out and is skipped or resumed when re-run (--steps pic
 
     python experiments/cifar10_study.py --data-root data/cifar10 --out runs/cifar10_study
 
-The paper's scale is a matter of flags (--arch cifar_resnet18 --epochs 200 --train-subset 0
+The paper's scale is a matter of flags (--arch cifar_resnet18 --epochs 200 --train-subset 45000
 --dd-lrs 1e-4 --dd-iterations 10 --dd-samples 64 --n 100000 --skip 1).
 """
 
