@@ -16,13 +16,12 @@ from ddrs.errors import CheckpointError, InputError, ResultsFileError
 from ddrs.memory import CertificationMemory
 from ddrs.models import load_checkpoint, load_user_model, model_fingerprint
 from ddrs.report import summary_line
-from ddrs.results import MEMORY_COLUMNS, ResultsWriter, read_sigmas, read_table
+from ddrs.results import MEMORY_COLUMNS, ResultsWriter, read_sigmas, read_table, row_count
 from ddrs.runs import (
     Selection,
     certify_dataset,
     check_run_args,
     check_sigmas_cover,
-    has_rows,
     predict_dataset,
     sigma_dataset,
 )
@@ -146,7 +145,7 @@ def cmd_certify(args) -> None:
         settings.update(pilot=args.pilot, radius_tolerance=args.radius_tolerance)
     check_sigmas_cover(options["selection"].indices(len(dataset)), options["sigmas"])
     memory = None
-    if args.memory and not Path(args.memory).exists() and has_rows(args.out):
+    if args.memory and not Path(args.memory).exists() and row_count(args.out):
         raise ResultsFileError(
             f"cannot resume {args.out}: its rows were resolved against a memory, and "
             f"{args.memory} does not exist; restore that memory, or start both afresh"

@@ -25,7 +25,7 @@ from ddrs.report import (
     plot_sigma_histogram,
     run_summary,
 )
-from ddrs.results import read_sigmas
+from ddrs.results import read_sigmas, row_count
 from ddrs.runs import Selection, certify_dataset, sigma_dataset
 from ddrs.train.loop import TrainConfig, train
 
@@ -85,9 +85,9 @@ def _train(
 
 def _already(path: Path, count: int) -> str:
     """' (already done)' when a results file holds all `count` rows (a re-run resumes)."""
-    if not path.is_file():
+    rows = row_count(path)
+    if not rows:
         return ""
-    rows = sum(1 for line in path.read_text().splitlines() if line.strip()) - 1
     return " (already done)" if rows >= count else f" (resuming after {rows} of {count})"
 
 

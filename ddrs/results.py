@@ -116,6 +116,14 @@ def read_table(path: str | os.PathLike, required=("idx",)) -> dict[str, np.ndarr
     return table
 
 
+def row_count(path: str | os.PathLike | None) -> int:
+    """Rows after the header of a results file (0 when there is no such file)."""
+    if path is None or not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        return max(0, sum(1 for line in f if line.strip()) - 1)
+
+
 def read_sigmas(path: str | os.PathLike) -> dict[int, float]:
     """{dataset index: sigma} from any TSV with `idx` and `sigma` columns."""
     table = read_table(path, required=("idx", "sigma"))

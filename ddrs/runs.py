@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ from ddrs.results import (
     SIGMA_COLUMNS,
     ResultsWriter,
     read_table,
+    row_count,
 )
 from ddrs.sampling import CPU_BATCH, auto_batch_size
 from ddrs.sigma import SEARCHES, check_search_options
@@ -84,14 +84,6 @@ def check_sigmas_cover(indices: list[int], sigmas: dict[int, float] | None) -> N
             f"the {len(indices)} selected inputs missing); run `ddrs sigma` with the same "
             "--skip/--max"
         )
-
-
-def has_rows(path: str | None) -> bool:
-    """Whether a results file exists with at least one row after its header."""
-    if path is None or not os.path.isfile(path):
-        return False
-    with open(path) as f:
-        return sum(1 for line in f if line.strip()) > 1
 
 
 def _counts_row(idx: int, label: int, cert, n0: int, seed: int) -> dict:
@@ -264,7 +256,7 @@ def certify_dataset(
             f"--pilot must be a positive integer and --radius-tolerance finite and >= 0, got "
             f"{pilot!r} and {tolerance!r}"
         )
-    if counts is not None and has_rows(out) and not has_rows(counts):
+    if counts is not None and row_count(out) and not row_count(counts):
         raise ResultsFileError(
             f"{out} already has rows and {counts} has none: --counts must be given from the "
             "start of a run (or choose another --out)"
