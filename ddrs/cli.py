@@ -34,7 +34,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", choices=["train", "test"], help="dataset split")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--skip", type=int, default=1, help="use every SKIP-th input (Cohen's --skip)")
-    p.add_argument("--max", type=int, default=-1, help="stop before this dataset index (-1: all)")
+    p.add_argument(
+        "--max",
+        "--max-index",
+        type=int,
+        default=-1,
+        help="stop before this dataset index (-1: all); --max-index under torchrun",
+    )
     p.add_argument(
         "--batch",
         type=int,
@@ -43,6 +49,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of all Monte Carlo noise")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_shard_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        help="split the inputs over this many worker processes (one device each); the part "
+        "files are merged into --out in index order, equal to a one-process run",
+    )
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -173,11 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_sigma_source(p)
     p.add_argument("--n0", type=int, default=CERTIFY_DEFAULTS["n0"], help="selection samples")
-    p.add_argument("--n", type=int, default=CERTIFY_DEFAULTS["n"], help="estimation samples")
+    p.add_argument(
+        "--n",
+        "--num-samples",
+        type=int,
+        default=CERTIFY_DEFAULTS["n"],
+        help="estimation samples (--num-samples under torchrun)",
+    )
     p.add_argument(
         "--alpha", type=float, default=CERTIFY_DEFAULTS["alpha"], help="failure probability"
     )
     add_engine_args(p)
+    add_shard_args(p)
     p.add_argument(
         "--memory", help="SQLite certification memory: resolve answers online in index order"
     )
@@ -212,8 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_sigma_source(p)
     add_engine_args(p)
+    add_shard_args(p)
     p.add_argument(
-        "--n", type=int, default=CERTIFY_DEFAULTS["n"], help="noise samples per input"
+        "--n",
+        "--num-samples",
+        type=int,
+        default=CERTIFY_DEFAULTS["n"],
+        help="noise samples per input (--num-samples under torchrun)",
     )
     p.add_argument(
         "--alpha",
@@ -232,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         "grid scores candidates by that surrogate.",
     )
     add_model_args(p)
+    add_shard_args(p)
     p.add_argument(
         "--sigma0", type=float, required=True, help="centre of the candidates / ascent start"
     )
@@ -259,9 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--n",
+        "--num-samples",
         type=int,
         default=CERTIFY_DEFAULTS["n"],
-        help="certified: the N of the certification that follows",
+        help="certified: the N of the certification that follows (--num-samples under torchrun)",
     )
     p.add_argument(
         "--alpha",
@@ -331,13 +361,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what sharded workers are started with
     from ddrs import commands
 
     try:
         return commands.run(args) or 0
     except DDRSError as error:
-        print(f"ddrs: error: {error}", file=sys.stderr)
+        if not getattr(error, "quiet", False):  # a sharded run's other ranks stay quiet
+            print(f"ddrs: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

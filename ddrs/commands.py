@@ -25,9 +25,12 @@ from ddrs.runs import (
     predict_dataset,
     sigma_dataset,
 )
+from ddrs.shard import current_shard, in_worker, launch, worker_device
+from ddrs.sigma import check_search_options
 
 
 def _device(name: str) -> torch.device:
+    name = worker_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -136,7 +139,15 @@ def _check_run_flags(args, n0: int | None = None) -> None:
     )
 
 
-def cmd_certify(args) -> None:
+def _launches_workers(args) -> bool:
+    """`--nproc-per-node K` > 1 outside a worker: this process only starts the workers."""
+    if args.nproc_per_node < 1:
+        raise InputError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+    return args.nproc_per_node > 1 and not in_worker()
+
+
+def _certify_plan(args):
+    """Everything cmd_certify checks before it writes: the model, data, settings, options."""
     _check_run_flags(args, n0=args.n0)
     model, dataset = load_model_and_data(args)
     settings, options = _smoothing_run(args, model)
@@ -144,13 +155,22 @@ def cmd_certify(args) -> None:
     if args.pilot:
         settings.update(pilot=args.pilot, radius_tolerance=args.radius_tolerance)
     check_sigmas_cover(options["selection"].indices(len(dataset)), options["sigmas"])
-    memory = None
     if args.memory and not Path(args.memory).exists() and row_count(args.out):
         raise ResultsFileError(
             f"cannot resume {args.out}: its rows were resolved against a memory, and "
             f"{args.memory} does not exist; restore that memory, or start both afresh"
         )
-    if args.memory:
+    return model, dataset, settings, options
+
+
+def cmd_certify(args) -> int | None:
+    if _launches_workers(args):
+        _certify_plan(args)
+        return launch(args.argv, args.nproc_per_node)
+    model, dataset, settings, options = _certify_plan(args)
+    shard = current_shard()
+    memory = None
+    if args.memory and shard.is_main:
         if Path(args.memory).is_file() and Path(args.memory).stat().st_size == 0:
             print(f"note: {args.memory} is an empty file; starting a new memory in it")
         fingerprint = memory_fingerprint(model, args.dataset, dataset.info.input_shape)
@@ -166,25 +186,35 @@ def cmd_certify(args) -> None:
             counts=args.counts,
             pilot=args.pilot,
             tolerance=args.radius_tolerance,
+            shard=shard,
             **options,
         )
     finally:
         if memory is not None:
             memory.close()
-    print(summary_line(args.out))
-    print(f"results: {args.out}")
+    if shard.is_main:
+        print(summary_line(args.out))
+        print(f"results: {args.out}")
+    return None
 
 
-def cmd_predict(args) -> None:
+def cmd_predict(args) -> int | None:
     _check_run_flags(args)
     model, dataset = load_model_and_data(args)
     settings, options = _smoothing_run(args, model)
-    predict_dataset(model, dataset, args.out, settings=settings, **options)
+    if _launches_workers(args):
+        check_sigmas_cover(options["selection"].indices(len(dataset)), options["sigmas"])
+        return launch(args.argv, args.nproc_per_node)
+    shard = current_shard()
+    predict_dataset(model, dataset, args.out, settings=settings, shard=shard, **options)
+    if not shard.is_main:
+        return None
     table = read_table(args.out, required=("correct", "predict"))
     accuracy = table["correct"].mean() if len(table["idx"]) else float("nan")
     abstain = (table["predict"] == -1).mean() if len(table["idx"]) else float("nan")
     print(f"accuracy {accuracy:.3f}  abstain {abstain:.3f}  ({len(table['idx'])} inputs)")
     print(f"results: {args.out}")
+    return None
 
 
 def sigma_search_options(args) -> dict:
@@ -218,7 +248,7 @@ def sigma_search_options(args) -> dict:
     return options
 
 
-def cmd_sigma(args) -> None:
+def cmd_sigma(args) -> int | None:
     options = sigma_search_options(args)
     model, dataset = load_model_and_data(args)
     settings = {
@@ -227,6 +257,10 @@ def cmd_sigma(args) -> None:
         "search": args.search,
         **options,
     }
+    if _launches_workers(args):
+        check_search_options(args.search, options)
+        return launch(args.argv, args.nproc_per_node)
+    shard = current_shard()
     sigma_dataset(
         model,
         dataset,
@@ -239,13 +273,17 @@ def cmd_sigma(args) -> None:
         seed=args.seed,
         settings=settings,
         progress=not args.no_progress,
+        shard=shard,
     )
+    if not shard.is_main:
+        return None
     s = read_table(args.out, required=("sigma",))["sigma"]
     print(
         f"sigma over {len(s)} inputs: min {s.min():.4f}  median {np.median(s):.4f}  "
         f"max {s.max():.4f}"
     )
     print(f"sigmas: {args.out}")
+    return None
 
 
 def cmd_recertify(args) -> None:

@@ -284,6 +284,8 @@ class CertificationMemory:
         in_ram = self.path == ":memory:" or self.path.startswith("file::memory:")
         if not in_ram and not create and not os.path.exists(self.path):
             raise MemoryStoreError(f"certification memory {self.path!r} does not exist")
+        if not in_ram and create:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._conn = _connect(self.path)
         try:
             self._open(create)

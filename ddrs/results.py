@@ -26,6 +26,11 @@ SIGMA_COLUMNS = ("idx", "sigma", "sigma0", "radius_before", "radius_after", "tim
 REFERENCE_COLUMNS = ("idx", "label", "predict", "radius", "correct")
 # the counts behind each certificate: enough to recompute it at any alpha (`ddrs recertify`)
 COUNTS_COLUMNS = ("idx", "label", "selected", "count", "top1", "top2", "n", "n0", "sigma", "seed")
+# a sharded certify worker's part file: the Monte Carlo certificate and its counts
+CERTIFY_PART_COLUMNS = (
+    "idx", "label", "predict", "radius", "sigma", "time",
+    "selected", "count", "top1", "top2", "n", "n0", "seed",
+)  # fmt: skip
 INTEGER_COLUMNS = {
     "idx", "label", "predict", "correct", "mc_predict",
     "selected", "count", "top1", "top2", "n", "n0", "seed",
@@ -78,8 +83,12 @@ def _parse(column: str, text: str, path, line_no: int):
         ) from None
 
 
-def read_table(path: str | os.PathLike, required=("idx",)) -> dict[str, np.ndarray]:
+def read_table(
+    path: str | os.PathLike, required=("idx",), drop_torn_line: bool = False
+) -> dict[str, np.ndarray]:
     """Read a results TSV into {column: array}; ints for integer columns, floats otherwise.
+    `drop_torn_line`: ignore a last line without its newline (a file being written or one
+    whose writer was killed).
 
     Raises ResultsFileError for a missing file, a missing header or column, a row with the
     wrong number of fields, a non-numeric value, or a repeated idx.
@@ -88,7 +97,10 @@ def read_table(path: str | os.PathLike, required=("idx",)) -> dict[str, np.ndarr
     if not path.is_file():
         raise ResultsFileError(f"results file not found: {path}")
     try:
-        lines = path.read_text().splitlines()
+        data = path.read_bytes()
+        if drop_torn_line:
+            data = data[: data.rfind(b"\n") + 1]
+        lines = data.decode().splitlines()
     except UnicodeDecodeError:
         raise ResultsFileError(f"{path} is not a text TSV file") from None
     lines = [line for line in lines if line.strip() and not line.startswith("#")]
@@ -152,7 +164,7 @@ class ResultsWriter:
         settings = json.loads(json.dumps(settings))  # normalise tuples, paths
         self.done: set[int] = set()
         if self.path.exists() and self.path.stat().st_size > 0:
-            self._check_resumable(settings)
+            self.check_settings(self.path, self.columns, settings)
             size = _complete_prefix(self.path)
             with open(self.path, "r+b") as f:
                 f.truncate(size)
@@ -165,11 +177,15 @@ class ResultsWriter:
             self.file.write("\t".join(self.columns) + "\n")
             self.file.flush()
 
-    def _check_resumable(self, settings: dict) -> None:
-        sidecar = settings_path(self.path)
+    @staticmethod
+    def check_settings(path: Path, columns: tuple[str, ...], settings: dict) -> None:
+        """Refuse to resume `path` unless its sidecar holds `settings` and its header is
+        `columns` (read only)."""
+        path, settings = Path(path), json.loads(json.dumps(settings))
+        sidecar = settings_path(path)
         if not sidecar.exists():
             raise ResultsFileError(
-                f"{self.path} exists but has no {sidecar.name}: refusing to append to a file "
+                f"{path} exists but has no {sidecar.name}: refusing to append to a file "
                 "written by another tool or run; choose another --out"
             )
         try:
@@ -183,15 +199,13 @@ class ResultsWriter:
         ]
         if diffs:
             raise ResultsFileError(
-                f"refusing to append to {self.path}: it was written with other settings "
+                f"refusing to append to {path}: it was written with other settings "
                 f"({'; '.join(diffs)}); use the same settings to resume, or another --out"
             )
-        with open(self.path) as f:
+        with open(path) as f:
             header = f.readline().rstrip("\n").split("\t")
-        if tuple(header) != self.columns:
-            raise ResultsFileError(
-                f"{self.path}: header {header} differs from {list(self.columns)}"
-            )
+        if tuple(header) != tuple(columns):
+            raise ResultsFileError(f"{path}: header {header} differs from {list(tuple(columns))}")
 
     def write(self, row: dict) -> None:
         self.file.write("\t".join(_format(row[c]) for c in self.columns) + "\n")

@@ -11,7 +11,6 @@ import numbers
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ from ddrs.errors import InputError, ResultsFileError
 from ddrs.memory import CertificationMemory
 from ddrs.results import (
     CERTIFY_COLUMNS,
+    CERTIFY_PART_COLUMNS,
     COUNTS_COLUMNS,
     MEMORY_COLUMNS,
     PREDICT_COLUMNS,
@@ -30,7 +30,8 @@ from ddrs.results import (
     read_table,
     row_count,
 )
-from ddrs.sampling import CPU_BATCH, auto_batch_size
+from ddrs.sampling import auto_batch_size
+from ddrs.shard import ONE_PROCESS, Shard, run_sharded
 from ddrs.sigma import SEARCHES, check_search_options
 from ddrs.smooth import Smooth, certificate_from_counts
 from ddrs.stats import check_alpha
@@ -86,14 +87,6 @@ def check_sigmas_cover(indices: list[int], sigmas: dict[int, float] | None) -> N
         )
 
 
-def _counts_row(idx: int, label: int, cert, n0: int, seed: int) -> dict:
-    return {
-        "idx": idx, "label": label, "selected": cert.selected, "count": cert.count,
-        "top1": cert.top2[0], "top2": cert.top2[1], "n": cert.n, "n0": n0,
-        "sigma": cert.sigma, "seed": seed,
-    }  # fmt: skip
-
-
 def recertify(counts: str, out: str, alpha: float, settings: dict | None = None) -> str:
     """CERTIFY's answers recomputed from a counts file at another `alpha`; rows in the certify
     format (`idx label predict radius correct sigma time`, time 0). The counts do not depend
@@ -103,7 +96,10 @@ def recertify(counts: str, out: str, alpha: float, settings: dict | None = None)
     rows = []
     for k in range(len(table["idx"])):
         cert = certificate_from_counts(
-            int(table["selected"][k]), int(table["count"][k]), int(table["n"][k]), alpha,
+            int(table["selected"][k]),
+            int(table["count"][k]),
+            int(table["n"][k]),
+            alpha,
             float(table["sigma"][k]),
         )
         label = int(table["label"][k])
@@ -112,8 +108,9 @@ def recertify(counts: str, out: str, alpha: float, settings: dict | None = None)
             "radius": cert.radius, "correct": int(cert.predict == label),
             "sigma": float(table["sigma"][k]), "time": 0.0,
         })  # fmt: skip
-    with ResultsWriter(out, CERTIFY_COLUMNS, {"recertify": str(counts), "alpha": alpha,
-                                              **(settings or {})}) as writer:
+    with ResultsWriter(
+        out, CERTIFY_COLUMNS, {"recertify": str(counts), "alpha": alpha, **(settings or {})}
+    ) as writer:
         for row in rows:
             if row["idx"] not in writer.done:
                 writer.write(row)
@@ -141,9 +138,13 @@ def _groups(indices: list[int], size: int) -> Iterator[list[int]]:
         yield indices[lo : lo + size]
 
 
+GROUP_BATCHES = 16
+
+
 def _group_size(n: int, batch: int) -> int:
-    """Inputs certified together: enough to fill several forward batches when n is small."""
-    return max(1, min(256, math.ceil(4 * batch / n)))
+    """Inputs certified together: enough for GROUP_BATCHES forward batches when n is small
+    (the engine packs many inputs into one forward pass), one input when n is large."""
+    return max(1, min(256, math.ceil(GROUP_BATCHES * batch / n)))
 
 
 def _stack(dataset, group: list[int]):
@@ -180,8 +181,12 @@ class PlainProgress:
         if now - self.last >= self.interval or (self.done >= self.total > 0):
             self.last = now
             share = self.done / self.total if self.total else 1.0
-            print(f"{self.desc}: {self.done}/{self.total} inputs ({share:.0%}), "
-                  f"{now - self.start:.0f} s{self.postfix}", file=self.stream, flush=True)
+            print(
+                f"{self.desc}: {self.done}/{self.total} inputs ({share:.0%}), "
+                f"{now - self.start:.0f} s{self.postfix}",
+                file=self.stream,
+                flush=True,
+            )
 
     def set_postfix(self, **values) -> None:
         self.postfix = "".join(f", {k.replace('_', '/')} {v}" for k, v in values.items())
@@ -197,9 +202,7 @@ def _progress(total: int, desc: str, enabled: bool):
     """A tqdm bar on a terminal; plain lines now and then in a log or pipe; or nothing."""
     if enabled and not sys.stderr.isatty():
         return PlainProgress(total, desc, PLAIN_PROGRESS_SECONDS)
-    return tqdm(
-        total=total, desc=desc, unit="input", disable=not enabled, dynamic_ncols=True
-    )
+    return tqdm(total=total, desc=desc, unit="input", disable=not enabled, dynamic_ncols=True)
 
 
 def _todo(indices: list[int], writer: ResultsWriter) -> list[int]:
@@ -212,6 +215,75 @@ def _todo(indices: list[int], writer: ResultsWriter) -> list[int]:
             f"{stray[0]}, {len(stray)} in all): resume with its --skip/--max, or another --out"
         )
     return [i for i in indices if i not in writer.done]
+
+
+def _part_row(idx: int, label: int, cert, n0: int, seed: int, elapsed: float) -> dict:
+    """A Monte Carlo certificate with its counts (CERTIFY_PART_COLUMNS)."""
+    return {
+        "idx": idx, "label": label, "predict": cert.predict, "radius": cert.radius,
+        "sigma": cert.sigma, "time": round(elapsed, 4), "selected": cert.selected,
+        "count": cert.count, "top1": cert.top2[0], "top2": cert.top2[1], "n": cert.n,
+        "n0": n0, "seed": seed,
+    }  # fmt: skip
+
+
+class _CertifyResults:
+    """The files of a certify run (results, counts) and its memory: each Monte Carlo
+    certificate becomes a counts row, then, resolved against the memory, a results row."""
+
+    def __init__(self, out, settings, counts, memory, on_row):
+        columns = MEMORY_COLUMNS if memory is not None else CERTIFY_COLUMNS
+        self.memory, self.on_row = memory, on_row
+        self.writer = ResultsWriter(out, columns, settings)
+        self.counts = None
+        try:
+            if memory is not None and self.writer.done:
+                check_results_agree_with_memory(out, memory)
+            if counts:
+                self.counts = ResultsWriter(
+                    counts, COUNTS_COLUMNS, {**settings, "counts_of": str(out)}
+                )
+        except BaseException:
+            self.writer.close()
+            raise
+
+    def add(self, part: dict, x: torch.Tensor) -> None:
+        idx, label = part["idx"], part["label"]
+        if self.counts is not None and idx not in self.counts.done:
+            # before the results row: a kill between the two repeats identical counts
+            self.counts.write({c: part[c] for c in COUNTS_COLUMNS})
+        row = {c: part[c] for c in ("idx", "label", "predict", "radius", "sigma", "time")}
+        if self.memory is not None:
+            resolved = self.memory.resolve_and_store(
+                x, part["predict"], part["radius"], sigma=part["sigma"], idx=idx
+            )
+            row.update(
+                predict=resolved.predict,
+                radius=resolved.radius,
+                mc_predict=part["predict"],
+                mc_radius=part["radius"],
+            )
+        row["correct"] = int(row["predict"] == label)
+        self.writer.write(row)
+        if self.on_row:
+            self.on_row(row)
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.counts is not None:
+            self.counts.close()
+
+
+class _Rate:
+    """Samples per second on a progress bar."""
+
+    def __init__(self, bar):
+        self.bar, self.samples, self.start = bar, 0, time.perf_counter()
+
+    def add(self, inputs: int, samples: int) -> None:
+        self.samples += samples
+        self.bar.update(inputs)
+        self.bar.set_postfix(samples_s=f"{self.samples / (time.perf_counter() - self.start):,.0f}")
 
 
 def certify_dataset(
@@ -236,6 +308,7 @@ def certify_dataset(
     counts: str | None = None,
     pilot: int = 0,
     tolerance: float = 0.01,
+    shard: Shard = ONE_PROCESS,
 ) -> str:
     """CERTIFY every selected input (fixed `sigma`, or per-input `sigmas` by dataset index).
 
@@ -245,12 +318,14 @@ def certify_dataset(
     input's vote counts there (COUNTS_COLUMNS), from which `recertify` recomputes the Monte
     Carlo certificate at another alpha without sampling again. `pilot` > 0: input-specific
     sample sizes (`Smooth.certify_batch_adaptive`, radius `tolerance`); each row's N is in
-    the counts file.
+    the counts file. `shard`: this worker's place in a sharded run (see `ddrs.shard`; only
+    rank 0 needs the memory).
     """
     if (sigma is None) == (sigmas is None):
         raise InputError("give exactly one of a fixed sigma or a per-input sigmas file")
     check_run_args(n=n, alpha=alpha, n0=n0, batch=batch, selection=selection, sigma=sigma)
-    check_sigmas_cover(selection.indices(len(dataset)), sigmas)
+    selected = selection.indices(len(dataset))
+    check_sigmas_cover(selected, sigmas)
     if pilot and not (_is_count(pilot) and math.isfinite(tolerance) and tolerance >= 0):
         raise InputError(
             f"--pilot must be a positive integer and --radius-tolerance finite and >= 0, got "
@@ -262,65 +337,134 @@ def certify_dataset(
             "start of a run (or choose another --out)"
         )
     smooth = Smooth(model, dataset.info.num_classes, seed=seed, amp=amp, compile=compile)
-    columns = MEMORY_COLUMNS if memory is not None else CERTIFY_COLUMNS
-    counts_settings = {**(settings or {}), "counts_of": str(out)}
-    with (
-        ResultsWriter(out, columns, settings or {}) as writer,
-        ResultsWriter(counts, COUNTS_COLUMNS, counts_settings) if counts else nullcontext() as
-        counts_writer,
-    ):
-        if memory is not None and writer.done:
-            check_results_agree_with_memory(out, memory)
-        todo = _todo(selection.indices(len(dataset)), writer)
-        bar = _progress(len(todo), "certify", progress)
-        samples = 0
-        start = time.perf_counter()
-        for group in _groups(todo, _group_size(n, batch or CPU_BATCH)):
-            x, labels = _stack(dataset, group)
-            group_sigma = _sigmas_for(group, sigma, sigmas)
-            t0 = time.perf_counter()
-            if pilot:
-                certificates = smooth.certify_batch_adaptive(
-                    x, group_sigma, n0, n, alpha, pilot, tolerance, batch, keys=group
-                )
-            else:
-                certificates = smooth.certify_batch(
-                    x, group_sigma, n0, n, alpha, batch, keys=group
-                )
-            elapsed = (time.perf_counter() - t0) / len(group)
-            for i, idx in enumerate(group):
-                cert = certificates[i]
-                if counts_writer is not None and idx not in counts_writer.done:
-                    # before the results row: a kill between the two repeats identical counts
-                    counts_writer.write(_counts_row(idx, labels[i], cert, n0, seed))
-                row = {
-                    "idx": idx,
-                    "label": labels[i],
-                    "predict": cert.predict,
-                    "radius": cert.radius,
-                    "sigma": cert.sigma,
-                    "time": round(elapsed, 4),
-                }
-                if memory is not None:
-                    resolved = memory.resolve_and_store(
-                        x[i], cert.predict, cert.radius, sigma=cert.sigma, idx=idx
-                    )
-                    row.update(
-                        predict=resolved.predict,
-                        radius=resolved.radius,
-                        mc_predict=cert.predict,
-                        mc_radius=cert.radius,
-                    )
-                row["correct"] = int(row["predict"] == labels[i])
-                writer.write(row)
-                if on_row:
-                    on_row(row)
-            samples += sum(n0 + pilot + c.n for c in certificates)
-            bar.update(len(group))
-            rate = samples / (time.perf_counter() - start)
-            bar.set_postfix(samples_s=f"{rate:,.0f}")
+    group_size = _group_size(n, smooth.batch_size(batch, dataset.info.input_shape))
+    settings = settings or {}
+
+    def certify_group(group: list[int]) -> tuple[list[dict], torch.Tensor]:
+        x, labels = _stack(dataset, group)
+        group_sigma = _sigmas_for(group, sigma, sigmas)
+        t0 = time.perf_counter()
+        if pilot:
+            certificates = smooth.certify_batch_adaptive(
+                x, group_sigma, n0, n, alpha, pilot, tolerance, batch, keys=group
+            )
+        else:
+            certificates = smooth.certify_batch(x, group_sigma, n0, n, alpha, batch, keys=group)
+        elapsed = (time.perf_counter() - t0) / len(group)
+        rows = [
+            _part_row(idx, labels[i], certificates[i], n0, seed, elapsed)
+            for i, idx in enumerate(group)
+        ]
+        return rows, x
+
+    def samples_of(rows: list[dict]) -> int:
+        return sum(n0 + pilot + row["n"] for row in rows)
+
+    if not shard.enabled:
+        results = _CertifyResults(out, settings, counts, memory, on_row)
+        try:
+            todo = _todo(selected, results.writer)
+            bar = _progress(len(todo), "certify", progress)
+            rate = _Rate(bar)
+            for group in _groups(todo, group_size):
+                rows, x = certify_group(group)
+                for row, xi in zip(rows, x):
+                    results.add(row, xi)
+                rate.add(len(group), samples_of(rows))
+            bar.close()
+        finally:
+            results.close()
+        return out
+
+    opened: list[_CertifyResults] = []
+
+    def open_results() -> set[int]:
+        opened.append(_CertifyResults(out, settings, counts, memory, on_row))
+        _todo(selected, opened[0].writer)
+        return opened[0].writer.done
+
+    def compute(share: list[int], emit: Callable[[dict], None]) -> None:
+        bar = _progress(len(share), f"certify, rank 0 of {shard.world}", progress and shard.is_main)
+        rate = _Rate(bar)
+        for group in _groups(share, group_size):
+            rows, _ = certify_group(group)
+            for row in rows:
+                emit(row)
+            rate.add(len(group), samples_of(rows))
         bar.close()
+
+    def merge(row: dict) -> None:
+        opened[0].add(row, dataset[int(row["idx"])][0])
+
+    try:
+        run_sharded(
+            shard,
+            out=out,
+            columns=CERTIFY_PART_COLUMNS,
+            settings=settings,
+            open_results=open_results,
+            selected=selected,
+            compute=compute,
+            merge=merge,
+        )
+    finally:
+        for results in opened:
+            results.close()
     return out
+
+
+def _write_rows(
+    out: str,
+    columns: tuple[str, ...],
+    settings: dict,
+    selected: list[int],
+    group_size: int,
+    rows_of: Callable[[list[int]], list[dict]],
+    desc: str,
+    progress: bool,
+    shard: Shard,
+) -> None:
+    """A run whose rows go to the results file as computed (predict, sigma): in one process,
+    or sharded (part files merged in index order by rank 0)."""
+    if not shard.enabled:
+        with ResultsWriter(out, columns, settings) as writer:
+            todo = _todo(selected, writer)
+            bar = _progress(len(todo), desc, progress)
+            for group in _groups(todo, group_size):
+                for row in rows_of(group):
+                    writer.write(row)
+                bar.update(len(group))
+            bar.close()
+        return
+    writers: list[ResultsWriter] = []
+
+    def open_results() -> set[int]:
+        writers.append(ResultsWriter(out, columns, settings))
+        _todo(selected, writers[0])
+        return writers[0].done
+
+    def compute(share: list[int], emit: Callable[[dict], None]) -> None:
+        bar = _progress(len(share), f"{desc}, rank 0 of {shard.world}", progress and shard.is_main)
+        for group in _groups(share, group_size):
+            for row in rows_of(group):
+                emit(row)
+            bar.update(len(group))
+        bar.close()
+
+    try:
+        run_sharded(
+            shard,
+            out=out,
+            columns=columns,
+            settings=settings,
+            open_results=open_results,
+            selected=selected,
+            compute=compute,
+            merge=lambda row: writers[0].write(row),
+        )
+    finally:
+        for writer in writers:
+            writer.close()
 
 
 def predict_dataset(
@@ -339,35 +483,41 @@ def predict_dataset(
     progress: bool = True,
     amp: str | None = None,
     compile: bool = False,
+    shard: Shard = ONE_PROCESS,
 ) -> str:
     """PREDICT every selected input; rows `idx label predict correct time`."""
     if (sigma is None) == (sigmas is None):
         raise InputError("give exactly one of a fixed sigma or a per-input sigmas file")
     check_run_args(n=n, alpha=alpha, batch=batch, selection=selection, sigma=sigma)
-    check_sigmas_cover(selection.indices(len(dataset)), sigmas)
+    selected = selection.indices(len(dataset))
+    check_sigmas_cover(selected, sigmas)
     smooth = Smooth(model, dataset.info.num_classes, seed=seed, amp=amp, compile=compile)
-    with ResultsWriter(out, PREDICT_COLUMNS, settings or {}) as writer:
-        todo = _todo(selection.indices(len(dataset)), writer)
-        bar = _progress(len(todo), "predict", progress)
-        for group in _groups(todo, _group_size(n, batch or CPU_BATCH)):
-            x, labels = _stack(dataset, group)
-            t0 = time.perf_counter()
-            answers = smooth.predict_batch(
-                x, _sigmas_for(group, sigma, sigmas), n, alpha, batch, keys=group
-            )
-            elapsed = (time.perf_counter() - t0) / len(group)
-            for idx, label, answer in zip(group, labels, answers):
-                writer.write(
-                    {
-                        "idx": idx,
-                        "label": label,
-                        "predict": answer,
-                        "correct": int(answer == label),
-                        "time": round(elapsed, 4),
-                    }
-                )
-            bar.update(len(group))
-        bar.close()
+
+    def rows_of(group: list[int]) -> list[dict]:
+        x, labels = _stack(dataset, group)
+        t0 = time.perf_counter()
+        answers = smooth.predict_batch(
+            x, _sigmas_for(group, sigma, sigmas), n, alpha, batch, keys=group
+        )
+        elapsed = round((time.perf_counter() - t0) / len(group), 4)
+        return [
+            {"idx": idx, "label": label, "predict": answer, "correct": int(answer == label),
+             "time": elapsed}
+            for idx, label, answer in zip(group, labels, answers)
+        ]  # fmt: skip
+
+    group_size = _group_size(n, smooth.batch_size(batch, dataset.info.input_shape))
+    _write_rows(
+        out,
+        PREDICT_COLUMNS,
+        settings or {},
+        selected,
+        group_size,
+        rows_of,
+        "predict",
+        progress,
+        shard,
+    )
     return out
 
 
@@ -384,6 +534,7 @@ def sigma_dataset(
     seed: int = 0,
     settings: dict | None = None,
     progress: bool = True,
+    shard: Shard = ONE_PROCESS,
 ) -> str:
     """Choose a sigma for every selected input with `search` (a name in sigma.SEARCHES:
     "certified", "ascent" or "grid") and its `options`; rows `idx sigma sigma0 radius_before
@@ -395,27 +546,29 @@ def sigma_dataset(
     if batch is not None and (not isinstance(batch, int) or batch < 1):
         raise InputError(f"batch must be a positive integer, got {batch!r}")
     batch = batch or auto_batch_size(model, dataset.info.input_shape)
-    with ResultsWriter(out, SIGMA_COLUMNS, settings or {}) as writer:
-        todo = _todo(selection.indices(len(dataset)), writer)
-        bar = _progress(len(todo), "sigma", progress)
-        for group in _groups(todo, max(1, min(100, batch // options.get("samples", 1)))):
-            x, _ = _stack(dataset, group)
-            t0 = time.perf_counter()
-            found = SEARCHES[search](
-                model, x, sigma0, seed=seed, keys=group, batch=batch, **options
-            )
-            elapsed = (time.perf_counter() - t0) / len(group)
-            for i, idx in enumerate(group):
-                writer.write(
-                    {
-                        "idx": idx,
-                        "sigma": float(found.sigma[i]),
-                        "sigma0": sigma0,
-                        "radius_before": float(found.radius_before[i]),
-                        "radius_after": float(found.radius_after[i]),
-                        "time": round(elapsed, 4),
-                    }
-                )
-            bar.update(len(group))
-        bar.close()
+
+    def rows_of(group: list[int]) -> list[dict]:
+        x, _ = _stack(dataset, group)
+        t0 = time.perf_counter()
+        found = SEARCHES[search](model, x, sigma0, seed=seed, keys=group, batch=batch, **options)
+        elapsed = round((time.perf_counter() - t0) / len(group), 4)
+        return [
+            {"idx": idx, "sigma": float(found.sigma[i]), "sigma0": sigma0,
+             "radius_before": float(found.radius_before[i]),
+             "radius_after": float(found.radius_after[i]), "time": elapsed}
+            for i, idx in enumerate(group)
+        ]  # fmt: skip
+
+    group_size = max(1, min(100, batch // options.get("samples", 1)))
+    _write_rows(
+        out,
+        SIGMA_COLUMNS,
+        settings or {},
+        selection.indices(len(dataset)),
+        group_size,
+        rows_of,
+        "sigma",
+        progress,
+        shard,
+    )
     return out

@@ -132,10 +132,13 @@ class Smooth:
         return list(range(first, first + count))
 
     def _batch(self, batch: int | None, x: Tensor) -> int:
+        return self.batch_size(batch, tuple(x.shape[1:]))
+
+    def batch_size(self, batch: int | None, input_shape: Sequence[int]) -> int:
         """The given batch size, or the automatic one (measured once per Smooth)."""
         if batch is None:
             if self._auto_batch is None:
-                self._auto_batch = auto_batch_size(self.model, tuple(x.shape[1:]))
+                self._auto_batch = auto_batch_size(self.model, tuple(input_shape))
             return self._auto_batch
         return _check_count("batch", batch)
 

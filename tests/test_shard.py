@@ -1,0 +1,188 @@
+"""Sharded runs (`--nproc-per-node`, torchrun): equal to one process, and resumable after a
+worker is killed. Two Gloo workers on CPU, digits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from ddrs.cli import main
+from ddrs.results import read_table
+from ddrs.shard import part_path, parts_dir
+from ddrs.train.loop import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                       reason="torch.distributed with the gloo backend is not available"),
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    config = TrainConfig(dataset="digits", arch="cnn", out=str(out), sigma=0.25, epochs=2,
+                         batch=64, lr=0.05, eval_max=20, progress=False)
+    return str(train(config))
+
+
+def certify(ckpt, out, *extra):
+    return ["certify", "--checkpoint", ckpt, "--dataset", "digits", "--device", "cpu",
+            "--sigma", "0.4", "--n0", "20", "--num-samples", "300", "--alpha", "0.01",
+            "--max-index", "30", "--batch", "64", "--no-progress", "--out", str(out), *extra]
+
+
+def without_time(path) -> dict:
+    table = read_table(path)
+    return {c: v.tolist() for c, v in table.items() if c != "time"}
+
+
+def memory_rows(path) -> list[tuple]:
+    """Every stored column but the wall-clock timestamp, in entry order."""
+    with sqlite3.connect(path) as conn:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(entries)")]
+        keep = [c for c in columns if c not in ("created", "time", "timestamp")]
+        assert len(keep) == len(columns) - 1, columns  # exactly the timestamp is dropped
+        return conn.execute(f"SELECT {', '.join(keep)} FROM entries ORDER BY ord").fetchall()
+
+
+def test_two_workers_with_a_memory_equal_one_process(checkpoint, tmp_path, capsys):
+    one, two = tmp_path / "one", tmp_path / "two"
+    for folder, extra in ((one, []), (two, ["--nproc-per-node", "2"])):
+        args = certify(checkpoint, folder / "cert.tsv", "--memory", str(folder / "mem.sqlite"),
+                       "--counts", str(folder / "counts.tsv"), *extra)
+        assert main(args) == 0
+    assert "certified accuracy (30 inputs)" in capsys.readouterr().out
+    assert without_time(one / "cert.tsv") == without_time(two / "cert.tsv")
+    assert (one / "counts.tsv").read_text() == (two / "counts.tsv").read_text()
+    assert memory_rows(one / "mem.sqlite") == memory_rows(two / "mem.sqlite")
+    assert len(memory_rows(two / "mem.sqlite")) == 30
+    assert not parts_dir(two / "cert.tsv").exists(), "part files are removed once merged"
+    assert main(["memory", "check", str(two / "mem.sqlite")]) == 0
+
+
+def test_predict_in_three_workers_equals_one_process(checkpoint, tmp_path):
+    base = ["predict", "--checkpoint", checkpoint, "--dataset", "digits", "--device", "cpu",
+            "--sigma", "0.5", "--n", "200", "--alpha", "0.01", "--max", "25", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "one.tsv")]) == 0
+    assert main([*base, "--out", str(tmp_path / "three.tsv"), "--nproc-per-node", "3"]) == 0
+    assert without_time(tmp_path / "one.tsv") == without_time(tmp_path / "three.tsv")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict:
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
+
+
+def test_the_documented_two_machine_torchrun_command_equals_one_process(checkpoint, tmp_path):
+    """README's multi-machine command, as written (long spellings torchrun does not claim),
+    as two 'machines' on this one, each in its own folder: no shared file system."""
+    sigma = ["sigma", "--checkpoint", checkpoint, "--dataset", "digits", "--device", "cpu",
+             "--sigma0", "0.25", "--num-samples", "500", "--alpha", "0.01", "--max-index", "24",
+             "--batch", "128", "--no-progress", "--out", "sigmas.tsv"]
+    (tmp_path / "single").mkdir()
+    assert main([*sigma[:-1], str(tmp_path / "single" / "sigmas.tsv")]) == 0
+    endpoint = f"127.0.0.1:{_free_port()}"
+    nodes = []
+    for node in (0, 1):
+        folder = tmp_path / f"node{node}"
+        folder.mkdir()
+        command = ["torchrun", "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
+                   "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "ddrs-test",
+                   "-m", "ddrs", *sigma]
+        command[0:1] = [sys.executable, "-m", "torch.distributed.run"]  # torchrun, this Python
+        nodes.append(subprocess.Popen(command, cwd=folder, env=_env(), text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    for process in nodes:
+        output, _ = process.communicate(timeout=240)
+        assert process.returncode == 0, output[-3000:]
+    merged = tmp_path / "node0" / "sigmas.tsv"
+    assert without_time(merged) == without_time(tmp_path / "single" / "sigmas.tsv")
+    assert not (tmp_path / "node1" / "sigmas.tsv").exists(), "only rank 0 writes the results"
+    assert not parts_dir(tmp_path / "node1" / "sigmas.tsv").exists()
+
+
+def _writer_of(path: Path) -> int | None:
+    """The process holding `path` open (the worker writing that part file)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) == str(path) for fd in (entry / "fd").iterdir()):
+                return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+def _rows(path: Path) -> int:
+    return max(0, len(path.read_text().splitlines()) - 1) if path.exists() else 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_killed_worker_resumes_to_the_one_process_run(checkpoint, tmp_path, victim):
+    args = certify(checkpoint, tmp_path / "cert.tsv", "--memory", str(tmp_path / "mem.sqlite"),
+                   "--nproc-per-node", "2")
+    args[args.index("--num-samples") + 1] = "4000"  # slow enough to be caught mid-run
+    args[args.index("--batch") + 1] = "256"
+    run = subprocess.Popen([sys.executable, "-m", "ddrs", *args], cwd=tmp_path, text=True,
+                           env=_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT)
+    part = part_path(tmp_path / "cert.tsv", victim)
+    deadline = time.monotonic() + 120
+    while _rows(part) < 3 and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.02)
+    pid = _writer_of(part)
+    assert pid is not None and run.poll() is None, "the run ended before the kill"
+    os.kill(pid, signal.SIGKILL)
+    output, _ = run.communicate(timeout=120)
+    assert run.returncode != 0, output
+    assert "Traceback" not in output
+    kept = read_table(part, drop_torn_line=True)
+    kept_times = dict(zip(kept["idx"].tolist(), kept["time"].tolist()))
+    assert 3 <= len(kept_times) < 15
+
+    done = subprocess.run([sys.executable, "-m", "ddrs", *args], cwd=tmp_path, text=True,
+                          env=_env(), capture_output=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    single = tmp_path / "single"
+    assert main(certify(checkpoint, single / "cert.tsv", "--memory", str(single / "mem.sqlite"),
+                        "--num-samples", "4000", "--batch", "256")) == 0
+    assert without_time(tmp_path / "cert.tsv") == without_time(single / "cert.tsv")
+    assert memory_rows(tmp_path / "mem.sqlite") == memory_rows(single / "mem.sqlite")
+    resumed = read_table(tmp_path / "cert.tsv")
+    times = dict(zip(resumed["idx"].tolist(), resumed["time"].tolist()))
+    assert all(times[idx] == t for idx, t in kept_times.items()), "finished rows were reused"
+
+
+def test_errors_of_a_sharded_run_are_one_line(checkpoint, tmp_path, capsys):
+    out = tmp_path / "cert.tsv"
+    assert main(certify(checkpoint, out, "--nproc-per-node", "0")) == 2
+    assert "--nproc-per-node must be >= 1" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(certify(checkpoint, out, "--max-index", "6")) == 0
+    capsys.readouterr()
+    resumed = certify(checkpoint, out, "--max-index", "6", "--nproc-per-node", "2")
+    resumed[resumed.index("--sigma") + 1] = "0.3"
+    done = subprocess.run([sys.executable, "-m", "ddrs", *resumed], cwd=tmp_path, text=True,
+                          env=_env(), capture_output=True, timeout=240)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines == [lines[0]] and lines[0].startswith("ddrs: error: refusing to append"), lines
