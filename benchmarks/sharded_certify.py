@@ -99,7 +99,7 @@ def main() -> None:
             outs[name] = fresh(name)
             command = certify_command(args, checkpoint, outs[name], n, *extra)
             if grouping is not None:
-                command[1:4] = ["-c", GROUPING, str(grouping)]
+                command[1:3] = ["-c", GROUPING, str(grouping)]
             run(command)
         return call
 

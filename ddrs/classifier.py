@@ -14,8 +14,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
+from ddrs.errors import InputError
 from ddrs.memory import CertificationMemory
 from ddrs.models import model_fingerprint
 from ddrs.sampling import CPU_BATCH
@@ -38,6 +40,11 @@ class Answer:
     shrunk: bool  # the memory shrank the Monte Carlo radius
     mc_predict: int
     mc_radius: float
+    repeat: bool = False  # an exact repeat of a stored input: its stored answer
+    entry: int = -1  # the memory entry holding this answer
+
+
+QUERY_KINDS = ("certify", "predict")
 
 
 @dataclass
@@ -45,7 +52,7 @@ class DataDependentSmoothClassifier:
     """Online data-dependent smoothing with a certification memory (Alfarra et al., 2022).
 
     Stateful and order-dependent by design: every answer is stored in `memory` and later
-    answers are kept consistent with it.
+    answers are kept consistent with it. `selector` None: no search, every input gets sigma0.
     """
 
     model: nn.Module
@@ -57,7 +64,7 @@ class DataDependentSmoothClassifier:
     alpha: float = 0.001
     batch: int | None = None  # samples per forward pass; None: automatic
     seed: int = 0
-    selector: str = "certified"
+    selector: str | None = "certified"
     search: dict = field(default_factory=dict)  # the selector's options (sigma.SEARCHES)
 
     def __post_init__(self):
@@ -65,33 +72,70 @@ class DataDependentSmoothClassifier:
             self.search = {"n": self.n, "alpha": self.alpha} | self.search
         elif self.selector == "ascent" and not self.search:  # the authors' settings
             self.search = {"iterations": 100, "lr": 1e-4, "samples": 1}
-        check_search_options(self.selector, self.search)
+        if self.selector is not None:
+            check_search_options(self.selector, self.search)
         self.smooth = Smooth(self.model, self.num_classes, seed=self.seed)
 
-    def sigma_for(self, x: Tensor, key: int) -> float:
+    def sigmas_for(self, x: Tensor, keys: list[int]) -> Tensor:
+        """Each input's sigma (B,): the selector's choice, or sigma0 without one."""
+        if self.selector is None:
+            return torch.full((x.shape[0],), float(self.sigma0))
         found = SEARCHES[self.selector](
             self.model,
-            x.unsqueeze(0),
+            x,
             self.sigma0,
             seed=self.seed,
-            keys=[key],
+            keys=keys,
             batch=self.batch or CPU_BATCH,
             **self.search,
         )
-        return float(found.sigma[0])
+        return found.sigma.detach().float().cpu()
+
+    def sigma_for(self, x: Tensor, key: int) -> float:
+        return float(self.sigmas_for(x.unsqueeze(0), [key])[0])
 
     def certify(self, x: Tensor, key: int = 0) -> Answer:
         """Certify x (C, H, W); `key` names its noise streams (e.g. its dataset index)."""
-        sigma = self.sigma_for(x, key)
-        cert = self.smooth.certify(x, sigma, self.n0, self.n, self.alpha, self.batch, key=key)
-        return self._resolve(x, cert.predict, cert.radius, sigma, key)
+        return self.answer_batch(x.unsqueeze(0), ["certify"], [key])[0]
 
     def predict(self, x: Tensor, key: int = 0) -> Answer:
         """PREDICT x; the answer is stored in the memory as a ball of radius 0."""
-        sigma = self.sigma_for(x, key)
-        predict = self.smooth.predict(x, sigma, self.n, self.alpha, self.batch, key=key)
-        return self._resolve(x, predict, 0.0, sigma, key)
+        return self.answer_batch(x.unsqueeze(0), ["predict"], [key])[0]
+
+    def answer_batch(self, x: Tensor, kinds: list[str], keys: list[int]) -> list[Answer]:
+        """Answer B queries (x: (B, C, H, W), each "certify" or "predict") as if they came one
+        at a time in this order: the sigma search and the Monte Carlo sampling run for all of
+        them at once (the noise is keyed, so batching changes nothing), then the memory
+        resolves and stores each answer in turn."""
+        if len(kinds) != x.shape[0] or len(keys) != x.shape[0]:
+            raise InputError(f"{x.shape[0]} inputs need as many kinds and keys")
+        unknown = sorted(set(kinds) - set(QUERY_KINDS))
+        if unknown:
+            raise InputError(f"unknown query kind(s) {unknown}; use {QUERY_KINDS}")
+        sigmas = self.sigmas_for(x, keys)
+        mc: dict[int, tuple[int, float]] = {}
+        for kind in QUERY_KINDS:
+            rows = [i for i, k in enumerate(kinds) if k == kind]
+            if not rows:
+                continue
+            row_keys = [keys[i] for i in rows]
+            if kind == "certify":
+                found = self.smooth.certify_batch(
+                    x[rows], sigmas[rows], self.n0, self.n, self.alpha, self.batch, row_keys
+                )
+                answers = [(c.predict, c.radius) for c in found]
+            else:
+                found = self.smooth.predict_batch(
+                    x[rows], sigmas[rows], self.n, self.alpha, self.batch, row_keys
+                )
+                answers = [(c, 0.0) for c in found]
+            mc.update(zip(rows, answers))
+        return [
+            self._resolve(x[i], *mc[i], float(sigmas[i]), keys[i]) for i in range(x.shape[0])
+        ]
 
     def _resolve(self, x, predict, radius, sigma, key) -> Answer:
         r = self.memory.resolve_and_store(x, predict, radius, sigma=sigma, idx=key)
-        return Answer(r.predict, r.radius, sigma, r.changed, r.shrunk, predict, radius)
+        return Answer(
+            r.predict, r.radius, sigma, r.changed, r.shrunk, predict, radius, r.repeat, r.entry
+        )

@@ -51,6 +51,45 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def add_search_args(p: argparse.ArgumentParser) -> None:
+    """The sigma search's flags (ddrs sigma, ddrs serve)."""
+    p.add_argument(
+        "--search",
+        default="certified",
+        choices=["certified", "ascent", "grid"],
+        help="certified: by the predicted certified radius (default); ascent: the paper's "
+        "gradient ascent; grid: forward-only, by the paper's surrogate",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="noise samples: per candidate (None: certified 64, grid 8) or per ascent step (1)",
+    )
+    p.add_argument(
+        "--grid", type=int, default=None, help="number of candidates (None: certified 9, grid 12)"
+    )
+    p.add_argument(
+        "--spread",
+        type=_floats,
+        default=(0.5, 2.0),
+        help="low,high factors of sigma0 spanned by the candidates",
+    )
+    p.add_argument("--iterations", type=int, default=100, help="ascent: steps K (authors: 100)")
+    p.add_argument("--lr", type=float, default=1e-4, help="ascent: step size (authors: 1e-4)")
+    p.add_argument(
+        "--clamp", type=_floats, default=(0.02, 0.98), help="ascent, grid: low,high clamp of pA, pB"
+    )
+    p.add_argument(
+        "--min-sigma",
+        type=float,
+        default=None,
+        help="lower bound on sigma (None: 1e-3); certified: with --max-sigma, the "
+        "candidates span this absolute range instead of sigma0 * spread",
+    )
+    p.add_argument("--max-sigma", type=float, default=None, help="upper bound on sigma")
+
+
 def add_shard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--nproc-per-node",
@@ -174,6 +213,63 @@ def _show_defaults(subparsers) -> None:
     subparsers.add_parser = with_defaults
 
 
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        channels, height, width = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C,H,W (e.g. 3,32,32), got {text!r}") from None
+    return channels, height, width
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="an HTTP service of certified predictions with a persistent memory",
+        description="POST /v1/certify or /v1/predict with JSON {\"input\": C x H x W floats "
+        "in [0, 1]} or an image upload; GET /health, /v1/memory/stats, /metrics, and / (a page "
+        "to try it). Every answer is stored in --memory before it is sent.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a ddrs or published checkpoint")
+    source.add_argument("--model", help="your own model: package.module:factory or TorchScript")
+    p.add_argument("--dataset", help="gives the input shape, classes and image transform")
+    p.add_argument("--data-root", help="dataset folder (imagefolder: to count its classes)")
+    p.add_argument("--input-shape", type=_shape, help="without --dataset: C,H,W of the inputs")
+    p.add_argument("--num-classes", type=int, help="without --dataset: number of classes")
+    p.add_argument("--memory", required=True, help="SQLite certification memory (created if new)")
+    sigma = p.add_mutually_exclusive_group(required=True)
+    sigma.add_argument("--sigma", type=float, help="one noise level for every query")
+    sigma.add_argument("--sigma0", type=float, help="data-dependent: the search's centre")
+    add_search_args(p)
+    p.add_argument("--n0", type=int, default=CERTIFY_DEFAULTS["n0"], help="selection samples")
+    p.add_argument("--n", type=int, default=10_000, help="estimation samples per query")
+    p.add_argument(
+        "--alpha", type=float, default=CERTIFY_DEFAULTS["alpha"], help="failure probability"
+    )
+    p.add_argument("--batch", type=int, default=None, help="noisy samples per forward pass")
+    p.add_argument("--seed", type=int, default=0, help="seed of all Monte Carlo noise")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token-file", help="require Authorization: Bearer <the file's token>")
+    p.add_argument(
+        "--max-batch", type=int, default=32, help="queries answered in one engine call (1: off)"
+    )
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a query waits for others to share its engine call",
+    )
+    p.add_argument(
+        "--max-body-bytes", type=int, default=8 << 20, help="larger requests get 413"
+    )
+    p.add_argument(
+        "--drain-seconds", type=int, default=60, help="on SIGTERM, time given to queries in flight"
+    )
+    p.add_argument("--log-level", default="warning", help="uvicorn's access/error log level")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ddrs",
@@ -265,28 +361,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--sigma0", type=float, required=True, help="centre of the candidates / ascent start"
     )
     p.add_argument(
-        "--search",
-        default="certified",
-        choices=["certified", "ascent", "grid"],
-        help="certified: by the predicted certified radius (default); ascent: the paper's "
-        "gradient ascent; grid: forward-only, by the paper's surrogate",
-    )
-    p.add_argument(
-        "--samples",
-        type=int,
-        default=None,
-        help="noise samples: per candidate (None: certified 64, grid 8) or per ascent step (1)",
-    )
-    p.add_argument(
-        "--grid", type=int, default=None, help="number of candidates (None: certified 9, grid 12)"
-    )
-    p.add_argument(
-        "--spread",
-        type=_floats,
-        default=(0.5, 2.0),
-        help="low,high factors of sigma0 spanned by the candidates",
-    )
-    p.add_argument(
         "--n",
         "--num-samples",
         type=int,
@@ -299,20 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=CERTIFY_DEFAULTS["alpha"],
         help="certified: the alpha of the certification that follows",
     )
-    p.add_argument("--iterations", type=int, default=100, help="ascent: steps K (authors: 100)")
-    p.add_argument("--lr", type=float, default=1e-4, help="ascent: step size (authors: 1e-4)")
-    p.add_argument(
-        "--clamp", type=_floats, default=(0.02, 0.98), help="ascent, grid: low,high clamp of pA, pB"
-    )
-    p.add_argument(
-        "--min-sigma",
-        type=float,
-        default=None,
-        help="lower bound on sigma (None: 1e-3); certified: with --max-sigma, the "
-        "candidates span this absolute range instead of sigma0 * spread",
-    )
-    p.add_argument("--max-sigma", type=float, default=None, help="upper bound on sigma")
+    add_search_args(p)
     p.add_argument("--out", required=True, help="TSV of idx, sigma, score before/after")
+
+    add_serve_parser(sub)
 
     p = sub.add_parser("memory", help="certification memory tools")
     msub = p.add_subparsers(dest="memory_command", required=True, help="what to do")

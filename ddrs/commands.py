@@ -483,6 +483,83 @@ def cmd_report(args) -> None:
     report_command(args)
 
 
+def _serve_model(args):
+    """The model and the description of its inputs for `ddrs serve`: a dataset's, or
+    --input-shape/--num-classes for a custom model."""
+    from ddrs.data import DatasetInfo, dataset_info
+
+    if args.dataset:
+        info = dataset_info(args.dataset, args.data_root)
+    elif args.input_shape and args.num_classes:
+        channels, height, width = args.input_shape
+        info = DatasetInfo("custom", args.num_classes, (channels, height, width),
+                           (0.0,) * channels, (1.0,) * channels)
+    else:
+        raise InputError("give --dataset, or --input-shape C,H,W and --num-classes K")
+    device = _device(args.device)
+    if args.checkpoint:
+        expect = {"num_classes": info.num_classes, "input_shape": list(info.input_shape)}
+        model = load_checkpoint(args.checkpoint, device=device, expect=expect).model
+    else:
+        model = load_user_model(args.model).to(device).eval()
+    with torch.inference_mode():
+        logits = model(torch.zeros(1, *info.input_shape, device=device))
+    if tuple(logits.shape) != (1, info.num_classes):
+        raise CheckpointError(
+            f"the model maps a {tuple(info.input_shape)} input to shape {tuple(logits.shape)}; "
+            f"expected (1, {info.num_classes})"
+        )
+    return model, info
+
+
+def cmd_serve(args) -> None:
+    try:
+        import uvicorn
+
+        from ddrs.serve import CertificationService, create_app, read_token
+    except ImportError as error:
+        raise InputError(
+            f"ddrs serve needs FastAPI and uvicorn ({error.name} is missing): "
+            "pip install 'ddrs[serve]'"
+        ) from None
+    from ddrs.classifier import DataDependentSmoothClassifier
+
+    check_run_args(n=args.n, alpha=args.alpha, n0=args.n0, batch=args.batch,
+                   sigma=args.sigma)
+    search = args.search if args.sigma is None else None
+    options = {}
+    if search is not None:
+        options = sigma_search_options(args)
+        options.pop("n", None), options.pop("alpha", None)  # the classifier adds its own
+        check_search_options(search, {**options, "n": args.n, "alpha": args.alpha})
+    token = read_token(args.token_file) if args.token_file else None
+    model, info = _serve_model(args)
+    fingerprint = memory_fingerprint(model, info.name, info.input_shape)
+    sigma0 = args.sigma if args.sigma is not None else args.sigma0
+
+    def make_classifier():
+        memory = CertificationMemory(args.memory, fingerprint, info.input_shape)
+        return DataDependentSmoothClassifier(
+            model, info.num_classes, memory, sigma0, n0=args.n0, n=args.n, alpha=args.alpha,
+            batch=args.batch, seed=args.seed, selector=search, search=options,
+        )
+
+    describe = {
+        "model": fingerprint[:16], "dataset": info.name, "input_shape": list(info.input_shape),
+        "num_classes": info.num_classes, "sigma": args.sigma, "sigma0": args.sigma0,
+        "search": search, "n0": args.n0, "n": args.n, "alpha": args.alpha,
+        "memory": str(args.memory),
+    }  # fmt: skip
+    service = CertificationService(make_classifier, info, max_batch=args.max_batch,
+                                   max_wait=args.max_wait_ms / 1000, describe=describe)
+    app = create_app(service, token=token, max_body_bytes=args.max_body_bytes)
+    auth = "token required" if token else "no token (loopback only is the safe default)"
+    print(f"ddrs serve: http://{args.host}:{args.port}/  memory {args.memory}  {auth}",
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.drain_seconds)
+
+
 def cmd_quickstart(args) -> None:
     from ddrs.quickstart import quickstart
 

@@ -579,6 +579,13 @@ class CertificationMemory:
                 bad += _bad_checksums(rows)
         return bad
 
+    def next_idx(self) -> int:
+        """One more than the largest stored idx (0 for none): where an online classifier's
+        query numbering continues after a restart."""
+        with _db_errors(self.path):
+            row = self._conn.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM entries").fetchone()
+        return int(row[0])
+
     def answers_by_idx(self) -> dict[int, tuple[int, float]]:
         """{idx: (predict, radius)} of the entries stored with a dataset index."""
         with _db_errors(self.path):

@@ -96,3 +96,20 @@ def imagenet_test(img: Image.Image) -> torch.Tensor:
 def imagenet_train(img: Image.Image) -> torch.Tensor:
     """RandomResizedCrop 224 + random horizontal flip."""
     return random_hflip(pil_to_tensor(random_resized_crop(img, IMAGENET_CROP)))
+
+
+def image_to_input(img: Image.Image, info) -> torch.Tensor:
+    """An uploaded image as the model's input (C, H, W) in [0, 1], as the dataset's test
+    transform would make it: ImageNet-sized inputs get resize 256 + centre crop 224; smaller
+    ones (CIFAR-10, MNIST, digits) are resized (bilinear) to H x W; one channel means grey."""
+    channels, height, width = info.input_shape
+    if (height, width) == (IMAGENET_CROP, IMAGENET_CROP) and channels == 3:
+        return imagenet_test(img.convert("RGB"))
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.BILINEAR)
+    if channels == 1:
+        arr = np.array(img.convert("L"), dtype=np.uint8)
+        return torch.from_numpy(arr)[None].to(torch.float32).div_(255.0)
+    if channels == 3:
+        return pil_to_tensor(img)
+    raise ValueError(f"images cannot become {channels}-channel inputs")

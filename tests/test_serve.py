@@ -1,0 +1,323 @@
+"""`ddrs serve`: endpoints, auth, limits, bad input, micro-batching equal to one query at a
+time, persistence across restarts, and kill -9 / SIGTERM on a real server (loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from ddrs.classifier import DataDependentSmoothClassifier, memory_fingerprint  # noqa: E402
+from ddrs.data import dataset_info, get_dataset  # noqa: E402
+from ddrs.memory import CertificationMemory  # noqa: E402
+from ddrs.models import load_checkpoint  # noqa: E402
+from ddrs.serve import CertificationService, create_app  # noqa: E402
+from ddrs.train.loop import TrainConfig, train  # noqa: E402
+
+N0, N, ALPHA = 20, 300, 0.01
+TOKEN = "s3cret-token-of-the-tests"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    config = TrainConfig(dataset="digits", arch="cnn", out=str(out), sigma=0.25, epochs=1,
+                         batch=64, lr=0.05, eval_max=20, progress=False)
+    return str(train(config))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return get_dataset("digits", "test")
+
+
+def make_service(checkpoint, memory_path, *, sigma0=0.25, selector="certified", max_batch=8,
+                 max_wait=0.005):
+    info = dataset_info("digits")
+    model = load_checkpoint(checkpoint, device="cpu").model
+    fingerprint = memory_fingerprint(model, info.name, info.input_shape)
+
+    def make_classifier():
+        memory = CertificationMemory(memory_path, fingerprint, info.input_shape)
+        search = {"grid": 5, "samples": 16} if selector == "certified" else {}
+        return DataDependentSmoothClassifier(model, 10, memory, sigma0, n0=N0, n=N, alpha=ALPHA,
+                                             selector=selector, search=search)
+
+    return CertificationService(make_classifier, info, max_batch=max_batch, max_wait=max_wait,
+                                describe={"dataset": "digits"}), make_classifier
+
+
+def as_json(x: torch.Tensor) -> dict:
+    return {"input": x.tolist()}
+
+
+def png_of(x: torch.Tensor) -> bytes:
+    img = Image.fromarray((x[0].numpy() * 255).round().astype("uint8"), mode="L")
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def entries(path) -> int:
+    with CertificationMemory.open_existing(path) as memory:
+        return len(memory)
+
+
+def test_every_endpoint_answers(checkpoint, digits, tmp_path):
+    service, _ = make_service(checkpoint, tmp_path / "m.sqlite")
+    x = digits[0][0]
+    with TestClient(create_app(service)) as client:
+        health = client.get("/health").json()
+        assert health["status"] == "ok" and health["entries"] == 0
+        answer = client.post("/v1/certify", json=as_json(x)).json()
+        assert set(answer) >= {"predict", "radius", "sigma", "mc_predict", "mc_radius",
+                               "changed", "shrunk", "repeat", "entry"}
+        assert answer["entry"] == 0 and not answer["repeat"] and answer["radius"] >= 0
+        assert answer["predict"] == answer["mc_predict"]  # the first answer: nothing to change
+        predicted = client.post("/v1/predict", json=as_json(digits[1][0])).json()
+        assert predicted["radius"] == 0.0 and predicted["entry"] == 1  # a ball of radius 0
+        upload = client.post("/v1/certify", files={"file": ("d.png", png_of(digits[2][0]),
+                                                             "image/png")})
+        assert upload.status_code == 200, upload.text
+        assert upload.json()["entry"] == 2
+        again = client.post("/v1/certify", json=as_json(x)).json()
+        assert again["repeat"] and (again["predict"], again["radius"], again["entry"]) == (
+            answer["predict"], answer["radius"], 0)
+        stats = client.get("/v1/memory/stats").json()
+        assert stats["entries"] == 3 and stats["repeats"] == 1
+        assert client.get("/health").json()["entries"] == 3
+        metrics = client.get("/metrics").text
+        assert 'ddrs_requests_total{method="POST",path="/v1/certify",status="200"} 3' in metrics
+        assert "ddrs_memory_entries 3" in metrics
+        assert "ddrs_request_seconds_count 4" in metrics
+        assert "ddrs_answers_repeat_total 1" in metrics
+        page = client.get("/")
+        assert page.status_code == 200 and "<form" not in page.text and "/v1/" in page.text
+    assert entries(tmp_path / "m.sqlite") == 3
+
+
+def test_a_token_is_required_when_configured(checkpoint, digits, tmp_path):
+    service, _ = make_service(checkpoint, tmp_path / "m.sqlite")
+    body = as_json(digits[0][0])
+    with TestClient(create_app(service, token=TOKEN)) as client:
+        assert client.get("/health").status_code == 200  # probes need no token
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            response = client.post("/v1/certify", json=body, headers=headers)
+            assert response.status_code == 401 and "token" in response.json()["error"]
+            assert client.get("/metrics", headers=headers).status_code == 401
+        good = {"Authorization": f"Bearer {TOKEN}"}
+        assert client.post("/v1/certify", json=body, headers=good).status_code == 200
+        assert client.get("/v1/memory/stats", headers=good).json()["entries"] == 1
+
+
+BAD_REQUESTS = {
+    "not JSON": ({"content": b"certify this", "headers": {"content-type": "application/json"}},
+                 400, "not JSON"),
+    "missing field": ({"json": {"image": []}}, 422, '"input"'),
+    "wrong shape": ({"json": {"input": [[0.5] * 8] * 8}}, 422, "shape (8, 8)"),
+    "ragged": ({"json": {"input": [[[0.5] * 8] * 7 + [[0.5] * 3]]}}, 422, "rectangular"),
+    "strings": ({"json": {"input": [[["a"] * 8] * 8]}}, 422, "numbers"),
+    "NaN": ({"content": json.dumps({"input": [[[float("nan")] * 8] * 8]}).encode(),
+             "headers": {"content-type": "application/json"}}, 422, "NaN"),
+    "infinity": ({"content": json.dumps({"input": [[[float("inf")] * 8] * 8]}).encode(),
+                  "headers": {"content-type": "application/json"}}, 422, "infinite"),
+    "above 1": ({"json": {"input": [[[2.0] * 8] * 8]}}, 422, "[0, 1]"),
+    "below 0": ({"json": {"input": [[[-0.1] * 8] * 8]}}, 422, "[0, 1]"),
+    "not an image": ({"files": {"file": ("x.png", b"GIF89a-not-really", "image/png")}}, 400,
+                     "not an image"),
+    "no file field": ({"files": {"other": ("x.png", b"123", "image/png")}}, 422, '"file"'),
+}
+
+
+def test_bad_input_is_refused_clearly_and_stores_nothing(checkpoint, tmp_path):
+    service, _ = make_service(checkpoint, tmp_path / "m.sqlite")
+    with TestClient(create_app(service, max_body_bytes=4096)) as client:
+        for name, (request, status, words) in BAD_REQUESTS.items():
+            for path in ("/v1/certify", "/v1/predict"):
+                response = client.post(path, **request)
+                assert response.status_code == status, (name, response.text)
+                assert words in response.json()["error"], (name, response.json())
+        big = client.post("/v1/certify", content=b"[" + b"0.5," * 4000 + b"0]",
+                          headers={"content-type": "application/json"})
+        assert big.status_code == 413 and "limit" in big.json()["error"]
+        assert client.get("/health").json()["entries"] == 0
+    assert entries(tmp_path / "m.sqlite") == 0
+
+
+def test_micro_batches_answer_as_one_query_at_a_time(checkpoint, digits, tmp_path):
+    # arrival order: distinct inputs, a predict, an exact repeat, and a near-copy of input 0
+    xs = [digits[i][0] for i in range(6)]
+    xs += [xs[1].clone(), (xs[0] + 0.01).clamp(0, 1)]
+    kinds = ["certify"] * 3 + ["predict"] + ["certify"] * 4
+
+    service, make_classifier = make_service(checkpoint, tmp_path / "batched.sqlite",
+                                            max_batch=8, max_wait=0.5)
+
+    async def all_at_once():
+        await service.start()
+        try:
+            return await asyncio.gather(*(service.submit(k, x) for k, x in zip(kinds, xs)))
+        finally:
+            await service.stop()
+
+    batched = asyncio.run(all_at_once())
+    assert max(service.metrics.batches) > 1, "the queries did share an engine call"
+
+    one_service, make_one = make_service(checkpoint, tmp_path / "single.sqlite")
+    clf = make_one()
+    try:
+        single = [getattr(clf, kind)(x, key=key)
+                  for key, (kind, x) in enumerate(zip(kinds, xs))]
+    finally:
+        clf.memory.close()
+    assert batched == single
+    assert batched[6].repeat and batched[6].predict == batched[1].predict
+
+
+def test_answers_survive_a_restart_and_numbering_continues(checkpoint, digits, tmp_path):
+    path = tmp_path / "m.sqlite"
+    first_service, _ = make_service(checkpoint, path)
+    with TestClient(create_app(first_service)) as client:
+        first = [client.post("/v1/certify", json=as_json(digits[i][0])).json() for i in (0, 1)]
+    service, _ = make_service(checkpoint, path)
+    with TestClient(create_app(service)) as client:
+        assert client.get("/health").json()["entries"] == 2
+        again = client.post("/v1/certify", json=as_json(digits[1][0])).json()
+        assert again["repeat"] and again["entry"] == first[1]["entry"]
+        assert (again["predict"], again["radius"]) == (first[1]["predict"], first[1]["radius"])
+        new = client.post("/v1/certify", json=as_json(digits[2][0])).json()
+        assert new["entry"] == 2
+    with CertificationMemory.open_existing(path) as memory:
+        assert sorted(memory.answers_by_idx()) == [0, 1, 3]  # query numbers go on after 0..2
+
+
+# -- a real server process ---------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(checkpoint, memory, port, *extra):
+    command = [sys.executable, "-m", "ddrs", "serve", "--checkpoint", checkpoint, "--dataset",
+               "digits", "--memory", str(memory), "--sigma0", "0.25", "--grid", "5",
+               "--samples", "16", "--n0", "20", "--n", "4000", "--alpha", "0.01", "--device",
+               "cpu", "--port", str(port), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return server
+        except OSError:
+            assert server.poll() is None, server.communicate()[0]
+            time.sleep(0.1)
+    server.kill()
+    raise AssertionError("the server did not start")
+
+
+def post(port, x: torch.Tensor, timeout=60) -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/certify",
+                                     data=json.dumps(as_json(x)).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def load(port, inputs, clients: int, received: list, stop: threading.Event):
+    """`clients` threads sending inputs in turn until `stop` or the server goes away."""
+
+    def client(k):
+        for i in range(k, len(inputs), clients):
+            if stop.is_set():
+                return
+            try:
+                received.append((i, post(port, inputs[i])))
+            except (OSError, urllib.error.URLError):
+                return
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+@pytest.mark.slow
+def test_kill_9_under_load_loses_no_answer_that_was_sent(checkpoint, digits, tmp_path):
+    memory, port = tmp_path / "m.sqlite", _free_port()
+    inputs = [digits[i][0] for i in range(120)]
+    server = start_server(checkpoint, memory, port)
+    received, stop = [], threading.Event()
+    threads = load(port, inputs, 6, received, stop)
+    deadline = time.monotonic() + 60
+    while len(received) < 8 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    server.send_signal(signal.SIGKILL)
+    server.wait()
+    stop.set()
+    for t in threads:
+        t.join()
+    assert 8 <= len(received) < len(inputs), "the kill came under load"
+
+    with CertificationMemory.open_existing(memory) as stored:
+        assert stored.corrupt_entries() == [] and stored.check() == []
+        answers = stored.answers_by_idx()
+        for _, sent in received:  # every answer sent is stored, as sent
+            assert sent["entry"] < len(stored)
+        by_entry = {}
+        for chunk in stored.entries():
+            x, c, r, _, order, _ = chunk
+            by_entry.update({int(o): (int(ci), float(ri)) for o, ci, ri in zip(order, c, r)})
+    for _, sent in received:
+        assert by_entry[sent["entry"]] == (sent["predict"], sent["radius"])
+    assert len(answers) >= len(received)
+
+    server = start_server(checkpoint, memory, port)
+    try:
+        i, sent = received[0]
+        again = post(port, inputs[i])
+        assert again["repeat"] and (again["predict"], again["radius"], again["entry"]) == (
+            sent["predict"], sent["radius"], sent["entry"])
+    finally:
+        server.kill()
+        server.wait()
+    checked = subprocess.run([sys.executable, "-m", "ddrs", "memory", "check", str(memory)],
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout
+
+
+@pytest.mark.slow
+def test_sigterm_drains_the_queries_in_flight(checkpoint, digits, tmp_path):
+    memory, port = tmp_path / "m.sqlite", _free_port()
+    server = start_server(checkpoint, memory, port, "--n", "20000")
+    received, stop = [], threading.Event()
+    threads = load(port, [digits[i][0] for i in range(4)], 4, received, stop)
+    time.sleep(0.5)  # the four queries are in the engine (each takes seconds at N = 20,000)
+    server.send_signal(signal.SIGTERM)
+    output, _ = server.communicate(timeout=120)
+    for t in threads:
+        t.join()
+    # uvicorn shuts down gracefully, then re-raises the signal: exit by SIGTERM, after the drain
+    assert server.returncode in (0, -signal.SIGTERM), output
+    assert "Traceback" not in output, output
+    assert len(received) == 4, output
+    assert entries(memory) == 4
