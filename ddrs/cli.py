@@ -258,8 +258,9 @@ def add_serve_parser(sub) -> None:
     p.add_argument(
         "--max-wait-ms",
         type=float,
-        default=5.0,
-        help="how long a query waits for others to share its engine call",
+        default=0.0,
+        help="how long a query waits for others to share its engine call (0: none; queries "
+        "that arrive while the engine is busy share the next call anyway)",
     )
     p.add_argument(
         "--max-body-bytes", type=int, default=8 << 20, help="larger requests get 413"

@@ -143,7 +143,14 @@ def _launches_workers(args) -> bool:
     """`--nproc-per-node K` > 1 outside a worker: this process only starts the workers."""
     if args.nproc_per_node < 1:
         raise InputError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
-    return args.nproc_per_node > 1 and not in_worker()
+    launches = args.nproc_per_node > 1 and not in_worker()
+    gpus = torch.cuda.device_count() if args.device in ("auto", "cuda") else 0
+    if launches and 0 < gpus < args.nproc_per_node:
+        raise InputError(
+            f"--nproc-per-node {args.nproc_per_node} gives each worker its own GPU, and this "
+            f"machine has {gpus}; use at most {gpus} (or --device cpu)"
+        )
+    return launches
 
 
 def _certify_plan(args):
@@ -553,7 +560,10 @@ def cmd_serve(args) -> None:
     service = CertificationService(make_classifier, info, max_batch=args.max_batch,
                                    max_wait=args.max_wait_ms / 1000, describe=describe)
     app = create_app(service, token=token, max_body_bytes=args.max_body_bytes)
-    auth = "token required" if token else "no token (loopback only is the safe default)"
+    auth = "token required" if token else "no token"
+    if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host} without --token-file: anyone who can reach "
+              "it can query the model and grow the memory", flush=True)
     print(f"ddrs serve: http://{args.host}:{args.port}/  memory {args.memory}  {auth}",
           flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,

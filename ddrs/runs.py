@@ -31,7 +31,7 @@ from ddrs.results import (
     row_count,
 )
 from ddrs.sampling import auto_batch_size
-from ddrs.shard import ONE_PROCESS, Shard, run_sharded
+from ddrs.shard import ONE_PROCESS, Shard, parts_dir, run_sharded
 from ddrs.sigma import SEARCHES, check_search_options
 from ddrs.smooth import Smooth, certificate_from_counts
 from ddrs.stats import check_alpha
@@ -360,7 +360,7 @@ def certify_dataset(
     def samples_of(rows: list[dict]) -> int:
         return sum(n0 + pilot + row["n"] for row in rows)
 
-    if not shard.enabled:
+    if not shard.enabled and not parts_dir(out).exists():
         results = _CertifyResults(out, settings, counts, memory, on_row)
         try:
             todo = _todo(selected, results.writer)
@@ -426,7 +426,7 @@ def _write_rows(
 ) -> None:
     """A run whose rows go to the results file as computed (predict, sigma): in one process,
     or sharded (part files merged in index order by rank 0)."""
-    if not shard.enabled:
+    if not shard.enabled and not parts_dir(out).exists():
         with ResultsWriter(out, columns, settings) as writer:
             todo = _todo(selected, writer)
             bar = _progress(len(todo), desc, progress)

@@ -169,7 +169,7 @@ class CertificationService:
         info: DatasetInfo,
         *,
         max_batch: int = 32,
-        max_wait: float = 0.005,
+        max_wait: float = 0.0,
         describe: dict | None = None,
     ) -> None:
         if max_batch < 1 or not (math.isfinite(max_wait) and max_wait >= 0):
@@ -408,7 +408,8 @@ def _authorised(request, token: str) -> bool:
 
 def read_token(path: str) -> str:
     try:
-        token = open(path).read().strip()
+        with open(path) as f:
+            token = f.read().strip()
     except OSError as error:
         raise InputError(f"--token-file {path}: {error.strerror}") from None
     if len(token) < 16:

@@ -222,7 +222,8 @@ def run_sharded(
     compute: Callable[[list[int], Callable[[dict], None]], None],
     merge: Callable[[dict], None],
 ) -> None:
-    """The sharded run's protocol.
+    """The sharded run's protocol (also used by one process that finds part files of a
+    killed sharded run, so that their rows are not computed again).
 
     `open_results()` (rank 0) opens the results file and returns the indices it holds;
     `compute(share, emit)` (every rank) works through its share and emits each row (part-file

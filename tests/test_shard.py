@@ -136,8 +136,9 @@ def _rows(path: Path) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs Linux /proc")
-@pytest.mark.parametrize("victim", [0, 1])
-def test_a_killed_worker_resumes_to_the_one_process_run(checkpoint, tmp_path, victim):
+@pytest.mark.parametrize("victim, resume_workers", [(0, 2), (1, 1)])
+def test_a_killed_worker_resumes_to_the_one_process_run(checkpoint, tmp_path, victim,
+                                                        resume_workers):
     args = certify(checkpoint, tmp_path / "cert.tsv", "--memory", str(tmp_path / "mem.sqlite"),
                    "--nproc-per-node", "2")
     args[args.index("--num-samples") + 1] = "4000"  # slow enough to be caught mid-run
@@ -159,7 +160,8 @@ def test_a_killed_worker_resumes_to_the_one_process_run(checkpoint, tmp_path, vi
     kept_times = dict(zip(kept["idx"].tolist(), kept["time"].tolist()))
     assert 3 <= len(kept_times) < 15
 
-    done = subprocess.run([sys.executable, "-m", "ddrs", *args], cwd=tmp_path, text=True,
+    resume = args if resume_workers == 2 else args[: args.index("--nproc-per-node")]
+    done = subprocess.run([sys.executable, "-m", "ddrs", *resume], cwd=tmp_path, text=True,
                           env=_env(), capture_output=True, timeout=240)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     single = tmp_path / "single"
@@ -170,6 +172,7 @@ def test_a_killed_worker_resumes_to_the_one_process_run(checkpoint, tmp_path, vi
     resumed = read_table(tmp_path / "cert.tsv")
     times = dict(zip(resumed["idx"].tolist(), resumed["time"].tolist()))
     assert all(times[idx] == t for idx, t in kept_times.items()), "finished rows were reused"
+    assert not parts_dir(tmp_path / "cert.tsv").exists()
 
 
 def test_errors_of_a_sharded_run_are_one_line(checkpoint, tmp_path, capsys):
