@@ -3,8 +3,8 @@
 (a) `ddrs certify` in one process against `--nproc-per-node K` (K workers, the cores split
     between them), same model, inputs, N and batch; the merged results are checked equal to
     the one-process file in every column but time.
-(b) At small N, inputs per engine call: the old grouping (enough inputs for 4 forward
-    batches) against the new one (runs.GROUP_BATCHES = 16), in one process.
+(b) At small N, inputs per engine call: enough inputs for 4 forward batches
+    (runs.GROUP_BATCHES, the default) against 16, in one process.
 
 Each call is a full CLI run (start-up and model loading included, as a user sees it), on
 fresh output files. Variants run in turn, the order rotated every round; ratios are medians
@@ -110,14 +110,14 @@ def main() -> None:
     }, args.repeats)
     assert without_time(outs["one"]) == without_time(outs["sharded"]), "sharded run differs"
     grouping = interleaved({
-        "group for 4 batches (before)": variant("g4", args.small_n, grouping=4),
-        "group for 16 batches (now)": variant("g16", args.small_n, grouping=16),
+        "group for 4 batches (default)": variant("g4", args.small_n, grouping=4),
+        "group for 16 batches": variant("g16", args.small_n, grouping=16),
     }, args.repeats)
     assert without_time(outs["g4"]) == without_time(outs["g16"]), "grouping changed results"
 
     rows = []
     for label, times, base in (("sharding", sharding, "one process"),
-                               ("grouping", grouping, "group for 4 batches (before)")):
+                               ("grouping", grouping, "group for 4 batches (default)")):
         for name, seconds in times.items():
             rows.append([label, name, f"{median(seconds):.2f}",
                          f"{paired_ratio(times[base], seconds):.2f}x"])

@@ -35,7 +35,7 @@ def memory_fingerprint(model: nn.Module, dataset: str, input_shape) -> str:
 class Answer:
     predict: int
     radius: float
-    sigma: float
+    sigma: float  # the sigma that certified `radius` (for a repeat: the stored entry's)
     changed: bool  # the memory changed the Monte Carlo class
     shrunk: bool  # the memory shrank the Monte Carlo radius
     mc_predict: int
@@ -137,5 +137,5 @@ class DataDependentSmoothClassifier:
     def _resolve(self, x, predict, radius, sigma, key) -> Answer:
         r = self.memory.resolve_and_store(x, predict, radius, sigma=sigma, idx=key)
         return Answer(
-            r.predict, r.radius, sigma, r.changed, r.shrunk, predict, radius, r.repeat, r.entry
+            r.predict, r.radius, r.sigma, r.changed, r.shrunk, predict, radius, r.repeat, r.entry
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -533,11 +534,13 @@ def cmd_serve(args) -> None:
 
     check_run_args(n=args.n, alpha=args.alpha, n0=args.n0, batch=args.batch,
                    sigma=args.sigma)
+    if args.max_batch < 1 or not (math.isfinite(args.max_wait_ms) and args.max_wait_ms >= 0):
+        raise InputError("--max-batch must be >= 1 and --max-wait-ms finite and >= 0")
     search = args.search if args.sigma is None else None
     options = {}
     if search is not None:
-        options = sigma_search_options(args)
-        options.pop("n", None), options.pop("alpha", None)  # the classifier adds its own
+        # the classifier scores a certified search at its own n and alpha
+        options = {k: v for k, v in sigma_search_options(args).items() if k not in ("n", "alpha")}
         check_search_options(search, {**options, "n": args.n, "alpha": args.alpha})
     token = read_token(args.token_file) if args.token_file else None
     model, info = _serve_model(args)
@@ -551,6 +554,7 @@ def cmd_serve(args) -> None:
             batch=args.batch, seed=args.seed, selector=search, search=options,
         )
 
+    make_classifier().memory.close()  # a memory of another model or a corrupt one: say so now
     describe = {
         "model": fingerprint[:16], "dataset": info.name, "input_shape": list(info.input_shape),
         "num_classes": info.num_classes, "sigma": args.sigma, "sigma0": args.sigma0,

@@ -101,6 +101,7 @@ class Resolution:
     shrunk: bool  # the class kept, radius reduced
     repeat: bool  # exact repeat of a stored input: stored answer returned (changed/shrunk False)
     entry: int  # the order (0-based) of the entry that now holds this input
+    sigma: float | None = None  # the sigma of that entry's certificate (None: not looked up)
 
 
 # ----------------------------------------------------------------------------- the pure rule
@@ -413,12 +414,16 @@ class CertificationMemory:
                 shrunk=new_c == predict and new_r < radius,
                 repeat=False,
                 entry=self._next_order(),
+                sigma=sigma,
             )
             self._insert(xf, res, sigma, idx)
             return res
 
     def _repeat(self, c: int, r: float, order: int, predict: int, radius: float) -> Resolution:
         self._conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'repeats'")
+        stored_sigma = self._conn.execute(
+            "SELECT sigma FROM entries WHERE ord = ?", (order,)
+        ).fetchone()[0]
         return Resolution(
             predict=c,
             radius=r,
@@ -428,6 +433,7 @@ class CertificationMemory:
             shrunk=False,
             repeat=True,
             entry=order,
+            sigma=float(stored_sigma),
         )
 
     def _next_order(self) -> int:

@@ -138,7 +138,9 @@ def _groups(indices: list[int], size: int) -> Iterator[list[int]]:
         yield indices[lo : lo + size]
 
 
-GROUP_BATCHES = 16
+# 16 instead of 4 changed nothing measurable on CPU (docs/PERFORMANCE.md section 6), and a
+# group is also the unit of progress and of work lost to a kill
+GROUP_BATCHES = 4
 
 
 def _group_size(n: int, batch: int) -> int:

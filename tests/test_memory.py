@@ -116,8 +116,10 @@ def line() -> CertificationMemory:
 def test_no_conflict_stores_as_is(line):
     a = line.resolve_and_store(point(0), 0, 1.0, sigma=0.5, idx=7)
     b = line.resolve_and_store(point(3), 1, 2.0, sigma=0.5)  # touching: d = R_a + R_b
-    assert a == Resolution(0, 1.0, 0, 1.0, False, False, False, 0)
-    assert b == Resolution(1, 2.0, 1, 2.0, False, False, False, 1)
+    assert a == Resolution(0, 1.0, 0, 1.0, False, False, False, 0, 0.5)
+    assert b == Resolution(1, 2.0, 1, 2.0, False, False, False, 1, 0.5)
+    again = line.resolve_and_store(point(0), 1, 5.0, sigma=0.9)  # a repeat: a's stored answer
+    assert again == Resolution(0, 1.0, 1, 5.0, False, False, True, 0, 0.5)
     assert line.resolve_and_store(point(10), 1, 3.0, sigma=0.5).radius == 3.0  # same class
     assert len(line) == 3 and line.check(tol=0) == []
 

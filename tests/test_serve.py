@@ -100,6 +100,7 @@ def test_every_endpoint_answers(checkpoint, digits, tmp_path):
         again = client.post("/v1/certify", json=as_json(x)).json()
         assert again["repeat"] and (again["predict"], again["radius"], again["entry"]) == (
             answer["predict"], answer["radius"], 0)
+        assert again["sigma"] == answer["sigma"]  # the sigma that certified the stored radius
         stats = client.get("/v1/memory/stats").json()
         assert stats["entries"] == 3 and stats["repeats"] == 1
         assert client.get("/health").json()["entries"] == 3
@@ -321,3 +322,34 @@ def test_sigterm_drains_the_queries_in_flight(checkpoint, digits, tmp_path):
     assert "Traceback" not in output, output
     assert len(received) == 4, output
     assert entries(memory) == 4
+
+
+def test_bad_serve_invocations_are_one_line_and_start_nothing(checkpoint, tmp_path, capsys):
+    from ddrs.cli import main
+
+    memory = tmp_path / "m.sqlite"
+    short = tmp_path / "short-token"
+    short.write_text("abc\n")
+    base = ["serve", "--checkpoint", checkpoint, "--memory", str(memory), "--port", "1"]
+    cases = {
+        "give --dataset": [*base, "--sigma", "0.25"],
+        "--sigma must be finite": [*base, "--dataset", "digits", "--sigma", "0"],
+        "alpha": [*base, "--dataset", "digits", "--sigma", "0.25", "--alpha", "2"],
+        "at least 16": [*base, "--dataset", "digits", "--sigma", "0.25", "--token-file",
+                        str(short)],
+        "--token-file": [*base, "--dataset", "digits", "--sigma", "0.25", "--token-file",
+                         str(tmp_path / "missing")],
+        "--max-batch": [*base, "--dataset", "digits", "--sigma", "0.25", "--max-batch", "0"],
+    }
+    for words, argv in cases.items():
+        assert main(argv) == 2, words
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], (words, err)
+        assert not memory.exists(), words
+    other = tmp_path / "other.sqlite"
+    with CertificationMemory(other, "another model", (1, 8, 8)):
+        pass
+    argv = [*base[:4], str(other), "--port", "1", "--dataset", "digits", "--sigma", "0.25"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ddrs: error:" in err[0], err
