@@ -119,7 +119,7 @@ def launch(argv: list[str], nproc: int) -> int:
         elastic_launch(config, _worker_main)(argv)
     except ChildFailedError as error:
         codes = sorted({failure.exitcode for failure in error.failures.values()})
-        if codes != [2]:  # 2: a worker printed a ddrs error already
+        if 2 not in codes:  # 2: a worker printed its ddrs error (the others were stopped)
             raise DDRSError(
                 f"a worker stopped (exit code {codes}); the rows finished so far are kept in "
                 "the part files: re-run the same command to resume"
@@ -229,7 +229,7 @@ def run_sharded(
     `compute(share, emit)` (every rank) works through its share and emits each row (part-file
     columns); `merge(row)` (rank 0) turns a part row into results rows, in index order.
     """
-    found = gather_to_main(read_parts_or_error(out, columns, settings), shard)
+    found = gather_to_main(_read_parts_or_error(out, columns, settings), shard)
     state: dict = {}
 
     def prepare() -> list[int]:
@@ -268,7 +268,7 @@ def run_sharded(
         dist.barrier()
 
 
-def read_parts_or_error(out, columns, settings) -> dict[int, dict] | str:
+def _read_parts_or_error(out, columns, settings) -> dict[int, dict] | str:
     try:
         return read_parts(out, columns, settings)
     except DDRSError as error:

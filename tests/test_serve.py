@@ -353,3 +353,51 @@ def test_bad_serve_invocations_are_one_line_and_start_nothing(checkpoint, tmp_pa
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ddrs: error:" in err[0], err
+
+
+@pytest.mark.slow
+def test_a_custom_model_with_a_fixed_sigma_is_served(tmp_path):
+    (tmp_path / "tinymodel.py").write_text(
+        "import torch\n"
+        "def factory():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))\n"
+    )
+    port, memory = _free_port(), tmp_path / "m.sqlite"
+    command = [sys.executable, "-m", "ddrs", "serve", "--model", "tinymodel:factory",
+               "--input-shape", "3,4,4", "--num-classes", "3", "--memory", str(memory),
+               "--sigma", "0.3", "--n0", "20", "--n", "500", "--alpha", "0.01", "--device", "cpu",
+               "--port", str(port)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+        str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = json.loads(urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/health", timeout=1).read())
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+        assert health["input_shape"] == [3, 4, 4] and health["sigma"] == 0.3
+        answer = post(port, torch.full((3, 4, 4), 0.5))
+        assert answer["sigma"] == pytest.approx(0.3) and answer["predict"] in (-1, 0, 1, 2)
+        rgb = Image.new("RGB", (10, 10), (200, 30, 90))
+        buffer = io.BytesIO()
+        rgb.save(buffer, format="JPEG")
+        boundary = "ddrs-test-boundary"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+                f"filename=\"x.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n").encode()
+        body += buffer.getvalue() + f"\r\n--{boundary}--\r\n".encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/predict", data=body,
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        uploaded = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        assert uploaded["radius"] == 0.0 and uploaded["entry"] == 1  # resized to 3 x 4 x 4
+    finally:
+        server.kill()
+        server.wait()
+    assert entries(memory) == 2
