@@ -442,3 +442,14 @@ def main(argv: list[str] | None = None) -> int:
             "ddrs: interrupted; results written so far are kept (re-run to resume)", file=sys.stderr
         )
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """A worker of a sharded run leaves its process group before exiting (a group left
+    open aborts the interpreter at exit: "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

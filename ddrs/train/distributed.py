@@ -38,8 +38,13 @@ def init_distributed(device: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, comm_device)
 
 
-def shutdown(info: DistInfo) -> None:
+def shutdown(info: DistInfo, finished: bool = False) -> None:
+    """Leave the process group. After a finished run, all ranks leave together: rank 0
+    evaluates and saves after the last collective, and a rank that tore its connections down
+    meanwhile could abort at exit. After an error, no barrier (the others may never come)."""
     if info.enabled and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

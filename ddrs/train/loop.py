@@ -368,6 +368,7 @@ class Trainer:
         )
         if not self.legacy_log:
             logger.rewrite(self.log_rows)  # the log is exactly the checkpoint's epochs
+        finished = False
         try:
             for epoch in range(self.start_epoch, c.epochs):
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -384,9 +385,10 @@ class Trainer:
                     tqdm.write(format_row(row))
                     if row["note"]:
                         tqdm.write(f"warning: {row['note']}")
+            finished = True
         finally:
             logger.close()
-            shutdown(self.dist)
+            shutdown(self.dist, finished)
         return self.out / "last.pt"
 
 
