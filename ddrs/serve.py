@@ -115,7 +115,7 @@ class Metrics:
         self.shrunk += int(answer.shrunk)
         self.repeats += int(answer.repeat)
 
-    def text(self, entries: int) -> str:
+    def text(self, entries: int, in_flight: int) -> str:
         lines = [
             "# HELP ddrs_requests_total HTTP requests by method, path and status.",
             "# TYPE ddrs_requests_total counter",
@@ -143,6 +143,9 @@ class Metrics:
         for size, count in sorted(self.batches.items()):
             lines.append(f'ddrs_batch_queries_total{{size="{size}"}} {count}')
         lines += [
+            "# HELP ddrs_queries_in_flight Queries received and not yet answered.",
+            "# TYPE ddrs_queries_in_flight gauge",
+            f"ddrs_queries_in_flight {in_flight}",
             "# HELP ddrs_memory_entries Entries in the certification memory.",
             "# TYPE ddrs_memory_entries gauge",
             f"ddrs_memory_entries {entries}",
@@ -179,6 +182,7 @@ class CertificationService:
         self.describe = describe or {}
         self.metrics = Metrics()
         self.entries = 0
+        self.in_flight = 0  # queries submitted and not yet answered
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddrs-writer")
         self.classifier: DataDependentSmoothClassifier | None = None
         self.next_key = 0
@@ -227,8 +231,12 @@ class CertificationService:
 
     async def submit(self, kind: str, x: Tensor) -> Answer:
         future = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait(Query(kind, x, future))
-        return await future
+        self.in_flight += 1
+        try:
+            self.queue.put_nowait(Query(kind, x, future))
+            return await future
+        finally:
+            self.in_flight -= 1
 
     async def _gather(self) -> list[Query]:
         queries = [await self.queue.get()]
@@ -323,6 +331,7 @@ def create_app(
 ):
     """The FastAPI application around a service (not yet started: the app's lifespan starts
     and stops it)."""
+
     @asynccontextmanager
     async def lifespan(app):
         await service.start()
@@ -366,7 +375,12 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "entries": service.entries, **service.describe}
+        return {
+            "status": "ok",
+            "entries": service.entries,
+            "in_flight": service.in_flight,
+            **service.describe,
+        }
 
     async def answer(kind: str, request: Request):
         x = await _query_input(request, info, max_body_bytes)
@@ -387,7 +401,8 @@ def create_app(
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         return PlainTextResponse(
-            service.metrics.text(service.entries), media_type="text/plain; version=0.0.4"
+            service.metrics.text(service.entries, service.in_flight),
+            media_type="text/plain; version=0.0.4",
         )
 
     @app.get("/", response_class=HTMLResponse)

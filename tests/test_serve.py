@@ -85,7 +85,7 @@ def test_every_endpoint_answers(checkpoint, digits, tmp_path):
     x = digits[0][0]
     with TestClient(create_app(service)) as client:
         health = client.get("/health").json()
-        assert health["status"] == "ok" and health["entries"] == 0
+        assert health["status"] == "ok" and health["entries"] == 0 and health["in_flight"] == 0
         answer = client.post("/v1/certify", json=as_json(x)).json()
         assert set(answer) >= {"predict", "radius", "sigma", "mc_predict", "mc_radius",
                                "changed", "shrunk", "repeat", "entry"}
@@ -106,7 +106,7 @@ def test_every_endpoint_answers(checkpoint, digits, tmp_path):
         assert client.get("/health").json()["entries"] == 3
         metrics = client.get("/metrics").text
         assert 'ddrs_requests_total{method="POST",path="/v1/certify",status="200"} 3' in metrics
-        assert "ddrs_memory_entries 3" in metrics
+        assert "ddrs_memory_entries 3" in metrics and "ddrs_queries_in_flight 0" in metrics
         assert "ddrs_request_seconds_count 4" in metrics
         assert "ddrs_answers_repeat_total 1" in metrics
         page = client.get("/")
@@ -227,8 +227,8 @@ def start_server(checkpoint, memory, port, *extra):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-            return server
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                return server
         except OSError:
             assert server.poll() is None, server.communicate()[0]
             time.sleep(0.1)
@@ -312,7 +312,14 @@ def test_sigterm_drains_the_queries_in_flight(checkpoint, digits, tmp_path):
     server = start_server(checkpoint, memory, port, "--n", "20000")
     received, stop = [], threading.Event()
     threads = load(port, [digits[i][0] for i in range(4)], 4, received, stop)
-    time.sleep(0.5)  # the four queries are in the engine (each takes seconds at N = 20,000)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until the server holds all four queries
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health") as response:
+            health = json.loads(response.read())
+        if health["in_flight"] == 4:
+            break
+        time.sleep(0.01)
+    assert health["in_flight"] == 4 and not received, "all four must be in flight"
     server.send_signal(signal.SIGTERM)
     output, _ = server.communicate(timeout=120)
     for t in threads:
@@ -376,8 +383,8 @@ def test_a_custom_model_with_a_fixed_sigma_is_served(tmp_path):
         deadline = time.monotonic() + 60
         while True:
             try:
-                health = json.loads(urllib.request.urlopen(
-                    f"http://127.0.0.1:{port}/health", timeout=1).read())
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                    health = json.loads(r.read())
                 break
             except OSError:
                 assert server.poll() is None and time.monotonic() < deadline
@@ -395,7 +402,8 @@ def test_a_custom_model_with_a_fixed_sigma_is_served(tmp_path):
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/predict", data=body,
             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-        uploaded = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        with urllib.request.urlopen(request, timeout=60) as response:
+            uploaded = json.loads(response.read())
         assert uploaded["radius"] == 0.0 and uploaded["entry"] == 1  # resized to 3 x 4 x 4
     finally:
         server.kill()
