@@ -309,10 +309,15 @@ async def _query_input(request, info: DatasetInfo, limit: int) -> Tensor:
             form = await Request(request.scope, replay).form()
         except Exception:
             raise RequestError(400, "malformed multipart body") from None
-        upload = form.get("file") or form.get("image")
-        if upload is None or isinstance(upload, str):
-            raise RequestError(422, 'the multipart form needs an image in a field named "file"')
-        return parse_image(await upload.read(), info)
+        try:
+            upload = form.get("file") or form.get("image")
+            if upload is None or isinstance(upload, str):
+                raise RequestError(
+                    422, 'the multipart form needs an image in a field named "file"'
+                )
+            return parse_image(await upload.read(), info)
+        finally:
+            await form.close()
     if content_type.startswith("image/"):
         return parse_image(data, info)
     try:

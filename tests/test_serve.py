@@ -273,7 +273,7 @@ def test_kill_9_under_load_loses_no_answer_that_was_sent(checkpoint, digits, tmp
     while len(received) < 8 and time.monotonic() < deadline:
         time.sleep(0.01)
     server.send_signal(signal.SIGKILL)
-    server.wait()
+    server.communicate()
     stop.set()
     for t in threads:
         t.join()
@@ -300,7 +300,7 @@ def test_kill_9_under_load_loses_no_answer_that_was_sent(checkpoint, digits, tmp
             sent["predict"], sent["radius"], sent["entry"])
     finally:
         server.kill()
-        server.wait()
+        server.communicate()
     checked = subprocess.run([sys.executable, "-m", "ddrs", "memory", "check", str(memory)],
                              capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout
@@ -407,5 +407,5 @@ def test_a_custom_model_with_a_fixed_sigma_is_served(tmp_path):
         assert uploaded["radius"] == 0.0 and uploaded["entry"] == 1  # resized to 3 x 4 x 4
     finally:
         server.kill()
-        server.wait()
+        server.communicate()
     assert entries(memory) == 2
