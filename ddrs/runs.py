@@ -230,13 +230,15 @@ def _part_row(idx: int, label: int, cert, n0: int, seed: int, elapsed: float) ->
 
 
 class _CertifyResults:
-    """The files of a certify run (results, counts) and its memory: each Monte Carlo
-    certificate becomes a counts row, then, resolved against the memory, a results row."""
+    """The files of a certify run (results, counts) and its memory, behind a ResultsWriter's
+    interface: each Monte Carlo certificate written becomes a counts row, then, resolved
+    against the memory (which needs the input: `load_input(idx)`), a results row."""
 
-    def __init__(self, out, settings, counts, memory, on_row):
+    def __init__(self, out, settings, counts, memory, on_row, load_input):
         columns = MEMORY_COLUMNS if memory is not None else CERTIFY_COLUMNS
-        self.memory, self.on_row = memory, on_row
+        self.memory, self.on_row, self.load_input = memory, on_row, load_input
         self.writer = ResultsWriter(out, columns, settings)
+        self.path, self.done = self.writer.path, self.writer.done
         self.counts = None
         try:
             if memory is not None and self.writer.done:
@@ -249,7 +251,7 @@ class _CertifyResults:
             self.writer.close()
             raise
 
-    def add(self, part: dict, x: torch.Tensor) -> None:
+    def write(self, part: dict) -> None:
         idx, label = part["idx"], part["label"]
         if self.counts is not None and idx not in self.counts.done:
             # before the results row: a kill between the two repeats identical counts
@@ -257,7 +259,7 @@ class _CertifyResults:
         row = {c: part[c] for c in ("idx", "label", "predict", "radius", "sigma", "time")}
         if self.memory is not None:
             resolved = self.memory.resolve_and_store(
-                x, part["predict"], part["radius"], sigma=part["sigma"], idx=idx
+                self.load_input(idx), part["predict"], part["radius"], sigma=part["sigma"], idx=idx
             )
             row.update(
                 predict=resolved.predict,
@@ -274,18 +276,6 @@ class _CertifyResults:
         self.writer.close()
         if self.counts is not None:
             self.counts.close()
-
-
-class _Rate:
-    """Samples per second on a progress bar."""
-
-    def __init__(self, bar):
-        self.bar, self.samples, self.start = bar, 0, time.perf_counter()
-
-    def add(self, inputs: int, samples: int) -> None:
-        self.samples += samples
-        self.bar.update(inputs)
-        self.bar.set_postfix(samples_s=f"{self.samples / (time.perf_counter() - self.start):,.0f}")
 
 
 def certify_dataset(
@@ -342,8 +332,12 @@ def certify_dataset(
     group_size = _group_size(n, smooth.batch_size(batch, dataset.info.input_shape))
     settings = settings or {}
 
-    def certify_group(group: list[int]) -> tuple[list[dict], torch.Tensor]:
+    inputs = {}  # the group being certified, for the memory (a merge reloads the item)
+
+    def certify_group(group: list[int]) -> list[dict]:
         x, labels = _stack(dataset, group)
+        inputs.clear()
+        inputs.update(zip(group, x))
         group_sigma = _sigmas_for(group, sigma, sigmas)
         t0 = time.perf_counter()
         if pilot:
@@ -353,71 +347,37 @@ def certify_dataset(
         else:
             certificates = smooth.certify_batch(x, group_sigma, n0, n, alpha, batch, keys=group)
         elapsed = (time.perf_counter() - t0) / len(group)
-        rows = [
+        return [
             _part_row(idx, labels[i], certificates[i], n0, seed, elapsed)
             for i, idx in enumerate(group)
         ]
-        return rows, x
 
-    def samples_of(rows: list[dict]) -> int:
-        return sum(n0 + pilot + row["n"] for row in rows)
+    def load_input(idx: int) -> torch.Tensor:
+        return inputs[idx] if idx in inputs else dataset[idx][0]
 
-    if not shard.enabled and not parts_dir(out).exists():
-        results = _CertifyResults(out, settings, counts, memory, on_row)
-        try:
-            todo = _todo(selected, results.writer)
-            bar = _progress(len(todo), "certify", progress)
-            rate = _Rate(bar)
-            for group in _groups(todo, group_size):
-                rows, x = certify_group(group)
-                for row, xi in zip(rows, x):
-                    results.add(row, xi)
-                rate.add(len(group), samples_of(rows))
-            bar.close()
-        finally:
-            results.close()
-        return out
+    def open_results() -> _CertifyResults:
+        return _CertifyResults(out, settings, counts, memory, on_row, load_input)
 
-    opened: list[_CertifyResults] = []
-
-    def open_results() -> set[int]:
-        opened.append(_CertifyResults(out, settings, counts, memory, on_row))
-        _todo(selected, opened[0].writer)
-        return opened[0].writer.done
-
-    def compute(share: list[int], emit: Callable[[dict], None]) -> None:
-        bar = _progress(len(share), f"certify, rank 0 of {shard.world}", progress and shard.is_main)
-        rate = _Rate(bar)
-        for group in _groups(share, group_size):
-            rows, _ = certify_group(group)
-            for row in rows:
-                emit(row)
-            rate.add(len(group), samples_of(rows))
-        bar.close()
-
-    def merge(row: dict) -> None:
-        opened[0].add(row, dataset[int(row["idx"])][0])
-
-    try:
-        run_sharded(
-            shard,
-            out=out,
-            columns=CERTIFY_PART_COLUMNS,
-            settings=settings,
-            open_results=open_results,
-            selected=selected,
-            compute=compute,
-            merge=merge,
-        )
-    finally:
-        for results in opened:
-            results.close()
+    _write_rows(
+        out,
+        open_results,
+        CERTIFY_PART_COLUMNS,
+        settings,
+        selected,
+        group_size,
+        certify_group,
+        "certify",
+        progress,
+        shard,
+        samples_of=lambda rows: sum(n0 + pilot + row["n"] for row in rows),
+    )
     return out
 
 
 def _write_rows(
     out: str,
-    columns: tuple[str, ...],
+    open_results: Callable[[], ResultsWriter | _CertifyResults],
+    part_columns: tuple[str, ...],
     settings: dict,
     selected: list[int],
     group_size: int,
@@ -425,48 +385,54 @@ def _write_rows(
     desc: str,
     progress: bool,
     shard: Shard,
+    samples_of: Callable[[list[dict]], int] | None = None,
 ) -> None:
-    """A run whose rows go to the results file as computed (predict, sigma): in one process,
-    or sharded (part files merged in index order by rank 0)."""
-    if not shard.enabled and not parts_dir(out).exists():
-        with ResultsWriter(out, columns, settings) as writer:
-            todo = _todo(selected, writer)
-            bar = _progress(len(todo), desc, progress)
-            for group in _groups(todo, group_size):
-                for row in rows_of(group):
-                    writer.write(row)
-                bar.update(len(group))
-            bar.close()
-        return
-    writers: list[ResultsWriter] = []
+    """The loop of every run: the selected inputs not yet in the results, group by group,
+    each group's rows written as they come; in one process, or sharded (rows in part files,
+    merged into the results in index order by rank 0). `samples_of(rows)`: show samples/s."""
 
-    def open_results() -> set[int]:
-        writers.append(ResultsWriter(out, columns, settings))
-        _todo(selected, writers[0])
-        return writers[0].done
-
-    def compute(share: list[int], emit: Callable[[dict], None]) -> None:
-        bar = _progress(len(share), f"{desc}, rank 0 of {shard.world}", progress and shard.is_main)
-        for group in _groups(share, group_size):
-            for row in rows_of(group):
-                emit(row)
+    def compute(todo: list[int], write: Callable[[dict], None], label: str) -> None:
+        bar = _progress(len(todo), label, progress and shard.is_main)
+        start, samples = time.perf_counter(), 0
+        for group in _groups(todo, group_size):
+            rows = rows_of(group)
+            for row in rows:
+                write(row)
             bar.update(len(group))
+            if samples_of is not None:
+                samples += samples_of(rows)
+                rate = samples / (time.perf_counter() - start)
+                bar.set_postfix(samples_s=f"{rate:,.0f}")
         bar.close()
+
+    if not shard.enabled and not parts_dir(out).exists():
+        results = open_results()
+        try:
+            compute(_todo(selected, results), results.write, desc)
+        finally:
+            results.close()
+        return
+    opened: list = []
+
+    def open_and_check() -> set[int]:
+        opened.append(open_results())
+        _todo(selected, opened[0])
+        return opened[0].done
 
     try:
         run_sharded(
             shard,
             out=out,
-            columns=columns,
+            columns=part_columns,
             settings=settings,
-            open_results=open_results,
+            open_results=open_and_check,
             selected=selected,
-            compute=compute,
-            merge=lambda row: writers[0].write(row),
+            compute=lambda share, emit: compute(share, emit, f"{desc}, rank 0 of {shard.world}"),
+            merge=lambda row: opened[0].write(row),
         )
     finally:
-        for writer in writers:
-            writer.close()
+        for results in opened:
+            results.close()
 
 
 def predict_dataset(
@@ -509,10 +475,12 @@ def predict_dataset(
         ]  # fmt: skip
 
     group_size = _group_size(n, smooth.batch_size(batch, dataset.info.input_shape))
+    settings = settings or {}
     _write_rows(
         out,
+        lambda: ResultsWriter(out, PREDICT_COLUMNS, settings),
         PREDICT_COLUMNS,
-        settings or {},
+        settings,
         selected,
         group_size,
         rows_of,
@@ -562,10 +530,12 @@ def sigma_dataset(
         ]  # fmt: skip
 
     group_size = max(1, min(100, batch // options.get("samples", 1)))
+    settings = settings or {}
     _write_rows(
         out,
+        lambda: ResultsWriter(out, SIGMA_COLUMNS, settings),
         SIGMA_COLUMNS,
-        settings or {},
+        settings,
         selection.indices(len(dataset)),
         group_size,
         rows_of,
