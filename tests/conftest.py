@@ -31,3 +31,14 @@ def linear_model():
     w = torch.randn(16, generator=g)
     b = -float(w.sum()) / 2  # hyperplane through the centre of [0, 1]^16
     return LinearBinary(w, b)
+
+
+@pytest.fixture(scope="session")
+def digits_checkpoint(tmp_path_factory) -> str:
+    """A digits CNN trained for one epoch (seconds): a real model for end-to-end runs."""
+    from ddrs.train.loop import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("digits-cnn")
+    config = TrainConfig(dataset="digits", arch="cnn", out=str(out), sigma=0.25, epochs=1,
+                         batch=64, lr=0.05, eval_max=20, progress=False)
+    return str(train(config))

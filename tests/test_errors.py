@@ -6,15 +6,11 @@ import torch
 
 from ddrs.cli import main
 from ddrs.models import build_model, save_checkpoint
-from ddrs.train.loop import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train")
-    config = TrainConfig(dataset="digits", arch="cnn", out=str(out), sigma=0.25, epochs=1,
-                         batch=64, lr=0.05, eval_max=20, progress=False)
-    return str(train(config))
+def checkpoint(digits_checkpoint):
+    return digits_checkpoint
 
 
 @pytest.fixture(scope="module")

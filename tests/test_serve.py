@@ -29,18 +29,14 @@ from ddrs.data import dataset_info, get_dataset  # noqa: E402
 from ddrs.memory import CertificationMemory  # noqa: E402
 from ddrs.models import load_checkpoint  # noqa: E402
 from ddrs.serve import CertificationService, create_app  # noqa: E402
-from ddrs.train.loop import TrainConfig, train  # noqa: E402
 
 N0, N, ALPHA = 20, 300, 0.01
 TOKEN = "s3cret-token-of-the-tests"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train")
-    config = TrainConfig(dataset="digits", arch="cnn", out=str(out), sigma=0.25, epochs=1,
-                         batch=64, lr=0.05, eval_max=20, progress=False)
-    return str(train(config))
+def checkpoint(digits_checkpoint):
+    return digits_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import torch.distributed as dist
 from ddrs.cli import main
 from ddrs.results import read_table
 from ddrs.shard import part_path, parts_dir
-from ddrs.train.loop import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [
@@ -29,11 +28,8 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train")
-    config = TrainConfig(dataset="digits", arch="cnn", out=str(out), sigma=0.25, epochs=2,
-                         batch=64, lr=0.05, eval_max=20, progress=False)
-    return str(train(config))
+def checkpoint(digits_checkpoint):
+    return digits_checkpoint
 
 
 def certify(ckpt, out, *extra):
