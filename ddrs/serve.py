@@ -30,11 +30,15 @@ from torch import Tensor
 from ddrs.classifier import Answer, DataDependentSmoothClassifier
 from ddrs.data import DatasetInfo
 from ddrs.data.transforms import image_to_input
-from ddrs.errors import DDRSError, InputError
+from ddrs.errors import InputError
 
 MAX_BODY_BYTES = 8 << 20
 QUERY_PATHS = ("/v1/certify", "/v1/predict")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class EngineError(Exception):
+    """The engine or the memory failed on a batch (a server error, not the client's)."""
 
 
 class RequestError(Exception):
@@ -219,7 +223,7 @@ class CertificationService:
 
     async def stop(self) -> None:
         if self.batcher is not None:
-            while not self.queue.empty():  # answer what is queued before closing
+            while self.in_flight:  # answer what was received before closing the memory
                 await asyncio.sleep(0.01)
             self.batcher.cancel()
             try:
@@ -260,9 +264,10 @@ class CertificationService:
             try:
                 answers = await self.call(self._answer, queries)
             except Exception as error:  # the engine failed: every query of the batch fails
+                failure = EngineError(f"{type(error).__name__}: {error}")
                 for q in queries:
                     if not q.future.done():
-                        q.future.set_exception(error)
+                        q.future.set_exception(failure)
                 continue
             self.metrics.batches[len(queries)] += len(queries)
             for q, answer in zip(queries, answers):
@@ -374,9 +379,10 @@ def create_app(
     async def refused(request, error: RequestError):
         return JSONResponse({"error": str(error)}, status_code=error.status)
 
-    @app.exception_handler(DDRSError)
-    async def bad_input(request, error: DDRSError):
-        return JSONResponse({"error": str(error)}, status_code=400)
+    @app.exception_handler(EngineError)
+    async def engine_failed(request, error: EngineError):
+        return JSONResponse({"error": f"the service failed on this batch: {error}"},
+                            status_code=500)
 
     @app.get("/health")
     async def health():
@@ -412,7 +418,8 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
-        return HTMLResponse(PAGE.replace("{{DESCRIBE}}", json.dumps(service.describe)))
+        describe = json.dumps(service.describe).replace("<", "\\u003c")  # safe in <script>
+        return HTMLResponse(PAGE.replace("{{DESCRIBE}}", describe))
 
     app.state.paths = {"/", "/health", "/v1/certify", "/v1/predict", "/v1/memory/stats", "/metrics"}
     return app

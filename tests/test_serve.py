@@ -405,3 +405,24 @@ def test_a_custom_model_with_a_fixed_sigma_is_served(tmp_path):
         server.kill()
         server.communicate()
     assert entries(memory) == 2
+
+
+def test_an_engine_failure_is_a_500_and_the_service_goes_on(digits, tmp_path):
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    info = dataset_info("digits")
+
+    def make_classifier():
+        memory = CertificationMemory(tmp_path / "m.sqlite", "broken", info.input_shape)
+        return DataDependentSmoothClassifier(Broken(), 10, memory, 0.25, n0=N0, n=N,
+                                             alpha=ALPHA, selector=None)
+
+    service = CertificationService(make_classifier, info)
+    with TestClient(create_app(service)) as client:
+        for _ in range(2):
+            response = client.post("/v1/certify", json=as_json(digits[0][0]))
+            assert response.status_code == 500
+            assert "RuntimeError: boom" in response.json()["error"]
+        assert client.get("/health").json()["entries"] == 0
