@@ -438,9 +438,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ddrs: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            "ddrs: interrupted; results written so far are kept (re-run to resume)", file=sys.stderr
-        )
+        from ddrs.shard import quiet_on_interrupt
+
+        if not quiet_on_interrupt():
+            print(
+                "ddrs: interrupted; results written so far are kept (re-run to resume)",
+                file=sys.stderr,
+            )
         return 130
     finally:
         _leave_process_group()

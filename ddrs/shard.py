@@ -63,6 +63,14 @@ class Shard:
 ONE_PROCESS = Shard()
 
 
+LAUNCHED_BY_DDRS = "DDRS_LAUNCHED_WORKER"  # set for workers this process starts
+
+
+def quiet_on_interrupt() -> bool:
+    """A worker whose launcher is a ddrs process: that one reports an interruption."""
+    return os.environ.get(LAUNCHED_BY_DDRS) == "1" or int(os.environ.get("RANK", "0")) > 0
+
+
 def in_worker() -> bool:
     """True inside a process started by torchrun or `--nproc-per-node` (WORLD_SIZE > 1)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -98,10 +106,13 @@ def _worker_main(argv: list[str]) -> int:
 
 def launch(argv: list[str], nproc: int) -> int:
     """Run `ddrs ARGV` in `nproc` workers on this machine (torch.distributed's launcher)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    for name in list(logging.root.manager.loggerDict):  # the launcher's own chatter
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -115,8 +126,11 @@ def launch(argv: list[str], nproc: int) -> int:
     # the workers inherit this process's environment: split the cores between them
     threads = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = threads or str(_threads_per_worker(nproc))
+    os.environ[LAUNCHED_BY_DDRS] = "1"
     try:
         elastic_launch(config, _worker_main)(argv)
+    except SignalException:
+        raise KeyboardInterrupt from None  # Ctrl-C: the workers were stopped, rows are kept
     except ChildFailedError as error:
         codes = sorted({failure.exitcode for failure in error.failures.values()})
         if 2 not in codes:  # 2: a worker printed its ddrs error (the others were stopped)
@@ -126,6 +140,7 @@ def launch(argv: list[str], nproc: int) -> int:
             ) from None
         return 2
     finally:
+        del os.environ[LAUNCHED_BY_DDRS]
         if threads is None:
             del os.environ["OMP_NUM_THREADS"]
         else:
