@@ -90,6 +90,17 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sigma", type=float, default=None, help="upper bound on sigma")
 
 
+def add_num_samples(p: argparse.ArgumentParser, help: str) -> None:
+    """--n, also spelled --num-samples: torchrun's parser takes --n for its own options."""
+    p.add_argument(
+        "--n",
+        "--num-samples",
+        type=int,
+        default=CERTIFY_DEFAULTS["n"],
+        help=f"{help} (--num-samples under torchrun)",
+    )
+
+
 def add_shard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--nproc-per-node",
@@ -225,7 +236,7 @@ def add_serve_parser(sub) -> None:
     p = sub.add_parser(
         "serve",
         help="an HTTP service of certified predictions with a persistent memory",
-        description="POST /v1/certify or /v1/predict with JSON {\"input\": C x H x W floats "
+        description='POST /v1/certify or /v1/predict with JSON {"input": C x H x W floats '
         "in [0, 1]} or an image upload; GET /health, /v1/memory/stats, /metrics, and / (a page "
         "to try it). Every answer is stored in --memory before it is sent.",
     )
@@ -262,9 +273,7 @@ def add_serve_parser(sub) -> None:
         help="how long a query waits for others to share its engine call (0: none; queries "
         "that arrive while the engine is busy share the next call anyway)",
     )
-    p.add_argument(
-        "--max-body-bytes", type=int, default=8 << 20, help="larger requests get 413"
-    )
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger requests get 413")
     p.add_argument(
         "--drain-seconds", type=int, default=60, help="on SIGTERM, time given to queries in flight"
     )
@@ -286,13 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_sigma_source(p)
     p.add_argument("--n0", type=int, default=CERTIFY_DEFAULTS["n0"], help="selection samples")
-    p.add_argument(
-        "--n",
-        "--num-samples",
-        type=int,
-        default=CERTIFY_DEFAULTS["n"],
-        help="estimation samples (--num-samples under torchrun)",
-    )
+    add_num_samples(p, "estimation samples")
     p.add_argument(
         "--alpha", type=float, default=CERTIFY_DEFAULTS["alpha"], help="failure probability"
     )
@@ -333,13 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sigma_source(p)
     add_engine_args(p)
     add_shard_args(p)
-    p.add_argument(
-        "--n",
-        "--num-samples",
-        type=int,
-        default=CERTIFY_DEFAULTS["n"],
-        help="noise samples per input (--num-samples under torchrun)",
-    )
+    add_num_samples(p, "noise samples per input")
     p.add_argument(
         "--alpha",
         type=float,
@@ -361,13 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sigma0", type=float, required=True, help="centre of the candidates / ascent start"
     )
-    p.add_argument(
-        "--n",
-        "--num-samples",
-        type=int,
-        default=CERTIFY_DEFAULTS["n"],
-        help="certified: the N of the certification that follows (--num-samples under torchrun)",
-    )
+    add_num_samples(p, "certified: the N of the certification that follows")
     p.add_argument(
         "--alpha",
         type=float,

@@ -156,6 +156,13 @@ class Smooth:
             amp=self.amp,
         )
 
+    def _checked(self, x, sigma, n0, n, alpha, batch, keys):
+        """CERTIFY's arguments checked and normalised: (per-input sigmas, n0, n, alpha, batch
+        size, noise keys)."""
+        sigma = check_inputs(x, sigma)
+        n0, n, alpha = _check_count("n0", n0), _check_count("n", n), check_alpha(alpha)
+        return sigma, n0, n, alpha, self._batch(batch, x), self._keys(x.shape[0], keys)
+
     def certify_batch(
         self,
         x: Tensor,
@@ -172,13 +179,8 @@ class Smooth:
         radius R satisfies g(x + d) = cA for every ||d||_2 < R. Abstains (ABSTAIN, 0) when the
         lower bound pA_lower is below 1/2.
         """
-        sigma = check_inputs(x, sigma)
-        n0, n = _check_count("n0", n0), _check_count("n", n)
-        alpha = check_alpha(alpha)
-        batch = self._batch(batch, x)
-        keys = self._keys(x.shape[0], keys)
-        counts0 = self._counts(x, sigma, n0, batch, STREAM_SELECTION, keys)
-        cA = counts0.argmax(dim=1)
+        sigma, n0, n, alpha, batch, keys = self._checked(x, sigma, n0, n, alpha, batch, keys)
+        cA = self._counts(x, sigma, n0, batch, STREAM_SELECTION, keys).argmax(dim=1)
         counts = self._counts(x, sigma, n, batch, STREAM_ESTIMATION, keys)
         nA = counts.gather(1, cA[:, None]).squeeze(1)
         top2 = counts.topk(2, dim=1).values.tolist()
@@ -209,13 +211,10 @@ class Smooth:
         and the selection, so the guarantee is CERTIFY's: with probability >= 1 - alpha per
         input, the returned class is g's on the whole ball. `Certificate.n` is each N.
         """
-        sigma = check_inputs(x, sigma)
-        n0, n, pilot = _check_count("n0", n0), _check_count("n", n), _check_count("pilot", pilot)
-        alpha = check_alpha(alpha)
+        pilot = _check_count("pilot", pilot)
         if not (tolerance >= 0 and tolerance < float("inf")):
             raise InputError(f"radius tolerance must be finite and >= 0, got {tolerance!r}")
-        batch = self._batch(batch, x)
-        keys = self._keys(x.shape[0], keys)
+        sigma, n0, n, alpha, batch, keys = self._checked(x, sigma, n0, n, alpha, batch, keys)
         cA = self._counts(x, sigma, n0, batch, STREAM_SELECTION, keys).argmax(dim=1)
         pilot_counts = self._counts(x, sigma, pilot, batch, STREAM_PILOT, keys)
         frequency = (pilot_counts.gather(1, cA[:, None]).squeeze(1) / pilot).tolist()
