@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ddrs.checks import optional_integer, positive
 from ddrs.errors import InputError, MemoryStoreError
 
 SCHEMA_VERSION = 2  # 2: a checksum per entry (a version-1 memory is upgraded when opened)
@@ -271,8 +272,7 @@ class CertificationMemory:
         cache_bytes: int = 1 << 30,
         pixel_range: tuple[float, float] | None = (0.0, 1.0),
     ) -> None:
-        if chunk_size is not None and chunk_size < 1:
-            raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
+        optional_integer("chunk_size", chunk_size)
         self.path = os.fspath(path)
         self.fingerprint = str(fingerprint)
         self.input_shape = tuple(int(s) for s in input_shape)
@@ -388,9 +388,7 @@ class CertificationMemory:
         """Resolve x's certificate against the memory and store the answer, atomically."""
         predict, radius = _check_certificate(predict, radius)
         xf = _as_input(x, self.input_shape, self.pixel_range)
-        sigma = float(sigma)
-        if not math.isfinite(sigma) or sigma <= 0:
-            raise InputError(f"sigma must be finite and > 0, got {sigma!r}")
+        sigma = positive("sigma", sigma)
         with _db_errors(self.path), self._transaction("IMMEDIATE"):
             best: tuple[float, int] | None = None  # (margin, class) of the best conflict so far
             for xs, c, r, order in self._scan():

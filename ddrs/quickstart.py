@@ -11,12 +11,10 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from ddrs.classifier import memory_fingerprint
 from ddrs.data import get_dataset
-from ddrs.memory import CertificationMemory
 from ddrs.models import load_checkpoint
 from ddrs.report import (
     format_table,
@@ -25,9 +23,10 @@ from ddrs.report import (
     plot_sigma_histogram,
     run_summary,
 )
-from ddrs.results import read_sigmas, row_count
-from ddrs.runs import Selection, certify_dataset, sigma_dataset
-from ddrs.train.loop import TrainConfig, train
+from ddrs.results import row_count
+from ddrs.runs import certify_dataset, sigma_dataset
+from ddrs.specs import CertifyRun, SigmaRun, TrainConfig
+from ddrs.train.loop import train
 
 
 @dataclass(frozen=True)
@@ -99,7 +98,7 @@ def quickstart(
     out = Path(out)
     started = time.perf_counter()
     test_set = get_dataset("digits", "test")
-    count = len(_selection(s).indices(len(test_set)))
+    count = len(range(0, len(test_set), s.skip))
     print(f"[1/4] training two CNNs on digits (sigma {s.sigma}, {s.epochs} epochs each)")
     fixed_ckpt = _train(out / "fixed", s, False, progress, "the fixed-sigma CNN")
     dd_ckpt = _train(out / "data_dependent", s, True, progress, "the data-dependent CNN")
@@ -110,16 +109,8 @@ def quickstart(
         + _already(fixed_tsv, count)
     )
     fixed_model = load_checkpoint(fixed_ckpt).model
-    common = {"n0": s.n0, "n": s.n, "alpha": s.alpha, "progress": progress}
-    certify_dataset(
-        fixed_model,
-        test_set,
-        str(fixed_tsv),
-        sigma=s.sigma,
-        selection=_selection(s),
-        settings={"quickstart": "fixed", **_plain(s)},
-        **common,
-    )
+    common = {"n0": s.n0, "n": s.n, "alpha": s.alpha, "skip": s.skip, "progress": progress}
+    certify_dataset(fixed_model, test_set, CertifyRun(out=str(fixed_tsv), sigma=s.sigma, **common))
 
     sigmas_tsv = out / "dd_sigmas.tsv"
     print(
@@ -127,36 +118,18 @@ def quickstart(
         f"in {s.sigma} x [0.5, 2], {s.sigma_samples} votes each)" + _already(sigmas_tsv, count)
     )
     dd_model = load_checkpoint(dd_ckpt).model
-    options = {"grid": s.sigma_grid, "samples": s.sigma_samples, "n": s.n, "alpha": s.alpha}
-    sigma_dataset(
-        dd_model,
-        test_set,
-        str(sigmas_tsv),
-        sigma0=s.sigma,
-        search="certified",
-        options=options,
-        selection=_selection(s),
-        settings={"quickstart": "sigma", **_plain(s)},
-        progress=progress,
-    )
+    search = SigmaRun(out=str(sigmas_tsv), sigma0=s.sigma, search="certified", grid=s.sigma_grid,
+                      samples=s.sigma_samples, n=s.n, alpha=s.alpha, skip=s.skip,
+                      progress=progress)  # fmt: skip
+    sigma_dataset(dd_model, test_set, search)
 
     dd_tsv, memory_path = out / "dd_certify.tsv", out / "dd_memory.sqlite"
     print(
         "[4/4] certifying the data-dependent model with its sigmas and the memory"
         + _already(dd_tsv, count)
     )
-    fingerprint = memory_fingerprint(dd_model, "digits", test_set.info.input_shape)
-    with CertificationMemory(memory_path, fingerprint, test_set.info.input_shape) as memory:
-        certify_dataset(
-            dd_model,
-            test_set,
-            str(dd_tsv),
-            sigmas=read_sigmas(sigmas_tsv),
-            memory=memory,
-            selection=_selection(s),
-            settings={"quickstart": "data-dependent", **_plain(s)},
-            **common,
-        )
+    certify_dataset(dd_model, test_set, CertifyRun(out=str(dd_tsv), sigmas=str(sigmas_tsv),
+                                                   memory=str(memory_path), **common))
 
     runs = load_runs(
         [str(fixed_tsv), str(dd_tsv)], [f"fixed sigma={s.sigma}", "data-dependent + memory"]
@@ -175,10 +148,3 @@ def quickstart(
         print(f"  {path}")
     return written
 
-
-def _selection(s: QuickstartSettings) -> Selection:
-    return Selection(skip=s.skip)
-
-
-def _plain(s: QuickstartSettings) -> dict:
-    return asdict(s)

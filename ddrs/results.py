@@ -9,6 +9,7 @@ interrupted last line is dropped on resume. This module is the only reader and w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -35,6 +36,11 @@ INTEGER_COLUMNS = {
     "idx", "label", "predict", "correct", "mc_predict",
     "selected", "count", "top1", "top2", "n", "n0", "seed",
 }  # fmt: skip
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """A short sha256 of a file's bytes: which input file a run's settings were made from."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def settings_path(path: str | os.PathLike) -> Path:

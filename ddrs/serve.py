@@ -15,7 +15,6 @@ import asyncio
 import hmac
 import io
 import json
-import math
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -179,8 +178,6 @@ class CertificationService:
         max_wait: float = 0.0,
         describe: dict | None = None,
     ) -> None:
-        if max_batch < 1 or not (math.isfinite(max_wait) and max_wait >= 0):
-            raise InputError("--max-batch must be >= 1 and --max-wait-ms finite and >= 0")
         self.make_classifier, self.info = make_classifier, info
         self.max_batch, self.max_wait = int(max_batch), float(max_wait)
         self.describe = describe or {}

@@ -23,7 +23,6 @@ The resulting classifier (sigma depends on x) is made certifiable by the memory 
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,15 +31,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ddrs.checks import check_alpha, integer, number, positive
 from ddrs.errors import InputError
 from ddrs.sampling import STREAM_SIGMA_SEARCH, block_seed, eval_mode, model_device
 from ddrs.smooth import check_inputs
-from ddrs.stats import check_alpha, predicted_certified_radius
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
+from ddrs.stats import predicted_certified_radius
 
 MIN_SIGMA = 1e-3  # lower bound on any optimised sigma (pixel units): keeps s > 0
 DEFAULT_CLAMP = (0.02, 0.98)
@@ -104,16 +99,12 @@ class _PerInputNoise:
 
 
 def _check_search_args(iterations, lr, samples, clamp, min_sigma, max_sigma) -> None:
-    if not _is_int(iterations) or iterations < 0:
-        raise InputError(f"iterations must be an integer >= 0, got {iterations!r}")
-    if not (_is_int(samples) and samples >= 1):
-        raise InputError(f"samples must be an integer >= 1, got {samples!r}")
-    if not math.isfinite(lr) or lr < 0:
-        raise InputError(f"lr must be finite and >= 0, got {lr!r}")
+    integer("iterations", iterations, minimum=0)
+    integer("samples", samples)
+    number("lr", lr, minimum=0)
     if not 0 < clamp[0] < clamp[1] < 1:
         raise InputError(f"clamp must satisfy 0 < low < high < 1, got {clamp!r}")
-    if not min_sigma > 0:
-        raise InputError(f"min_sigma must be > 0, got {min_sigma!r}")
+    positive("min_sigma", min_sigma)
     if max_sigma is not None and not max_sigma > min_sigma:
         raise InputError(f"max_sigma must exceed min_sigma, got {max_sigma!r}")
 
@@ -182,7 +173,7 @@ def sigma_search(
     """
     sigma0 = check_inputs(x, sigma0)
     _check_search_args(iterations, lr, samples, clamp, min_sigma, max_sigma)
-    iterations, samples, batch = int(iterations), int(samples), _check_batch(batch)
+    iterations, samples, batch = int(iterations), int(samples), integer("batch", batch)
     device = model_device(model)
     keys = _search_keys(x, keys)
     high = math.inf if max_sigma is None else max_sigma
@@ -230,9 +221,9 @@ def grid_sigma_search(
     """
     sigma0 = check_inputs(x, sigma0)
     _check_search_args(0, 0.0, samples, clamp, min_sigma, max_sigma)
-    samples, batch = int(samples), _check_batch(batch)
-    if not (_is_int(grid) and grid >= 1) or not 0 < spread[0] <= 1 <= spread[1]:
-        raise InputError(f"need grid >= 1 and 0 < low <= 1 <= high, got {grid}, {spread}")
+    samples, batch, grid = int(samples), integer("batch", batch), integer("grid", grid)
+    if not 0 < spread[0] <= 1 <= spread[1]:
+        raise InputError(f"spread must satisfy 0 < low <= 1 <= high, got {spread}")
     device = model_device(model)
     keys = _search_keys(x, keys)
     high = math.inf if max_sigma is None else max_sigma
@@ -271,17 +262,14 @@ def _candidates(sigma0: Tensor, grid: int, spread, sigma_range) -> Tensor:
 
 
 def _check_certified_args(grid, spread, sigma_range, samples, n, alpha) -> None:
-    if not (_is_int(grid) and grid >= 1):
-        raise InputError(f"grid must be an integer >= 1, got {grid!r}")
+    integer("grid", grid)
     if sigma_range is not None:
         if not 0 < sigma_range[0] <= sigma_range[1] or not math.isfinite(sigma_range[1]):
             raise InputError(f"sigma range must satisfy 0 < low <= high, got {sigma_range!r}")
     elif not 0 < spread[0] <= spread[1] or not math.isfinite(spread[1]):
         raise InputError(f"spread must satisfy 0 < low <= high, got {spread!r}")
-    if not (_is_int(samples) and samples >= 1):
-        raise InputError(f"samples must be an integer >= 1, got {samples!r}")
-    if not (_is_int(n) and n >= 1):
-        raise InputError(f"n (the certification's N) must be an integer >= 1, got {n!r}")
+    integer("samples", samples)
+    integer("n (the certification's N)", n)
     check_alpha(alpha)
 
 
@@ -340,7 +328,7 @@ def certified_sigma_search(
     sigma0 = check_inputs(x, sigma0)
     _check_certified_args(grid, spread, sigma_range, samples, n, alpha)
     grid, samples, n, alpha = int(grid), int(samples), int(n), float(alpha)
-    batch = _check_batch(batch)
+    batch = integer("batch", batch)
     device = model_device(model)
     keys = _search_keys(x, keys)
     candidates = _candidates(sigma0, grid, spread, sigma_range)
@@ -365,12 +353,6 @@ def certified_sigma_search(
                 )
             )
     return _joined(parts)
-
-
-def _check_batch(batch) -> int:
-    if not _is_int(batch) or isinstance(batch, bool) or batch < 1:
-        raise InputError(f"batch must be a positive integer, got {batch!r}")
-    return batch
 
 
 SEARCHES = {

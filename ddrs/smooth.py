@@ -8,13 +8,13 @@ units of the un-normalised input (values in [0, 1]).
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from ddrs.checks import check_alpha, integer, number
 from ddrs.errors import InputError
 from ddrs.models import is_convolutional
 from ddrs.sampling import (
@@ -26,7 +26,6 @@ from ddrs.sampling import (
     sample_counts,
 )
 from ddrs.stats import (
-    check_alpha,
     clopper_pearson_lower,
     input_specific_sample_size,
     radius_from_p_lower,
@@ -91,13 +90,6 @@ def check_inputs(x: Tensor, sigma, expected_dims: int | None = None) -> Tensor:
     return sigma
 
 
-def _check_count(name: str, value: int) -> int:
-    """`value` as an int if it is a positive integer (numpy integers too), else InputError."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise InputError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 class Smooth:
     """A smoothed classifier g around a base classifier f (logits from [0, 1] inputs).
 
@@ -140,7 +132,7 @@ class Smooth:
             if self._auto_batch is None:
                 self._auto_batch = auto_batch_size(self.model, tuple(input_shape))
             return self._auto_batch
-        return _check_count("batch", batch)
+        return integer("batch", batch)
 
     def _counts(self, x, sigma, num, batch, stream, keys) -> Tensor:
         return sample_counts(
@@ -160,7 +152,7 @@ class Smooth:
         """CERTIFY's arguments checked and normalised: (per-input sigmas, n0, n, alpha, batch
         size, noise keys)."""
         sigma = check_inputs(x, sigma)
-        n0, n, alpha = _check_count("n0", n0), _check_count("n", n), check_alpha(alpha)
+        n0, n, alpha = integer("n0", n0), integer("n", n), check_alpha(alpha)
         return sigma, n0, n, alpha, self._batch(batch, x), self._keys(x.shape[0], keys)
 
     def certify_batch(
@@ -211,9 +203,8 @@ class Smooth:
         and the selection, so the guarantee is CERTIFY's: with probability >= 1 - alpha per
         input, the returned class is g's on the whole ball. `Certificate.n` is each N.
         """
-        pilot = _check_count("pilot", pilot)
-        if not (tolerance >= 0 and tolerance < float("inf")):
-            raise InputError(f"radius tolerance must be finite and >= 0, got {tolerance!r}")
+        pilot = integer("pilot", pilot)
+        tolerance = number("radius tolerance", tolerance, minimum=0)
         sigma, n0, n, alpha, batch, keys = self._checked(x, sigma, n0, n, alpha, batch, keys)
         cA = self._counts(x, sigma, n0, batch, STREAM_SELECTION, keys).argmax(dim=1)
         pilot_counts = self._counts(x, sigma, pilot, batch, STREAM_PILOT, keys)
@@ -270,7 +261,7 @@ class Smooth:
         The probability of returning a class other than g(x) is at most alpha (per input).
         """
         sigma = check_inputs(x, sigma)
-        n = _check_count("n", n)
+        n = integer("n", n)
         alpha = check_alpha(alpha)
         batch = self._batch(batch, x)
         keys = self._keys(x.shape[0], keys)

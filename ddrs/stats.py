@@ -5,25 +5,11 @@ All bounds are exact (Clopper-Pearson), as in Cohen, Rosenfeld & Kolter (2019).
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import numpy as np
 from scipy.stats import beta, binomtest, norm
 
+from ddrs.checks import check_alpha
 from ddrs.errors import InputError
-
-
-def check_alpha(alpha: float) -> float:
-    """Return `alpha` if it is a valid failure probability in (0, 1), else raise InputError."""
-    if (
-        not isinstance(alpha, numbers.Real)
-        or isinstance(alpha, bool)
-        or not math.isfinite(alpha)
-        or not 0 < alpha < 1
-    ):
-        raise InputError(f"alpha must be in (0, 1), got {alpha!r}")
-    return float(alpha)
 
 
 def clopper_pearson_lower(successes, trials, alpha: float):

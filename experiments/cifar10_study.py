@@ -38,9 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddrs.classifier import memory_fingerprint
 from ddrs.data import get_dataset
-from ddrs.memory import CertificationMemory
 from ddrs.models import load_checkpoint
 from ddrs.report import (
     envelope_summary,
@@ -51,9 +49,10 @@ from ddrs.report import (
     plot_training_sigmas,
     run_summary,
 )
-from ddrs.results import read_sigmas, read_table
-from ddrs.runs import Selection, certify_dataset, sigma_dataset
+from ddrs.results import read_table
+from ddrs.runs import certify_dataset, sigma_dataset
 from ddrs.sampling import sample_counts
+from ddrs.specs import CertifyRun, SigmaRun
 from ddrs.train.loop import TrainConfig, train, training_subset
 
 STEPS = ("train", "select", "certify", "noise", "report")
@@ -155,6 +154,7 @@ class Picked:
 
     def __init__(self, base, indices: list[int]):
         self.base, self.indices, self.info = base, indices, base.info
+        self.split = f"{base.split}: {len(indices)} picked"
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -232,21 +232,20 @@ def search_options(args, selector: str, spread=(0.5, 2.0)) -> dict:
 
 
 def certify_with_sigmas(args, model, dataset, folder: Path, stem: str, selector, options,
-                        sigma0: float, selection: Selection, n: int, seed: int) -> str:
-    """Sigmas from `selector`, then CERTIFY through a fresh memory; returns the results path."""
+                        sigma0: float, selection: dict, n: int, seed: int) -> str:
+    """Sigmas from `selector`, then CERTIFY through a fresh memory; returns the results path.
+    `selection`: skip and max of the inputs."""
     sigmas = folder / f"{stem}.sigmas.tsv"
-    settings = {"study": "cifar10", "selector": selector, **options, "sigma0": sigma0}
-    sigma_dataset(model, dataset, str(sigmas), sigma0=sigma0, search=selector, options=options,
-                  batch=args.cert_batch, selection=selection, seed=seed,
-                  settings=settings, progress=not args.no_progress)
+    common = {"batch": args.cert_batch, "seed": seed, "progress": not args.no_progress,
+              **selection}
+    options = {"n": n, "alpha": args.alpha} | options
+    sigma_dataset(model, dataset, SigmaRun(out=str(sigmas), sigma0=sigma0, search=selector,
+                                           **options, **common))
     out = folder / f"{stem}.certify.tsv"
-    shape = dataset.info.input_shape
-    with CertificationMemory(folder / f"{stem}.memory.sqlite",
-                             memory_fingerprint(model, "cifar10", shape), shape) as memory:
-        certify_dataset(model, dataset, str(out), n0=args.n0, n=n, alpha=args.alpha,
-                        sigmas=read_sigmas(sigmas), memory=memory, batch=args.cert_batch,
-                        selection=selection, seed=seed, progress=not args.no_progress,
-                        settings={**settings, "n0": args.n0, "n": n, "alpha": args.alpha})
+    certify_dataset(model, dataset, CertifyRun(
+        out=str(out), n0=args.n0, n=n, alpha=args.alpha, sigmas=str(sigmas),
+        memory=str(folder / f"{stem}.memory.sqlite"), **common,
+    ))
     return str(out)
 
 
@@ -265,7 +264,7 @@ def step_select(args) -> dict:
     val = validation_set(args)
     folder = Path(args.out) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
-    everything = Selection()
+    everything: dict = {}
     seed = args.seed + 1  # validation noise: its own streams
 
     def evaluate(name: str, sigma0: float, spread) -> tuple[float, float]:
@@ -293,20 +292,19 @@ def step_select(args) -> dict:
     return results
 
 
-def test_selection(args) -> Selection:
-    return Selection(skip=args.skip, max=args.max)
+def test_selection(args) -> dict:
+    return {"skip": args.skip, "max": args.max}
 
 
 def step_fixed_certify(args, name: str, sigma: float, test_set) -> None:
     folder = Path(args.out) / "test"
     folder.mkdir(parents=True, exist_ok=True)
     model = load_model(args, name)
-    certify_dataset(model, test_set, str(folder / f"{name}.certify.tsv"), n0=args.n0, n=args.n,
-                    alpha=args.alpha, sigma=sigma, batch=args.cert_batch,
-                    selection=test_selection(args), seed=args.seed,
-                    progress=not args.no_progress,
-                    settings={"study": "cifar10", "n0": args.n0, "n": args.n,
-                              "alpha": args.alpha, "sigma": sigma})
+    certify_dataset(model, test_set, CertifyRun(
+        out=str(folder / f"{name}.certify.tsv"), n0=args.n0, n=args.n, alpha=args.alpha,
+        sigma=sigma, batch=args.cert_batch, seed=args.seed, progress=not args.no_progress,
+        **test_selection(args),
+    ))
 
 
 def dd_rows(args, choices: dict) -> list[tuple[str, str, str, tuple]]:
@@ -335,7 +333,7 @@ def step_noise_accuracy(args, choices: dict, test_set) -> None:
         return
     names = [fixed_name(args, s) for s in floats(args.fixed_sigmas)]
     names.append(dd_name(args, choices["chosen"]["dd_lr"]))
-    indices = test_selection(args).indices(len(test_set))
+    indices = list(range(len(test_set)))[: args.max if args.max >= 0 else None][:: args.skip]
     x = torch.stack([test_set[i][0] for i in indices])
     labels = torch.tensor([int(test_set[i][1]) for i in indices])
     rows = []

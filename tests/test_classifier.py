@@ -8,8 +8,9 @@ from ddrs.classifier import DataDependentSmoothClassifier, memory_fingerprint
 from ddrs.data import get_dataset
 from ddrs.memory import CertificationMemory
 from ddrs.models import load_checkpoint
-from ddrs.results import read_sigmas, read_table
-from ddrs.runs import Selection, certify_dataset, sigma_dataset
+from ddrs.results import read_table
+from ddrs.runs import certify_dataset, sigma_dataset
+from ddrs.specs import CertifyRun, SigmaRun
 from ddrs.train.loop import TrainConfig, train
 
 SEARCH_OPTIONS = {
@@ -41,31 +42,14 @@ def test_online_classifier_matches_offline_resolution(tmp_path, selector):
 
     # offline: sigmas for all, Monte Carlo for all, then the memory in index order
     sigmas = tmp_path / "sigmas.tsv"
-    sigma_dataset(
-        model,
-        data,
-        str(sigmas),
-        sigma0=0.25,
-        search=selector,
-        options=search,
-        selection=Selection(max=count),
-        progress=False,
-    )
+    sigma_dataset(model, data, SigmaRun(out=str(sigmas), sigma0=0.25, search=selector,
+                                        max=count, progress=False, **search))
     fingerprint = memory_fingerprint(model, "digits", shape)
     offline = tmp_path / "offline.tsv"
-    with CertificationMemory(tmp_path / "offline.sqlite", fingerprint, shape) as memory:
-        certify_dataset(
-            model,
-            data,
-            str(offline),
-            n0=n0,
-            n=n,
-            alpha=alpha,
-            sigmas=read_sigmas(sigmas),
-            memory=memory,
-            selection=Selection(max=count),
-            progress=False,
-        )
+    certify_dataset(model, data, CertifyRun(
+        out=str(offline), n0=n0, n=n, alpha=alpha, sigmas=str(sigmas),
+        memory=str(tmp_path / "offline.sqlite"), max=count, progress=False,
+    ))
     rows = read_table(offline)
 
     # online: one query at a time

@@ -14,8 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ddrs.cli import main
+from ddrs.launch import Rank
 from ddrs.models import load_checkpoint
-from ddrs.train.distributed import DistInfo, merge_sigma_buffer
+from ddrs.train.distributed import merge_sigma_buffer
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_ARGS = ["train", "--dataset", "digits", "--arch", "cnn", "--sigma", "0.25", "--epochs", "2",
@@ -37,7 +38,7 @@ UPDATES = {0: [0, 1, 2], 1: [2, 3, 4]}
 def _merge_worker(rank: int, world: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        info = DistInfo(rank, world, rank, "cpu")
+        info = Rank(rank, world, rank, "cpu")
         buffer = torch.full((6,), 0.25)
         updated = torch.zeros(6, dtype=torch.bool)
         buffer[UPDATES[rank]] = torch.tensor(UPDATES[rank], dtype=torch.float32) / 10 + rank
@@ -61,7 +62,7 @@ def test_merge_sigma_buffer_gives_each_index_one_writer(tmp_path):
 
 def test_merge_sigma_buffer_is_the_identity_in_one_process():
     buffer = torch.rand(4)
-    assert merge_sigma_buffer(buffer, torch.ones(4, dtype=torch.bool), DistInfo()) is buffer
+    assert merge_sigma_buffer(buffer, torch.ones(4, dtype=torch.bool), Rank()) is buffer
 
 
 # -- end to end: torchrun with two CPU processes -----------------------------------------------

@@ -14,7 +14,7 @@ from torch import nn
 
 from ddrs.errors import InputError
 from ddrs.models import build_model
-from ddrs.train.loop import TrainConfig, train, validate
+from ddrs.train.loop import TrainConfig, train
 from ddrs.train.methods import build_method, method_names, noise_like
 from ddrs.train.methods.consistency import Consistency, consistency_terms
 from ddrs.train.methods.macer import Macer
@@ -122,10 +122,9 @@ def test_bad_settings_are_rejected(name, settings):
 
 
 def test_trainer_validation_rejects_bad_method_settings(tmp_path):
-    config = TrainConfig(dataset="digits", arch="cnn", out=str(tmp_path), method="macer",
-                         method_settings={"k": 0})
     with pytest.raises(InputError, match="k"):
-        validate(config)
+        TrainConfig(dataset="digits", arch="cnn", out=str(tmp_path), method="macer",
+                    method_settings={"k": 0})
 
 
 def test_defaults_are_the_published_ones():

@@ -94,6 +94,7 @@ def is_convolutional(model: nn.Module) -> bool:
 from ddrs.models.checkpoint import (  # noqa: E402
     LoadedCheckpoint,
     load_checkpoint,
+    load_model,
     load_user_model,
     model_fingerprint,
     save_checkpoint,
@@ -106,6 +107,7 @@ __all__ = [
     "build_model",
     "is_convolutional",
     "load_checkpoint",
+    "load_model",
     "load_user_model",
     "model_fingerprint",
     "save_checkpoint",

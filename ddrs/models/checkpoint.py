@@ -286,3 +286,48 @@ def model_fingerprint(model: nn.Module) -> str:
         mean, std = first.mean.flatten().tolist(), first.std.flatten().tolist()
         digest.update(f"normalize|{mean}|{std}".encode())
     return digest.hexdigest()
+
+
+def load_model(
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    model: str | None = None,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    inputs_name: str = "these",
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """The one model loader of every command: a checkpoint (ours or published) or a user
+    model (`model`: package.module:factory or TorchScript), in eval mode on `device`,
+    checked against the inputs it will see (`inputs_name`, e.g. the dataset: its
+    `input_shape` and `num_classes`) by one probe forward pass."""
+    if (checkpoint is None) == (model is None):
+        raise InputError("give exactly one of a checkpoint or a model")
+    shape = tuple(int(s) for s in input_shape)
+    if checkpoint is not None:
+        expect = {"num_classes": num_classes, "input_shape": list(shape)}
+        try:
+            loaded = load_checkpoint(checkpoint, device=device, expect=expect).model
+        except CheckpointError as error:
+            raise CheckpointError(
+                f"{error} — this checkpoint was trained for other inputs than {inputs_name} "
+                f"{shape} inputs in {num_classes} classes; pass the checkpoint trained on them "
+                "(or the --dataset it was trained on)"
+            ) from None
+    else:
+        loaded = load_user_model(model).to(device).eval()
+    try:
+        with torch.inference_mode():
+            probe = loaded(torch.zeros(1, *shape, device=device))
+    except (RuntimeError, ValueError, TypeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else error
+        raise CheckpointError(
+            f"the model fails on one {inputs_name} input of shape {shape} "
+            f"({type(error).__name__}: {first_line}); is it the model for these inputs?"
+        ) from None
+    if tuple(probe.shape) != (1, num_classes):
+        raise CheckpointError(
+            f"the model maps a {shape} input to shape {tuple(probe.shape)}; expected logits "
+            f"of shape (1, {num_classes}) for {inputs_name} inputs"
+        )
+    return loaded

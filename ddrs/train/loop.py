@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,102 +23,26 @@ from tqdm import tqdm
 
 from ddrs.data import get_dataset
 from ddrs.errors import CheckpointError, InputError, TrainingError
+from ddrs.launch import device_for, join, leave
 from ddrs.models import build_model, load_checkpoint, save_checkpoint
 from ddrs.sampling import block_seed
 from ddrs.sigma import sigma_search
-from ddrs.train.distributed import (
-    DistInfo,
-    all_reduce_sum,
-    init_distributed,
-    merge_sigma_buffer,
-    shutdown,
-)
+from ddrs.specs import TrainConfig
+from ddrs.train.distributed import all_reduce_sum, merge_sigma_buffer
 from ddrs.train.methods import Method, build_method
 
+__all__ = ["TrainConfig", "Trainer", "train"]
+
 DD_SEARCH_BATCH = 4096  # noisy samples per forward pass of the training-time sigma search
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on; recorded in each checkpoint.
-
-    Optimiser defaults are Cohen et al.'s CIFAR-10 settings: SGD lr 0.1, momentum 0.9,
-    weight decay 1e-4, lr x0.1 every 30 epochs, batch 256.
-    """
-
-    dataset: str
-    arch: str
-    out: str
-    method: str = "gaussian"
-    method_settings: dict = field(default_factory=dict)
-    sigma: float = 0.25
-    epochs: int = 90
-    batch: int = 256
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_step: int = 30
-    lr_gamma: float = 0.1
-    seed: int = 0
-    data_root: str | None = None
-    train_subset: int | None = None  # train on a fixed random subset of this many samples
-    eval_max: int | None = 2000  # test inputs used for the per-epoch accuracies
-    device: str = "auto"
-    workers: int = 0
-    data_dependent: bool = False
-    dd_iterations: int = 10  # authors' CIFAR-10 settings: K 10, lr 1e-4, n 64
-    dd_lr: float = 1e-4
-    dd_samples: int = 64
-    dd_start_epoch: int = 0
-    dd_every: int = 1  # update the sigmas every this many epochs
-    resume: bool = False
-    init: str | None = None
-    tensorboard: bool = False
-    progress: bool = True
-
-
-def validate(config: TrainConfig) -> None:
-    """Reject bad settings before any work starts."""
-    if not (math.isfinite(config.sigma) and config.sigma > 0):
-        raise InputError(f"--sigma must be > 0, got {config.sigma}")
-    for name in ("epochs", "batch", "lr_step", "dd_samples", "dd_every"):
-        if getattr(config, name) < 1:
-            raise InputError(
-                f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}"
-            )
-    for name in ("lr", "momentum", "weight_decay", "dd_lr", "lr_gamma"):
-        if not math.isfinite(getattr(config, name)):
-            raise InputError(
-                f"--{name.replace('_', '-')} must be a finite number, got {getattr(config, name)}"
-            )
-    for name in ("lr", "momentum", "weight_decay", "dd_lr", "dd_iterations", "dd_start_epoch"):
-        if getattr(config, name) < 0:
-            raise InputError(
-                f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}"
-            )
-    if config.train_subset is not None and config.train_subset < 1:
-        raise InputError("--train-subset must be >= 1")
-    build_method(config.method, **config.method_settings)  # validates the method's settings
-
-
-def pick_device(device: str, dist_info: DistInfo) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{dist_info.local_rank}"
-    return torch.device(device)
 
 
 class Trainer:
     """One training run: `Trainer(config).run()` trains, logs and checkpoints to config.out."""
 
     def __init__(self, config: TrainConfig):
-        validate(config)
         self.config = config
-        self.dist = init_distributed(
-            "cuda" if config.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
-        )
-        self.device = pick_device(config.device, self.dist)
+        self.device = device_for(config.device)
+        self.dist = join("nccl" if self.device.type == "cuda" else "gloo")
         self.out = Path(config.out)
         torch.manual_seed(config.seed + self.dist.rank)
         self.train_set = get_dataset(config.dataset, "train", config.data_root)
@@ -242,13 +164,13 @@ class Trainer:
             dataset = Subset(dataset, chosen)
         if self.dist.enabled:
             sampler = DistributedSampler(
-                dataset, self.dist.world_size, self.dist.rank, shuffle=True, seed=self.config.seed
+                dataset, self.dist.world, self.dist.rank, shuffle=True, seed=self.config.seed
             )
             sampler.set_epoch(epoch)
         else:
             generator = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
             sampler = RandomSampler(dataset, generator=generator)
-        per_rank = max(1, self.config.batch // self.dist.world_size)
+        per_rank = max(1, self.config.batch // self.dist.world)
         return DataLoader(
             dataset,
             batch_size=per_rank,
@@ -388,7 +310,7 @@ class Trainer:
             finished = True
         finally:
             logger.close()
-            shutdown(self.dist, finished)
+            leave(together=finished)
         return self.out / "last.pt"
 
 

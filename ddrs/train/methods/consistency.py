@@ -13,23 +13,11 @@ With per-sample sigma, each input's copies use its own sigma_i.
 
 from __future__ import annotations
 
-import math
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddrs.errors import InputError
+from ddrs.checks import integer, number
 from ddrs.train.methods import BatchLoss, Method, noise_like
-
-
-def _number(name: str, value) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not (math.isfinite(value) and value >= 0)
-    ):
-        raise InputError(f"consistency setting {name} must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 def consistency_terms(logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -45,9 +33,9 @@ class Consistency(Method):
     name = "consistency"
 
     def __init__(self, *, m: int = 2, lbd: float = 10.0, eta: float = 0.5):
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise InputError(f"consistency setting m must be an integer >= 1, got {m!r}")
-        self.m, self.lbd, self.eta = m, _number("lbd", lbd), _number("eta", eta)
+        self.m = integer("consistency setting m", m)
+        self.lbd = number("consistency setting lbd", lbd, minimum=0)
+        self.eta = number("consistency setting eta", eta, minimum=0)
 
     def settings(self) -> dict:
         return {"m": self.m, "lbd": self.lbd, "eta": self.eta}

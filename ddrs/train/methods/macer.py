@@ -28,19 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddrs.errors import InputError
+from ddrs.checks import integer, number, positive
 from ddrs.sigma import normal_icdf
 from ddrs.train.methods import BatchLoss, Method, noise_like
-
-
-def _number(name: str, value, low: float = 0.0) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not (math.isfinite(value) and value >= low)
-    ):
-        raise InputError(f"macer setting {name} must be a finite number >= {low:g}, got {value!r}")
-    return float(value)
 
 
 class Macer(Method):
@@ -55,16 +45,11 @@ class Macer(Method):
         beta: float = 16.0,
         warmup: int = 0,
     ):
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise InputError(f"macer setting k must be an integer >= 1, got {k!r}")
-        self.k = k
-        self.lbd, self.gamma = _number("lbd", lbd), _number("gamma", gamma)
-        self.beta = _number("beta", beta)
-        if self.beta == 0:
-            raise InputError("macer setting beta must be > 0, got 0")
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise InputError(f"macer setting warmup must be an integer >= 0, got {warmup!r}")
-        self.warmup = warmup
+        self.k = integer("macer setting k", k)
+        self.lbd = number("macer setting lbd", lbd, minimum=0)
+        self.gamma = number("macer setting gamma", gamma, minimum=0)
+        self.beta = positive("macer setting beta", beta)
+        self.warmup = integer("macer setting warmup", warmup, minimum=0)
 
     def settings(self) -> dict:
         return {

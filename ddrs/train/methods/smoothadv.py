@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
+from ddrs.checks import integer, number
 from ddrs.errors import InputError
 from ddrs.sigma import frozen_eval
 from ddrs.train.methods import BatchLoss, Method, noise_like
@@ -107,22 +108,6 @@ def ddn_attack(
     return best.renorm(p=2, dim=0, maxnorm=eps)
 
 
-def _count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"smoothadv setting {name} must be an integer >= 1, got {value!r}")
-    return value
-
-
-def _budget(eps) -> float:
-    if (
-        isinstance(eps, bool)
-        or not isinstance(eps, (int, float))
-        or not (math.isfinite(eps) and eps >= 0)
-    ):
-        raise InputError(f"smoothadv setting eps must be a finite number >= 0, got {eps!r}")
-    return float(eps)
-
-
 class SmoothAdv(Method):
     name = "smoothadv"
 
@@ -137,12 +122,10 @@ class SmoothAdv(Method):
     ):
         if not isinstance(attack, str) or attack.lower() not in ATTACKS:
             raise InputError(f"smoothadv setting attack must be one of {ATTACKS}, got {attack!r}")
-        self.eps, self.attack = _budget(eps), attack.lower()
-        self.steps, self.m, self.warmup = (
-            _count("steps", steps),
-            _count("m", m),
-            _count("warmup", warmup),
-        )
+        self.eps, self.attack = number("smoothadv setting eps", eps, minimum=0), attack.lower()
+        self.steps = integer("smoothadv setting steps", steps)
+        self.m = integer("smoothadv setting m", m)
+        self.warmup = integer("smoothadv setting warmup", warmup)
 
     def settings(self) -> dict:
         return {
