@@ -1,12 +1,15 @@
-"""The data-dependent smoothed classifier, online: sigma search + CERTIFY + memory.
+"""The data-dependent smoothed classifier, online: sigma (or expert) + CERTIFY + memory.
 
 Each query x is answered by
-  1. sigma_x = a sigma search from sigma0 (sigma.py; `selector` names it: "certified" picks
-     by the radius CERTIFY would give at this classifier's N and alpha, "ascent" is the
-     paper's gradient ascent, "grid" the surrogate-scored grid),
-  2. (c, R) = CERTIFY(x, sigma_x) (smooth.py),
-  3. the memory rule (memory.py), which makes the answers of a classifier whose sigma
-     depends on x certifiable: no two stored balls of different classes intersect.
+  1. a noise level for x: sigma_x from a sigma search around sigma0 (sigma.py; `selector`
+     names it: "certified" picks by the radius CERTIFY would give at this classifier's N and
+     alpha, "ascent" is the paper's gradient ascent, "grid" the surrogate-scored grid); or,
+     with experts, the expert (and its sigma) the certified selector over experts picks
+     (route.py);
+  2. (c, R) = CERTIFY(x, sigma_x) with that model (smooth.py), or with a router, the dual
+     certificate (route.DualSmoothing);
+  3. the memory rule (memory.py), which makes the answers of a classifier whose sigma (or
+     expert) depends on x certifiable: no two stored balls of different classes intersect.
 """
 
 from __future__ import annotations
@@ -18,11 +21,18 @@ import torch
 from torch import Tensor, nn
 
 from ddrs.errors import InputError
+from ddrs.experts import Expert, Experts
 from ddrs.memory import CertificationMemory
 from ddrs.models import model_fingerprint
+from ddrs.route import (
+    ROUTE_RULES,
+    DualSmoothing,
+    ExpertCertifier,
+    Router,
+    route_by_certified_radius,
+)
 from ddrs.sampling import CPU_BATCH
-from ddrs.sigma import SEARCHES, check_search_options
-from ddrs.smooth import Smooth
+from ddrs.sigma import DEFAULT_SAMPLES, SEARCHES, check_search_options
 
 
 def memory_fingerprint(model: nn.Module, dataset: str, input_shape) -> str:
@@ -42,6 +52,7 @@ class Answer:
     mc_radius: float
     repeat: bool = False  # an exact repeat of a stored input: its stored answer
     entry: int = -1  # the memory entry holding this answer
+    expert: str = ""  # the expert that answered (with experts; "" for one model)
 
 
 QUERY_KINDS = ("certify", "predict")
@@ -52,13 +63,17 @@ class DataDependentSmoothClassifier:
     """Online data-dependent smoothing with a certification memory (Alfarra et al., 2022).
 
     Stateful and order-dependent by design: every answer is stored in `memory` and later
-    answers are kept consistent with it. `selector` None: no search, every input gets sigma0.
+    answers are kept consistent with it. `model`: one model, whose sigma per input comes from
+    `selector` (None: every input gets sigma0), or `Experts`, among which the certified
+    selector over experts (`route_rule`, `search["samples"]` votes each) routes each input,
+    or a `router` certifies the route (dual smoothing: `router_n` samples, `router_share` of
+    alpha).
     """
 
-    model: nn.Module
+    model: nn.Module | Experts
     num_classes: int
     memory: CertificationMemory
-    sigma0: float
+    sigma0: float | None = None
     n0: int = 100
     n: int = 100_000
     alpha: float = 0.001
@@ -66,30 +81,51 @@ class DataDependentSmoothClassifier:
     seed: int = 0
     selector: str | None = "certified"
     search: dict = field(default_factory=dict)  # the selector's options (sigma.SEARCHES)
+    router: Router | None = None
+    router_n: int | None = None
+    router_share: float = 0.5
+    route_rule: str = "radius"
 
     def __post_init__(self):
-        if self.selector == "certified":  # score candidates at the N and alpha used below
-            self.search = {"n": self.n, "alpha": self.alpha} | self.search
-        elif self.selector == "ascent" and not self.search:  # the authors' settings
-            self.search = {"iterations": 100, "lr": 1e-4, "samples": 1}
-        if self.selector is not None:
-            check_search_options(self.selector, self.search)
-        self.smooth = Smooth(self.model, self.num_classes, seed=self.seed)
+        if isinstance(self.model, Experts):
+            if self.route_rule not in ROUTE_RULES:
+                raise InputError(f"unknown route rule {self.route_rule!r}; use {ROUTE_RULES}")
+            self.experts = self.model
+        else:
+            if self.router is not None:
+                raise InputError("a router routes among experts; give Experts as the model")
+            if self.selector == "certified":  # score candidates at the N and alpha used below
+                self.search = {"n": self.n, "alpha": self.alpha} | self.search
+            elif self.selector == "ascent" and not self.search:  # the authors' settings
+                self.search = {"iterations": 100, "lr": 1e-4, "samples": 1}
+            if self.selector is not None:
+                check_search_options(self.selector, self.search)
+            self.experts = Experts((Expert("", "", float("nan"), self.model),))
+        self.certifier = ExpertCertifier(self.experts, self.num_classes, seed=self.seed)
+        self.dual = None
+        if self.router is not None:
+            self.dual = DualSmoothing(self.router, self.experts, self.num_classes, seed=self.seed)
+
+    def routes_for(self, x: Tensor, keys: list[int]) -> tuple[list[int], Tensor]:
+        """Each input's expert (index) and sigma (B,): with experts, the certified selector
+        over them; with one model, the selector's sigma (or sigma0 without one)."""
+        batch = self.batch or CPU_BATCH
+        if isinstance(self.model, Experts):
+            samples = self.search.get("samples", DEFAULT_SAMPLES["certified"])
+            found = route_by_certified_radius(
+                self.experts, x, samples=samples, n=self.n, alpha=self.alpha,
+                rule=self.route_rule, seed=self.seed, keys=keys, batch=batch,
+            )  # fmt: skip
+            return found.expert.tolist(), found.sigma
+        if self.selector is None:
+            return [0] * x.shape[0], torch.full((x.shape[0],), float(self.sigma0))
+        found = SEARCHES[self.selector](self.model, x, self.sigma0, seed=self.seed, keys=keys,
+                                        batch=batch, **self.search)  # fmt: skip
+        return [0] * x.shape[0], found.sigma.detach().float().cpu()
 
     def sigmas_for(self, x: Tensor, keys: list[int]) -> Tensor:
-        """Each input's sigma (B,): the selector's choice, or sigma0 without one."""
-        if self.selector is None:
-            return torch.full((x.shape[0],), float(self.sigma0))
-        found = SEARCHES[self.selector](
-            self.model,
-            x,
-            self.sigma0,
-            seed=self.seed,
-            keys=keys,
-            batch=self.batch or CPU_BATCH,
-            **self.search,
-        )
-        return found.sigma.detach().float().cpu()
+        """Each input's sigma (B,)."""
+        return self.routes_for(x, keys)[1]
 
     def sigma_for(self, x: Tensor, key: int) -> float:
         return float(self.sigmas_for(x.unsqueeze(0), [key])[0])
@@ -104,38 +140,47 @@ class DataDependentSmoothClassifier:
 
     def answer_batch(self, x: Tensor, kinds: list[str], keys: list[int]) -> list[Answer]:
         """Answer B queries (x: (B, C, H, W), each "certify" or "predict") as if they came one
-        at a time in this order: the sigma search and the Monte Carlo sampling run for all of
-        them at once (the noise is keyed, so batching changes nothing), then the memory
-        resolves and stores each answer in turn."""
+        at a time in this order: the routing and the Monte Carlo sampling run for all of them
+        at once (the noise is keyed, so batching changes nothing), then the memory resolves
+        and stores each answer in turn."""
         if len(kinds) != x.shape[0] or len(keys) != x.shape[0]:
             raise InputError(f"{x.shape[0]} inputs need as many kinds and keys")
         unknown = sorted(set(kinds) - set(QUERY_KINDS))
         if unknown:
             raise InputError(f"unknown query kind(s) {unknown}; use {QUERY_KINDS}")
-        sigmas = self.sigmas_for(x, keys)
-        mc: dict[int, tuple[int, float]] = {}
+        mc: dict[int, tuple[int, float, int, float]] = {}  # class, radius, expert, sigma
         for kind in QUERY_KINDS:
             rows = [i for i, k in enumerate(kinds) if k == kind]
-            if not rows:
-                continue
-            row_keys = [keys[i] for i in rows]
-            if kind == "certify":
-                found = self.smooth.certify_batch(
-                    x[rows], sigmas[rows], self.n0, self.n, self.alpha, self.batch, row_keys
-                )
-                answers = [(c.predict, c.radius) for c in found]
-            else:
-                found = self.smooth.predict_batch(
-                    x[rows], sigmas[rows], self.n, self.alpha, self.batch, row_keys
-                )
-                answers = [(c, 0.0) for c in found]
-            mc.update(zip(rows, answers))
-        return [
-            self._resolve(x[i], *mc[i], float(sigmas[i]), keys[i]) for i in range(x.shape[0])
-        ]
+            if rows:
+                mc.update(zip(rows, self._monte_carlo(kind, x[rows], [keys[i] for i in rows])))
+        return [self._resolve(x[i], *mc[i], keys[i]) for i in range(x.shape[0])]
 
-    def _resolve(self, x, predict, radius, sigma, key) -> Answer:
+    def _monte_carlo(self, kind: str, x: Tensor, keys: list[int]) -> list[tuple]:
+        """(class, radius, expert, sigma) of each input before the memory."""
+        if self.dual is not None:
+            if kind == "certify":
+                found = self.dual.certify_batch(
+                    x, n0=self.n0, n=self.n, router_n=self.router_n or self.n, alpha=self.alpha,
+                    router_share=self.router_share, batch=self.batch, keys=keys,
+                )  # fmt: skip
+                return [(c.predict, c.radius, c.expert, c.sigma) for c in found]
+            found = self.dual.predict_batch(x, n=self.n, router_n=self.router_n or self.n,
+                                            alpha=self.alpha, router_share=self.router_share,
+                                            batch=self.batch, keys=keys)  # fmt: skip
+            return [(c, 0.0, k, s) for c, k, s in found]
+        expert, sigma = self.routes_for(x, keys)
+        if kind == "certify":
+            found = self.certifier.certify_batch(x, expert, sigma, self.n0, self.n, self.alpha,
+                                                 self.batch, keys)  # fmt: skip
+            answers = [(c.predict, c.radius) for c in found]
+        else:
+            found = self.certifier.predict_batch(x, expert, sigma, self.n, self.alpha,
+                                                 self.batch, keys)  # fmt: skip
+            answers = [(c, 0.0) for c in found]
+        return [(c, r, k, float(s)) for (c, r), k, s in zip(answers, expert, sigma.tolist())]
+
+    def _resolve(self, x, predict, radius, expert, sigma, key) -> Answer:
         r = self.memory.resolve_and_store(x, predict, radius, sigma=sigma, idx=key)
-        return Answer(
-            r.predict, r.radius, r.sigma, r.changed, r.shrunk, predict, radius, r.repeat, r.entry
-        )
+        name = self.experts[expert].name if expert >= 0 else ""
+        return Answer(r.predict, r.radius, r.sigma, r.changed, r.shrunk, predict, radius,
+                      r.repeat, r.entry, name)  # fmt: skip

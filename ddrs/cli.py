@@ -15,6 +15,7 @@ from ddrs.specs import (
     CertifyRun,
     ModelSource,
     PredictRun,
+    RouterLabels,
     ServeRun,
     SigmaRun,
     TrainConfig,
@@ -24,7 +25,7 @@ from ddrs.specs import (
 def add_spec(parser: argparse.ArgumentParser, spec: type) -> None:
     """One option per field of `spec` (a dataclass of ddrs.specs), from its metadata: the
     flag (--FIELD-NAME unless `flag`), `aliases`, `type` (else the default's), `choices`,
-    `required`, `group` (a required choice of one among the fields sharing the name),
+    `required`, `repeatable`, `group` (a required choice of one among the fields sharing it),
     `section` (a heading in --help); bool fields are switches."""
     groups: dict[str, argparse._ActionsContainer] = {}
     for f in fields(spec):
@@ -38,6 +39,8 @@ def add_spec(parser: argparse.ArgumentParser, spec: type) -> None:
             options["action"] = "store_false" if default else "store_true"
         elif isinstance(default, dict):  # KEY=VALUE pairs, repeatable
             options.update(action="append", default=[], metavar=meta.get("metavar"))
+        elif meta.get("repeatable"):
+            options.update(action="append", default=None)
         else:
             options.update(default=default, type=meta.get("type", type(default)))
             if default is None and "type" not in meta:
@@ -110,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Defaults: SGD lr 0.1, momentum 0.9, weight decay 1e-4, "
         "lr x0.1 every 30 epochs, batch 256 (Cohen et al.'s CIFAR-10 settings).",
     )
+    add_spec(p, TrainConfig)
+
+    p = sub.add_parser(
+        "train-router",
+        help="train a router among experts for dual smoothing (certify --router)",
+        description="Labels each held-out training image with the expert whose smoothed "
+        "prediction is right with the largest predicted radius, then trains the router with "
+        "Gaussian augmentation at --sigma (its own noise level).",
+    )
+    add_spec(p, RouterLabels)
     add_spec(p, TrainConfig)
 
     p = sub.add_parser("certify", help="CERTIFY inputs of a dataset; writes a results TSV")

@@ -19,11 +19,19 @@ from ddrs.launch import join, launch, starts_workers
 from ddrs.memory import CertificationMemory
 from ddrs.report import summary_line
 from ddrs.results import read_table
-from ddrs.runs import apply_memory, certify_dataset, predict_dataset, recertify, sigma_dataset
+from ddrs.runs import (
+    apply_memory,
+    certify_dataset,
+    check_files,
+    predict_dataset,
+    recertify,
+    sigma_dataset,
+)
 from ddrs.specs import (
     CertifyRun,
     ModelSource,
     PredictRun,
+    RouterLabels,
     ServeRun,
     SigmaRun,
     TrainConfig,
@@ -39,9 +47,8 @@ def _dataset_run(args, argv: list[str], entry: Entry, spec: type, run_dataset) -
     process or in `--nproc-per-node` workers."""
     run = from_namespace(spec, args)
     model, dataset = from_namespace(ModelSource, args).load()
-    if isinstance(run, (CertifyRun, PredictRun)):
-        run.sigma_by_index(run.indices(len(dataset)))  # a sigmas file covers every input
     if starts_workers(args.nproc_per_node, args.device):
+        check_files(run, model, dataset)
         return launch(entry, argv, args.nproc_per_node)
     rank = join()
     run_dataset(model, dataset, run, rank=rank)
@@ -162,6 +169,32 @@ def cmd_train(args) -> None:
     print(f"checkpoint: {train(config)}")
 
 
+def cmd_train_router(args) -> None:
+    from ddrs.data import get_dataset
+    from ddrs.experts import expert_specs, load_experts
+    from ddrs.launch import device_for
+    from ddrs.train.router import held_out_indices, train_router
+
+    config = from_namespace(TrainConfig, args, method_settings=parse_settings(args.method_settings))
+    labels = from_namespace(RouterLabels, args)
+    plain = get_dataset(config.dataset, "train", config.data_root, augment=False)
+    experts = load_experts(
+        expert_specs(labels.expert, labels.experts), num_classes=plain.info.num_classes,
+        input_shape=plain.info.input_shape, inputs_name=config.dataset,
+        device=device_for(config.device),
+    )  # fmt: skip
+    indices = held_out_indices(experts, len(plain))
+    if labels.exclude:
+        left_out = set(read_table(labels.exclude)["idx"].tolist())
+        indices = [i for i in indices if i not in left_out]
+    if labels.images is not None and labels.images < len(indices):
+        indices = [indices[k * len(indices) // labels.images] for k in range(labels.images)]
+    print(f"router: {len(indices)} held-out images, experts {', '.join(experts.names)}")
+    path = train_router(experts, config, indices, samples=labels.label_samples, n=labels.label_n,
+                        alpha=labels.label_alpha)  # fmt: skip
+    print(f"router checkpoint: {path}")
+
+
 def parse_settings(items: list[str]) -> dict:
     """--setting KEY=VALUE pairs; numbers become int/float, true/false become bools."""
     settings = {}
@@ -255,6 +288,7 @@ def cmd_quickstart(args) -> None:
 LAUNCHING = {"certify": cmd_certify, "predict": cmd_predict, "sigma": cmd_sigma}
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
     "train": cmd_train,
+    "train-router": cmd_train_router,
     "recertify": cmd_recertify,
     "serve": cmd_serve,
     "report": cmd_report,

@@ -25,6 +25,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ddrs.checks import integer
 from ddrs.errors import DDRSError, InputError
 
 # a worker may wait for the slowest one for as long as a long certification takes
@@ -99,8 +100,7 @@ def device_for(name: str) -> torch.device:
 def starts_workers(nproc: int, device: str) -> bool:
     """True when this process should start `nproc` workers rather than work itself (nproc >
     1 outside a worker); refuses more workers than GPUs when the workers would use CUDA."""
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise InputError(f"--nproc-per-node must be >= 1, got {nproc}")
+    integer("--nproc-per-node", nproc)
     starts = nproc > 1 and not in_worker()
     gpus = torch.cuda.device_count() if device in ("auto", "cuda") else 0
     if starts and 0 < gpus < nproc:
@@ -134,7 +134,7 @@ def launch(entry: Callable[[list[str]], int], argv: list[str], nproc: int) -> in
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     for name in list(logging.root.manager.loggerDict):  # the launcher's own chatter
-        if name.startswith("torch.distributed.elastic"):
+        if name.startswith(("torch.distributed.elastic", "torch.multiprocessing")):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     config = LaunchConfig(
         min_nodes=1,

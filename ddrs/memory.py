@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ddrs.checks import optional_integer, positive
+from ddrs.checks import number, optional_integer, positive
 from ddrs.errors import InputError, MemoryStoreError
 
 SCHEMA_VERSION = 2  # 2: a checksum per entry (a version-1 memory is upgraded when opened)
@@ -111,9 +111,7 @@ class Resolution:
 def _check_certificate(predict: int, radius: float) -> tuple[int, float]:
     if int(predict) != predict or predict < ABSTAIN:
         raise InputError(f"predict must be an integer class >= -1, got {predict!r}")
-    radius = float(radius)
-    if not math.isfinite(radius) or radius < 0:
-        raise InputError(f"radius must be finite and >= 0, got {radius!r}")
+    radius = number("radius", float(radius), minimum=0)
     if predict == ABSTAIN and radius != 0:
         raise InputError(f"an abstention (predict=-1) must have radius 0, got {radius!r}")
     return int(predict), radius

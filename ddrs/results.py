@@ -32,6 +32,13 @@ CERTIFY_PART_COLUMNS = (
     "idx", "label", "predict", "radius", "sigma", "time",
     "selected", "count", "top1", "top2", "n", "n0", "seed",
 )  # fmt: skip
+# experts: the expert that answered (its name; "-" when a router abstained)
+EXPERT_COLUMNS = ("expert",)
+ROUTER_COLUMNS = ("expert", "route_radius", "expert_radius")
+# `ddrs sigma` with experts: each input's expert and sigma, and the winning score
+ROUTE_COLUMNS = ("idx", "expert", "sigma", "score", "time")
+STRING_COLUMNS = {"expert"}
+NO_EXPERT = "-"
 INTEGER_COLUMNS = {
     "idx", "label", "predict", "correct", "mc_predict",
     "selected", "count", "top1", "top2", "n", "n0", "seed",
@@ -81,6 +88,8 @@ def parse_seconds(text: str) -> float:
 def _parse(column: str, text: str, path, line_no: int):
     if column == "time":
         return parse_seconds(text)
+    if column in STRING_COLUMNS:
+        return text
     try:
         return int(text) if column in INTEGER_COLUMNS else float(text)
     except ValueError:
@@ -125,13 +134,16 @@ def read_table(
             )
         for column, text in zip(header, fields):
             columns[column].append(_parse(column, text, path, line_no))
-    table = {
-        c: np.asarray(v, dtype=np.int64 if c in INTEGER_COLUMNS else np.float64)
-        for c, v in columns.items()
-    }
+    table = {c: np.asarray(v, dtype=_dtype(c)) for c, v in columns.items()}
     if "idx" in table and len(np.unique(table["idx"])) != len(table["idx"]):
         raise ResultsFileError(f"{path}: repeated idx values")
     return table
+
+
+def _dtype(column: str):
+    if column in STRING_COLUMNS:
+        return object
+    return np.int64 if column in INTEGER_COLUMNS else np.float64
 
 
 def row_count(path: str | os.PathLike | None) -> int:
@@ -140,6 +152,14 @@ def row_count(path: str | os.PathLike | None) -> int:
         return 0
     with open(path) as f:
         return max(0, sum(1 for line in f if line.strip()) - 1)
+
+
+def read_routes(path: str | os.PathLike) -> dict[int, tuple[str, float]]:
+    """{dataset index: (expert name, sigma)} from a TSV with `idx`, `expert` and `sigma`
+    columns (`ddrs sigma --expert ...`)."""
+    table = read_table(path, required=("idx", "expert", "sigma"))
+    sigmas = read_sigmas(path)
+    return {i: (str(e), sigmas[i]) for i, e in zip(table["idx"].tolist(), table["expert"])}
 
 
 def read_sigmas(path: str | os.PathLike) -> dict[int, float]:

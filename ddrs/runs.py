@@ -23,25 +23,39 @@ from tqdm import tqdm
 
 from ddrs.checks import check_alpha
 from ddrs.classifier import memory_fingerprint
-from ddrs.errors import ResultsFileError
+from ddrs.errors import CheckpointError, InputError, ResultsFileError
+from ddrs.experts import Expert, Experts
 from ddrs.launch import ONE_PROCESS, Rank
 from ddrs.memory import CertificationMemory
+from ddrs.models import load_checkpoint
 from ddrs.results import (
     CERTIFY_COLUMNS,
     CERTIFY_PART_COLUMNS,
     COUNTS_COLUMNS,
+    EXPERT_COLUMNS,
     MEMORY_COLUMNS,
+    NO_EXPERT,
     PREDICT_COLUMNS,
+    ROUTE_COLUMNS,
+    ROUTER_COLUMNS,
     SIGMA_COLUMNS,
     ResultsWriter,
     file_digest,
+    read_routes,
     read_table,
     row_count,
 )
-from ddrs.sampling import auto_batch_size
+from ddrs.route import (
+    DualSmoothing,
+    ExpertCertifier,
+    RoutedCertificate,
+    Router,
+    route_by_certified_radius,
+)
+from ddrs.sampling import auto_batch_size, model_device
 from ddrs.shard import run_in_index_order
 from ddrs.sigma import SEARCHES
-from ddrs.smooth import Smooth, certificate_from_counts
+from ddrs.smooth import certificate_from_counts
 from ddrs.specs import CertifyRun, PredictRun, SigmaRun
 
 # 16 instead of 4 changed nothing measurable on CPU (docs/PERFORMANCE.md section 6), and a
@@ -181,6 +195,9 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 # -- certify ----------------------------------------------------------------------------------
+Base = nn.Module | Experts  # one model (a sigma per input), or experts to route among
+
+
 def resolved_row(
     memory: CertificationMemory, x: torch.Tensor, idx: int, label: int, predict: int,
     radius: float, sigma: float, seconds: float,
@@ -198,12 +215,11 @@ def resolved_row(
 class CertifyOutputs:
     """The outputs of a certify run: each Monte Carlo certificate (a part row, with its
     counts) goes to the counts file if asked for, then, resolved against the memory if there
-    is one (`load_input(idx)` gives the input it needs), to the results file."""
+    is one (`load_input(idx)` gives the input it needs), to the results file (`columns`)."""
 
-    def __init__(self, out: str, settings: dict, counts: str | None,
+    def __init__(self, out: str, columns: tuple[str, ...], settings: dict, counts: str | None,
                  memory: CertificationMemory | None, load_input: Callable[[int], torch.Tensor]):
-        columns = MEMORY_COLUMNS if memory is not None else CERTIFY_COLUMNS
-        self.memory, self.load_input = memory, load_input
+        self.memory, self.load_input, self.columns = memory, load_input, columns
         self.results = ResultsWriter(out, columns, settings)
         self.done = self.results.done
         self.counts = None
@@ -227,9 +243,8 @@ class CertifyOutputs:
             row = resolved_row(self.memory, self.load_input(idx), idx, label, part["predict"],
                                part["radius"], part["sigma"], part["time"])  # fmt: skip
         else:
-            row = {c: part[c] for c in ("idx", "label", "predict", "radius", "sigma", "time")}
-            row["correct"] = int(part["predict"] == label)
-        self.results.write(row)
+            row = {"correct": int(part["predict"] == label)}
+        self.results.write({**part, **row})
 
     def close(self) -> None:
         self.results.close()
@@ -263,8 +278,77 @@ def _part_row(idx: int, label: int, cert, n0: int, seed: int, elapsed: float) ->
     }  # fmt: skip
 
 
-def _check_certify_files(run: CertifyRun) -> None:
-    """A resumed run needs the files it started with."""
+def _routed_part_row(idx: int, label: int, found: RoutedCertificate, names, n0: int,
+                     seed: int, elapsed: float) -> dict:  # fmt: skip
+    """A dual-smoothing certificate (ROUTER_COLUMNS besides CERTIFY_PART_COLUMNS)."""
+    cert = found.certificate
+    counts = {"selected": -1, "count": 0, "top1": 0, "top2": 0, "n": 0} if cert is None else {
+        "selected": cert.selected, "count": cert.count, "top1": cert.top2[0],
+        "top2": cert.top2[1], "n": cert.n,
+    }  # fmt: skip
+    return {
+        "idx": idx, "label": label, "predict": found.predict, "radius": found.radius,
+        "sigma": found.sigma, "time": round(elapsed, 4), **counts, "n0": n0, "seed": seed,
+        "expert": names[found.expert] if found.expert >= 0 else NO_EXPERT,
+        "route_radius": found.route_radius, "expert_radius": found.expert_radius,
+    }  # fmt: skip
+
+
+def _extra_columns(run, base: Base) -> tuple[str, ...]:
+    """What experts add to a results file: which one answered (and the router's radius)."""
+    if not isinstance(base, Experts):
+        return ()
+    return ROUTER_COLUMNS if getattr(run, "router", None) else EXPERT_COLUMNS
+
+
+def results_columns(run: CertifyRun | PredictRun | SigmaRun, base: Base) -> tuple[str, ...]:
+    """The columns of a run's results file."""
+    if isinstance(run, SigmaRun):
+        return ROUTE_COLUMNS if isinstance(base, Experts) else SIGMA_COLUMNS
+    if isinstance(run, PredictRun):
+        return PREDICT_COLUMNS + _extra_columns(run, base)
+    return (MEMORY_COLUMNS if run.memory else CERTIFY_COLUMNS) + _extra_columns(run, base)
+
+
+def _routes(run: CertifyRun | PredictRun, base: Base, indices: list[int]) -> dict | None:
+    """Each covered input's (expert, sigma): expert 0 for one model, the routes file's for
+    experts; None when a router chooses at certification time."""
+    if isinstance(base, Experts):
+        if run.sigma is not None:
+            raise InputError("experts certify at their own sigmas: give --sigmas from `ddrs "
+                             "sigma --expert ...` (or a --router), not --sigma")  # fmt: skip
+        if run.sigmas is None:
+            return None
+        routes = read_routes(run.sigmas)
+        run.sigma_by_index(indices)  # every input has a row
+        return {i: (base.index(routes[i][0]), routes[i][1]) for i in indices}
+    if getattr(run, "router", None):
+        raise InputError("--router routes among experts: give them with --expert or --experts")
+    return {i: (0, s) for i, s in run.sigma_by_index(indices).items()}
+
+
+def check_files(run: CertifyRun | PredictRun | SigmaRun, base: Base, dataset,
+                settings: dict | None = None) -> dict[int, tuple[int, float]] | None:  # fmt: skip
+    """What a run checks against the dataset and the files on disk before it writes anything
+    (also before a sharded run starts its workers): a results file to resume was written
+    with these settings, a sigmas file covers every input (and names known experts), and a
+    resumed certify run has the counts file and memory it started with. Returns each covered
+    input's (expert, sigma) for certify and predict (expert 0 for one model)."""
+    if Path(run.out).is_file() and Path(run.out).stat().st_size > 0:  # a run to resume
+        settings = settings or run.settings(base, dataset)
+        ResultsWriter.check_settings(Path(run.out), results_columns(run, base), settings)
+    if isinstance(run, SigmaRun):
+        if isinstance(base, Experts) == (run.sigma0 is not None):
+            raise InputError("give --sigma0 for one model's sigma search; experts have their "
+                             "own sigmas (no --sigma0)")  # fmt: skip
+        return None
+    routes = _routes(run, base, run.indices(len(dataset)))
+    if isinstance(run, CertifyRun):
+        _check_resumed_files(run)
+    return routes
+
+
+def _check_resumed_files(run: CertifyRun) -> None:
     if run.counts is not None and row_count(run.out) and not row_count(run.counts):
         raise ResultsFileError(
             f"{run.out} already has rows and {run.counts} has none: --counts must be given "
@@ -277,16 +361,39 @@ def _check_certify_files(run: CertifyRun) -> None:
         )
 
 
-def open_memory(path: str, model: nn.Module, dataset) -> CertificationMemory:
-    """The certification memory at `path` for this model on this dataset (created if new)."""
+def open_memory(path: str, base: Base, dataset) -> CertificationMemory:
+    """The certification memory at `path` for this model (or these experts) on this dataset,
+    created if new."""
     if Path(path).is_file() and Path(path).stat().st_size == 0:
         print(f"note: {path} is an empty file; starting a new memory in it")
     shape = dataset.info.input_shape
-    return CertificationMemory(path, memory_fingerprint(model, dataset.info.name, shape), shape)
+    if isinstance(base, Experts):
+        fingerprint = base.fingerprint(dataset.info.name, shape)
+    else:
+        fingerprint = memory_fingerprint(base, dataset.info.name, shape)
+    return CertificationMemory(path, fingerprint, shape)
 
 
-def certify_dataset(model: nn.Module, dataset, run: CertifyRun, *, rank: Rank = ONE_PROCESS) -> str:
-    """CERTIFY every input `run` covers (its fixed sigma, or its sigmas file by dataset index).
+def as_experts(base: Base) -> Experts:
+    """Experts as they are; one model as the one expert of every input (its sigma per input)."""
+    if isinstance(base, Experts):
+        return base
+    return Experts((Expert("model", "", math.nan, base),))
+
+
+def load_router(path: str, experts: Experts, device) -> Router:
+    """A router checkpoint of `ddrs train-router`, for these experts."""
+    loaded = load_checkpoint(path, device=device)
+    about = loaded.meta.get("router")
+    if not about:
+        raise CheckpointError(f"{path} is not a router (train one with `ddrs train-router`)")
+    return Router(loaded.model, float(about["sigma"]), tuple(about["experts"]))
+
+
+def certify_dataset(base: Base, dataset, run: CertifyRun, *, rank: Rank = ONE_PROCESS) -> str:
+    """CERTIFY every input `run` covers: one model at its fixed sigma or its sigmas file's
+    sigma per input, or experts, each input by the expert its routes file names (a sigmas
+    file of `ddrs sigma --expert`), or dual smoothing with `run.router` (docs/METHODS.md).
 
     With `run.memory`, inputs are resolved against that memory online in index order, and each
     row keeps both the Monte Carlo certificate (mc_predict, mc_radius) and the resolved
@@ -295,48 +402,64 @@ def certify_dataset(model: nn.Module, dataset, run: CertifyRun, *, rank: Rank = 
     input-specific sample sizes (`Smooth.certify_batch_adaptive`). `rank`: this process's
     place in a sharded run (only rank 0 opens the memory and writes files).
     """
-    selected = run.indices(len(dataset))
-    sigma_of = run.sigma_by_index(selected)
-    _check_certify_files(run)
-    settings = run.settings(model, dataset)
-    smooth = Smooth(model, dataset.info.num_classes, seed=run.seed, amp=run.amp,
-                    compile=run.compile)  # fmt: skip
+    settings = run.settings(base, dataset)
+    routes = check_files(run, base, dataset, settings)
+    experts = as_experts(base)
+    num_classes = dataset.info.num_classes
+    if routes is None:
+        device = model_device(experts[0].model)
+        dual = DualSmoothing(load_router(run.router, experts, device), experts, num_classes,
+                             seed=run.seed, amp=run.amp)  # fmt: skip
+        certifier = dual.certifier
+    else:
+        certifier = ExpertCertifier(experts, num_classes, seed=run.seed, amp=run.amp,
+                                    compile=run.compile)  # fmt: skip
+    extra = _extra_columns(run, base)
     inputs: dict[int, torch.Tensor] = {}  # the group being certified, for the memory
 
     def rows_of(group: list[int]) -> list[dict]:
         x, labels = _stack(dataset, group)
         inputs.clear()
         inputs.update(zip(group, x))
-        sigma = torch.tensor([sigma_of[i] for i in group], dtype=torch.float32)
         t0 = time.perf_counter()
-        if run.pilot:
-            found = smooth.certify_batch_adaptive(
-                x, sigma, run.n0, run.n, run.alpha, run.pilot, run.radius_tolerance, run.batch,
-                keys=group,
-            )  # fmt: skip
-        else:
-            found = smooth.certify_batch(x, sigma, run.n0, run.n, run.alpha, run.batch, group)
+        if routes is None:
+            found = dual.certify_batch(x, n0=run.n0, n=run.n, router_n=run.router_n or run.n,
+                                       alpha=run.alpha, router_share=run.router_share,
+                                       batch=run.batch, keys=group)  # fmt: skip
+            elapsed = (time.perf_counter() - t0) / len(group)
+            return [_routed_part_row(idx, labels[i], found[i], experts.names, run.n0, run.seed,
+                                     elapsed) for i, idx in enumerate(group)]  # fmt: skip
+        expert = [routes[i][0] for i in group]
+        sigma = torch.tensor([routes[i][1] for i in group], dtype=torch.float32)
+        found = certifier.certify_batch(x, expert, sigma, run.n0, run.n, run.alpha, run.batch,
+                                        group, run.pilot, run.radius_tolerance)  # fmt: skip
         elapsed = (time.perf_counter() - t0) / len(group)
-        return [_part_row(idx, labels[i], found[i], run.n0, run.seed, elapsed)
+        rows = [_part_row(idx, labels[i], found[i], run.n0, run.seed, elapsed)
                 for i, idx in enumerate(group)]  # fmt: skip
+        if extra:
+            for row, k in zip(rows, expert):
+                row["expert"] = experts[k].name
+        return rows
 
     memory: CertificationMemory | None = None
     try:
         if run.memory and rank.is_main:
-            memory = open_memory(run.memory, model, dataset)
+            memory = open_memory(run.memory, base, dataset)
 
         def open_outputs() -> CertifyOutputs:
             return CertifyOutputs(
-                run.out, settings, run.counts, memory,
+                run.out, results_columns(run, base), settings, run.counts, memory,
                 lambda idx: inputs[idx] if idx in inputs else dataset[idx][0],
             )  # fmt: skip
 
-        batch = smooth.batch_size(run.batch, dataset.info.input_shape)
+        batch = certifier.batch_size(run.batch, dataset.info.input_shape)
+        router_n = run.router_n or run.n if routes is None else 0
         source = RowSource(
-            "certify", CERTIFY_PART_COLUMNS, _group_size(run.n, batch), rows_of,
-            samples_of=lambda rows: sum(run.n0 + run.pilot + row["n"] for row in rows),
+            "certify", CERTIFY_PART_COLUMNS + extra, _group_size(run.n, batch), rows_of,
+            samples_of=lambda rows: sum(run.n0 + run.pilot + row["n"] for row in rows)
+            + router_n * len(rows),
         )  # fmt: skip
-        _write_rows(source, out=run.out, settings=settings, selected=selected,
+        _write_rows(source, out=run.out, settings=settings, selected=run.indices(len(dataset)),
                     open_outputs=open_outputs, progress=run.progress, rank=rank)  # fmt: skip
     finally:
         if memory is not None:
@@ -345,46 +468,72 @@ def certify_dataset(model: nn.Module, dataset, run: CertifyRun, *, rank: Rank = 
 
 
 # -- predict and sigma ------------------------------------------------------------------------
-def predict_dataset(model: nn.Module, dataset, run: PredictRun, *, rank: Rank = ONE_PROCESS) -> str:
-    """PREDICT every input `run` covers; rows `idx label predict correct time`."""
-    selected = run.indices(len(dataset))
-    sigma_of = run.sigma_by_index(selected)
-    settings = run.settings(model, dataset)
-    smooth = Smooth(model, dataset.info.num_classes, seed=run.seed, amp=run.amp,
-                    compile=run.compile)  # fmt: skip
+def predict_dataset(base: Base, dataset, run: PredictRun, *, rank: Rank = ONE_PROCESS) -> str:
+    """PREDICT every input `run` covers; rows `idx label predict correct time` (and the
+    expert, for experts)."""
+    settings = run.settings(base, dataset)
+    routes = check_files(run, base, dataset, settings)
+    experts = as_experts(base)
+    certifier = ExpertCertifier(experts, dataset.info.num_classes, seed=run.seed, amp=run.amp,
+                                compile=run.compile)  # fmt: skip
+    extra = _extra_columns(run, base)
 
     def rows_of(group: list[int]) -> list[dict]:
         x, labels = _stack(dataset, group)
-        sigma = torch.tensor([sigma_of[i] for i in group], dtype=torch.float32)
+        expert = [routes[i][0] for i in group]
+        sigma = torch.tensor([routes[i][1] for i in group], dtype=torch.float32)
         t0 = time.perf_counter()
-        answers = smooth.predict_batch(x, sigma, run.n, run.alpha, run.batch, keys=group)
+        answers = certifier.predict_batch(x, expert, sigma, run.n, run.alpha, run.batch, group)
         elapsed = round((time.perf_counter() - t0) / len(group), 4)
-        return [
+        rows = [
             {"idx": idx, "label": label, "predict": answer, "correct": int(answer == label),
              "time": elapsed}
             for idx, label, answer in zip(group, labels, answers)
         ]  # fmt: skip
+        if extra:
+            for row, k in zip(rows, expert):
+                row["expert"] = experts[k].name
+        return rows
 
-    batch = smooth.batch_size(run.batch, dataset.info.input_shape)
-    source = RowSource("predict", PREDICT_COLUMNS, _group_size(run.n, batch), rows_of)
-    _write_rows(source, out=run.out, settings=settings, selected=selected,
-                open_outputs=lambda: ResultsWriter(run.out, PREDICT_COLUMNS, settings),
+    columns = results_columns(run, base)
+    batch = certifier.batch_size(run.batch, dataset.info.input_shape)
+    source = RowSource("predict", columns, _group_size(run.n, batch), rows_of)
+    _write_rows(source, out=run.out, settings=settings, selected=run.indices(len(dataset)),
+                open_outputs=lambda: ResultsWriter(run.out, columns, settings),
                 progress=run.progress, rank=rank)  # fmt: skip
     return run.out
 
 
-def sigma_dataset(model: nn.Module, dataset, run: SigmaRun, *, rank: Rank = ONE_PROCESS) -> str:
-    """Choose a sigma for every input `run` covers with its search; rows `idx sigma sigma0
-    radius_before radius_after time` (the search's score at sigma0 and at the chosen sigma)."""
+def sigma_dataset(base: Base, dataset, run: SigmaRun, *, rank: Rank = ONE_PROCESS) -> str:
+    """Choose a sigma for every input `run` covers: for one model with its search (rows `idx
+    sigma sigma0 radius_before radius_after time`: the search's score at sigma0 and at the
+    chosen sigma); for experts, an expert (and its sigma) by the certified selector over
+    experts (rows `idx expert sigma score time`)."""
+    settings = run.settings(base, dataset)
+    check_files(run, base, dataset, settings)
+    columns = results_columns(run, base)
+    first = base[0].model if isinstance(base, Experts) else base
+    batch = run.batch or auto_batch_size(first, dataset.info.input_shape)
     options = run.options
-    settings = run.settings(model, dataset)
-    batch = run.batch or auto_batch_size(model, dataset.info.input_shape)
+    if isinstance(base, Experts):
+        rows_of = _route_rows(base, dataset, run, batch)
+        per_input = options["samples"] * len(base)
+    else:
+        rows_of = _sigma_rows(base, dataset, run, batch)
+        per_input = options["samples"]
+    source = RowSource("sigma", columns, max(1, min(100, batch // per_input)), rows_of)
+    _write_rows(source, out=run.out, settings=settings, selected=run.indices(len(dataset)),
+                open_outputs=lambda: ResultsWriter(run.out, columns, settings),
+                progress=run.progress, rank=rank)  # fmt: skip
+    return run.out
 
+
+def _sigma_rows(model: nn.Module, dataset, run: SigmaRun, batch: int):
     def rows_of(group: list[int]) -> list[dict]:
         x, _ = _stack(dataset, group)
         t0 = time.perf_counter()
         found = SEARCHES[run.search](model, x, run.sigma0, seed=run.seed, keys=group,
-                                     batch=batch, **options)  # fmt: skip
+                                     batch=batch, **run.options)  # fmt: skip
         elapsed = round((time.perf_counter() - t0) / len(group), 4)
         return [
             {"idx": idx, "sigma": float(found.sigma[i]), "sigma0": run.sigma0,
@@ -393,12 +542,25 @@ def sigma_dataset(model: nn.Module, dataset, run: SigmaRun, *, rank: Rank = ONE_
             for i, idx in enumerate(group)
         ]  # fmt: skip
 
-    group_size = max(1, min(100, batch // options.get("samples", 1)))
-    source = RowSource("sigma", SIGMA_COLUMNS, group_size, rows_of)
-    _write_rows(source, out=run.out, settings=settings, selected=run.indices(len(dataset)),
-                open_outputs=lambda: ResultsWriter(run.out, SIGMA_COLUMNS, settings),
-                progress=run.progress, rank=rank)  # fmt: skip
-    return run.out
+    return rows_of
+
+
+def _route_rows(experts: Experts, dataset, run: SigmaRun, batch: int):
+    def rows_of(group: list[int]) -> list[dict]:
+        x, _ = _stack(dataset, group)
+        t0 = time.perf_counter()
+        found = route_by_certified_radius(
+            experts, x, samples=run.options["samples"], n=run.n, alpha=run.alpha,
+            rule=run.route_rule, seed=run.seed, keys=group, batch=batch,
+        )  # fmt: skip
+        elapsed = round((time.perf_counter() - t0) / len(group), 4)
+        return [
+            {"idx": idx, "expert": experts[int(found.expert[i])].name,
+             "sigma": float(found.sigma[i]), "score": float(found.score[i]), "time": elapsed}
+            for i, idx in enumerate(group)
+        ]  # fmt: skip
+
+    return rows_of
 
 
 # -- from finished files ----------------------------------------------------------------------

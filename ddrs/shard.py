@@ -57,8 +57,13 @@ def read_parts(out, columns: tuple[str, ...], settings: dict) -> dict[int, dict]
         ResultsWriter.check_settings(path, columns, part_settings(settings, out))
         table = read_table(path, required=columns, drop_torn_line=True)
         for k, idx in enumerate(table["idx"].tolist()):
-            rows.setdefault(idx, {c: table[c][k].item() for c in columns})
+            rows.setdefault(idx, {c: _scalar(table[c][k]) for c in columns})
     return rows
+
+
+def _scalar(value):
+    """A numpy number as a Python one; a string column's value as it is."""
+    return value.item() if hasattr(value, "item") else value
 
 
 def remove_parts(out) -> None:

@@ -81,7 +81,7 @@ def frozen_eval(model: nn.Module) -> Iterator[None]:
                 p.requires_grad_(flag)
 
 
-class _PerInputNoise:
+class PerInputNoise:
     """One generator per input, so each input's noise is the same however inputs are batched."""
 
     def __init__(self, keys: Sequence[int], seed: int, device):
@@ -182,7 +182,7 @@ def sigma_search(
     with frozen_eval(model):
         for lo in range(0, x.shape[0], step):
             xs = x[lo : lo + step].to(device, torch.float32)
-            noise = _PerInputNoise(keys[lo : lo + step], seed, device)
+            noise = PerInputNoise(keys[lo : lo + step], seed, device)
             s0 = sigma0[lo : lo + step].to(device).clamp(min_sigma, high)
             parts.append(
                 _ascend(
@@ -236,7 +236,7 @@ def grid_sigma_search(
         for lo in range(0, x.shape[0], step):
             xs = x[lo : lo + step].to(device, torch.float32)
             count = xs.shape[0]
-            noise = _PerInputNoise(keys[lo : lo + step], seed, device).draw(samples, xs.shape[1:])
+            noise = PerInputNoise(keys[lo : lo + step], seed, device).draw(samples, xs.shape[1:])
             s0 = sigma0[lo : lo + step].to(device)
             candidates = (s0[:, None] * factors[None, :]).clamp(min_sigma, high)  # (B, G)
             scores = surrogate_radius(
@@ -273,8 +273,9 @@ def _check_certified_args(grid, spread, sigma_range, samples, n, alpha) -> None:
     check_alpha(alpha)
 
 
-def _hard_votes(model, x: Tensor, candidates: Tensor, noise: Tensor, batch: int) -> Tensor:
-    """Top-class vote frequency (B, G): f(x_i + s_ig e_ij) for the same e_ij at every s_ig.
+def hard_votes(model, x: Tensor, candidates: Tensor, noise: Tensor, batch: int) -> Tensor:
+    """Vote counts (B, G, C) of f(x_i + s_ig e_ij) over the samples j, the same e_ij at every
+    candidate s_ig (common random numbers); C is the model's number of classes.
 
     The B * G * m noisy inputs are built `batch` at a time (flat order: input, candidate,
     sample), so memory stays O(batch) however many candidates and samples there are.
@@ -283,15 +284,18 @@ def _hard_votes(model, x: Tensor, candidates: Tensor, noise: Tensor, batch: int)
     samples = noise.shape[1]
     total = count * grid * samples
     predictions = torch.empty(total, dtype=torch.int64, device=x.device)
+    classes = 1
     for lo in range(0, total, batch):
         flat = torch.arange(lo, min(lo + batch, total), device=x.device)
         i, g, j = flat // (grid * samples), (flat // samples) % grid, flat % samples
         scale = candidates[i, g].view(-1, *([1] * (x.dim() - 1)))
-        predictions[lo : lo + len(flat)] = model(x[i] + scale * noise[i, j]).argmax(dim=1)
+        logits = model(x[i] + scale * noise[i, j])
+        classes = logits.shape[1]
+        predictions[lo : lo + len(flat)] = logits.argmax(dim=1)
     predictions = predictions.view(count * grid, samples)
-    votes = torch.zeros(count * grid, int(predictions.max()) + 1, device=x.device)
+    votes = torch.zeros(count * grid, classes, device=x.device)
     votes.scatter_add_(1, predictions, torch.ones_like(predictions, dtype=votes.dtype))
-    return (votes.max(dim=1).values / samples).view(count, grid)
+    return votes.view(count, grid, classes)
 
 
 def certified_sigma_search(
@@ -338,9 +342,10 @@ def certified_sigma_search(
     with frozen_eval(model), torch.inference_mode():
         for lo in range(0, x.shape[0], step):
             xs = x[lo : lo + step].to(device, torch.float32)
-            noise = _PerInputNoise(keys[lo : lo + step], seed, device).draw(samples, xs.shape[1:])
+            noise = PerInputNoise(keys[lo : lo + step], seed, device).draw(samples, xs.shape[1:])
             sigmas = candidates[lo : lo + step]
-            frequency = _hard_votes(model, xs, sigmas.to(device), noise, batch).cpu()
+            votes = hard_votes(model, xs, sigmas.to(device), noise, batch)
+            frequency = (votes.max(dim=2).values / samples).cpu()
             scores = predicted_certified_radius(frequency.numpy(), sigmas.numpy(), n, alpha)
             best = np.argmax(scores, axis=1)  # the first maximum: ties go to the smaller sigma
             rows = np.arange(len(best))

@@ -17,8 +17,9 @@ from typing import Any
 
 from torch import nn
 
-from ddrs.checks import check_alpha, integer, number, optional_integer, positive
+from ddrs.checks import check_alpha, integer, number, optional_integer, positive, probability
 from ddrs.errors import InputError, ResultsFileError
+from ddrs.experts import Experts, expert_specs, load_experts
 from ddrs.results import file_digest, read_sigmas
 from ddrs.sigma import DEFAULT_CLAMP, DEFAULT_GRID, DEFAULT_SAMPLES, MIN_SIGMA, check_search_options
 
@@ -84,18 +85,29 @@ class ModelSource:
     model: str | None = setting(
         None, "your own model: package.module:factory, or a TorchScript file", group="model"
     )
+    expert: tuple[str, ...] | None = setting(
+        None, "an expert, SOURCE:SIGMA or NAME=SOURCE:SIGMA (SOURCE a checkpoint or "
+        "package.module:factory; repeatable): inputs are routed among the experts",
+        group="model", repeatable=True,
+    )  # fmt: skip
+    experts: str | None = setting(
+        None, "a file of experts, one per line: NAME SOURCE SIGMA", group="model"
+    )
     dataset: str | None = setting(None, DATASETS_HELP, required=True)
     data_root: str | None = setting(None, "dataset folder (default: $DDRS_DATA_ROOT)")
     split: str = setting("test", "dataset split", choices=["train", "test"])
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...")
 
     def __post_init__(self) -> None:
-        if (self.checkpoint is None) == (self.model is None):
-            raise InputError("give exactly one of --checkpoint or --model")
+        given = [self.checkpoint, self.model, self.expert or self.experts]
+        if sum(g is not None for g in given) != 1:
+            raise InputError("give exactly one of --checkpoint, --model, or experts")
+        if self.expert or self.experts:
+            expert_specs(self.expert, self.experts)  # their format, sigmas and names
 
-    def load(self) -> tuple[nn.Module, Any]:
-        """(model in eval mode on its device, dataset split): the model checked against the
-        dataset's inputs."""
+    def load(self) -> tuple[nn.Module | Experts, Any]:
+        """(model in eval mode on its device, or the experts; the dataset split): every model
+        checked against the dataset's inputs."""
         from ddrs.data import get_dataset
         from ddrs.launch import device_for
         from ddrs.models import load_model
@@ -104,12 +116,11 @@ class ModelSource:
             raise InputError("give --dataset")
         dataset = get_dataset(self.dataset, self.split, self.data_root, augment=False)
         info = dataset.info
-        model = load_model(
-            checkpoint=self.checkpoint, model=self.model, num_classes=info.num_classes,
-            input_shape=info.input_shape, inputs_name=self.dataset,
-            device=device_for(self.device),
-        )  # fmt: skip
-        return model, dataset
+        inputs = {"num_classes": info.num_classes, "input_shape": info.input_shape,
+                  "inputs_name": self.dataset, "device": device_for(self.device)}  # fmt: skip
+        if self.checkpoint is None and self.model is None:
+            return load_experts(expert_specs(self.expert, self.experts), **inputs), dataset
+        return load_model(checkpoint=self.checkpoint, model=self.model, **inputs), dataset
 
 
 # -- runs over a dataset --------------------------------------------------------------------------
@@ -144,12 +155,18 @@ class DatasetRun:
         stop = length if self.max is None or self.max < 0 else min(self.max, length)
         return list(range(0, stop, self.skip))
 
-    def base_settings(self, command: str, model: nn.Module, dataset) -> dict:
+    def base_settings(self, command: str, model: nn.Module | Experts, dataset) -> dict:
         from ddrs.models import model_fingerprint
 
+        if isinstance(model, Experts):
+            shape = dataset.info.input_shape
+            identity = {"model": model.fingerprint(dataset.info.name, shape)[:16],
+                        "experts": model.describe()}  # fmt: skip
+        else:
+            identity = {"model": model_fingerprint(model)[:16]}
         return {
             "command": command,
-            "model": model_fingerprint(model)[:16],
+            **identity,
             "dataset": dataset.info.name,
             "split": dataset.split,
             "seed": self.seed,
@@ -178,10 +195,16 @@ class SmoothingRun(DatasetRun):
         False, "torch.compile the model (pays off for long runs; 10-40 s per shape)"
     )
 
+    def sigma_sources(self) -> list:
+        return [self.sigma, self.sigmas]
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        if (self.sigma is None) == (self.sigmas is None):
-            raise InputError("give exactly one of a fixed --sigma or a per-input --sigmas file")
+        if sum(source is not None for source in self.sigma_sources()) != 1:
+            raise InputError(
+                "give exactly one of a fixed --sigma or a per-input --sigmas file"
+                + (" or a --router" if len(self.sigma_sources()) > 2 else "")
+            )
         if self.sigma is not None:
             positive("--sigma", self.sigma)
         if self.sigmas is not None and not Path(self.sigmas).is_file():
@@ -192,10 +215,11 @@ class SmoothingRun(DatasetRun):
         integer("--n", self.n)
         check_alpha(self.alpha)
 
-    def sigma_by_index(self, indices: list[int]) -> dict[int, float]:
-        """Each covered input's sigma; a sigmas file must hold every one of them."""
+    def sigma_by_index(self, indices: list[int]) -> dict[int, float] | None:
+        """Each covered input's sigma; a sigmas file must hold every one of them. None when
+        a router chooses them."""
         if self.sigmas is None:
-            return dict.fromkeys(indices, float(self.sigma))
+            return None if self.sigma is None else dict.fromkeys(indices, float(self.sigma))
         sigmas = read_sigmas(self.sigmas)
         missing = [i for i in indices if i not in sigmas]
         if missing:
@@ -206,12 +230,10 @@ class SmoothingRun(DatasetRun):
             )
         return {i: sigmas[i] for i in indices}
 
-    def smoothing_settings(self, command: str, model: nn.Module, dataset) -> dict:
-        source = (
-            {"sigma": self.sigma}
-            if self.sigmas is None
-            else {"sigmas": str(self.sigmas), "sigmas_sha256": file_digest(self.sigmas)}
-        )
+    def smoothing_settings(self, command: str, model: nn.Module | Experts, dataset) -> dict:
+        source = {"sigma": self.sigma}
+        if self.sigmas is not None:
+            source = {"sigmas": str(self.sigmas), "sigmas_sha256": file_digest(self.sigmas)}
         return {
             **self.base_settings(command, model, dataset), **source, "n": self.n,
             "alpha": self.alpha, "amp": self.amp, "compile": self.compile,
@@ -238,18 +260,44 @@ class CertifyRun(SmoothingRun):
     radius_tolerance: float = setting(
         0.01, "with --pilot: the predicted radius an input may lose to a smaller N"
     )
+    router: str | None = setting(
+        None, "dual smoothing: a router checkpoint (`ddrs train-router`) that certifies each "
+        "input's route to one of the experts; the answer holds on the smaller of its ball and "
+        "the expert's", group="sigma source",
+    )  # fmt: skip
+    router_n: int | None = setting(
+        None, "the router's CERTIFY samples (default: --n)", type=int
+    )
+    router_share: float = setting(
+        0.5, "the share of --alpha spent on the router's certificate (the expert gets the rest)"
+    )
+
+    def sigma_sources(self) -> list:
+        return [self.sigma, self.sigmas, self.router]
 
     def __post_init__(self) -> None:
         super().__post_init__()
         integer("--n0", self.n0)
         integer("--pilot", self.pilot, minimum=0)
         number("--radius-tolerance", self.radius_tolerance, minimum=0)
+        optional_integer("--router-n", self.router_n)
+        probability("--router-share", self.router_share)
+        if self.router is not None:
+            if not Path(self.router).is_file():
+                raise InputError(f"--router {self.router}: no such file; train one with "
+                                 "`ddrs train-router`")  # fmt: skip
+            if self.pilot or self.counts:
+                raise InputError("--router certifies with fixed N; it takes neither --pilot "
+                                 "nor --counts")  # fmt: skip
 
-    def settings(self, model: nn.Module, dataset) -> dict:
+    def settings(self, model: nn.Module | Experts, dataset) -> dict:
         settings = {**self.smoothing_settings("certify", model, dataset), "n0": self.n0,
                     "memory": self.memory}  # fmt: skip
         if self.pilot:
             settings.update(pilot=self.pilot, radius_tolerance=self.radius_tolerance)
+        if self.router:
+            settings.update(router=str(self.router), router_sha256=file_digest(self.router),
+                            router_n=self.router_n or self.n, router_share=self.router_share)
         return settings
 
 
@@ -338,15 +386,24 @@ class SigmaRun(SearchSettings, DatasetRun):
     """Choose a sigma for every covered input."""
 
     out: str = setting(None, "TSV of idx, sigma, score before/after", required=True)
-    sigma0: float = setting(None, "centre of the candidates / ascent start", required=True,
-                            type=float)  # fmt: skip
+    sigma0: float | None = setting(
+        None, "centre of the candidates / ascent start (one model; experts have their own)",
+        type=float,
+    )  # fmt: skip
+    route_rule: str = setting(
+        "radius", "experts: radius (the largest predicted radius wins) or agree (only an "
+        "expert whose top class is the smallest sigma's may win)", choices=["radius", "agree"],
+    )  # fmt: skip
     n: int = setting(100_000, "certified: the N of the certification that follows "
                      "(--num-samples under torchrun)", aliases=("--num-samples",))  # fmt: skip
     alpha: float = setting(0.001, "certified: the alpha of the certification that follows")
 
     def __post_init__(self) -> None:
         DatasetRun.__post_init__(self)
-        positive("--sigma0", self.sigma0)
+        if self.sigma0 is not None:
+            positive("--sigma0", self.sigma0)
+        if self.route_rule not in ("radius", "agree"):
+            raise InputError(f"--route-rule must be radius or agree, got {self.route_rule!r}")
         integer("--n", self.n)
         check_alpha(self.alpha)
         SearchSettings.__post_init__(self)
@@ -355,7 +412,10 @@ class SigmaRun(SearchSettings, DatasetRun):
     def options(self) -> dict:
         return self.search_options(self.n, self.alpha)
 
-    def settings(self, model: nn.Module, dataset) -> dict:
+    def settings(self, model: nn.Module | Experts, dataset) -> dict:
+        if isinstance(model, Experts):
+            return {**self.base_settings("sigma", model, dataset), "route_rule": self.route_rule,
+                    "samples": self.options["samples"], "n": self.n, "alpha": self.alpha}
         return {**self.base_settings("sigma", model, dataset), "sigma0": self.sigma0,
                 "search": self.search, **self.options}  # fmt: skip
 
@@ -432,6 +492,39 @@ class TrainConfig:
         optional_integer("--train-subset", self.train_subset)
         optional_integer("--eval-max", self.eval_max)
         build_method(self.method, **self.method_settings)  # checks the method's settings
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterLabels:
+    """`ddrs train-router`: the experts a router learns to choose among, and its images and
+    labels (the router itself is a TrainConfig: --arch, --sigma (its sigma_r), --epochs...)."""
+
+    expert: tuple[str, ...] | None = setting(
+        None, "an expert, SOURCE:SIGMA or NAME=SOURCE:SIGMA (repeatable; the router's classes "
+        "follow their order)", group="experts", repeatable=True,
+    )  # fmt: skip
+    experts: str | None = setting(
+        None, "a file of experts, one per line: NAME SOURCE SIGMA", group="experts"
+    )
+    images: int | None = setting(
+        None, "label this many of the training images no expert trained on, spread evenly "
+        "(default: all of them)", type=int,
+    )  # fmt: skip
+    exclude: str | None = setting(
+        None, "a TSV whose idx column lists training images to leave out (e.g. validation)"
+    )
+    label_samples: int = setting(64, "votes per expert and image for the labels")
+    label_n: int = setting(100_000, "the N of the certification the labels score for")
+    label_alpha: float = setting(0.001, "the alpha of the certification the labels score for")
+
+    def __post_init__(self) -> None:
+        expert_specs(self.expert, self.experts)
+        optional_integer("--images", self.images)
+        integer("--label-samples", self.label_samples)
+        integer("--label-n", self.label_n)
+        check_alpha(self.label_alpha)
+        if self.exclude is not None and not Path(self.exclude).is_file():
+            raise InputError(f"--exclude {self.exclude}: no such file")
 
 
 # -- the service ------------------------------------------------------------------------------

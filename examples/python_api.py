@@ -17,8 +17,11 @@ from ddrs.classifier import DataDependentSmoothClassifier, memory_fingerprint
 from ddrs.data import get_dataset
 from ddrs.memory import CertificationMemory
 from ddrs.models import load_checkpoint
+from ddrs.report import summary_line
+from ddrs.runs import certify_dataset
 from ddrs.sigma import certified_sigma_search
 from ddrs.smooth import Smooth
+from ddrs.specs import CertifyRun
 from ddrs.train.loop import TrainConfig, train
 
 
@@ -55,6 +58,11 @@ def main(out: Path) -> None:
             answer = clf.certify(test[i][0], key=i)
             print(f"input {i}: class {answer.predict}, radius {answer.radius:.3f}, "
                   f"sigma {answer.sigma:.3f}, changed {answer.changed}, shrunk {answer.shrunk}")
+
+    # a whole dataset, resumable, checked and recorded exactly as `ddrs certify` does it
+    run = CertifyRun(out=str(out / "cert.tsv"), sigma=0.25, n0=100, n=1000, skip=60)
+    certify_dataset(model, test, run)
+    print(summary_line(run.out))
 
 
 if __name__ == "__main__":

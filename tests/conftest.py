@@ -42,3 +42,17 @@ def digits_checkpoint(tmp_path_factory) -> str:
     config = TrainConfig(dataset="digits", arch="cnn", out=str(out), sigma=0.25, epochs=1,
                          batch=64, lr=0.05, eval_max=20, progress=False)
     return str(train(config))
+
+
+@pytest.fixture(scope="session")
+def other_digits_checkpoint(digits_checkpoint, tmp_path_factory) -> str:
+    """The session's digits CNN with one weight changed: another model (another fingerprint)
+    for the same inputs, without training one."""
+    from ddrs.models import load_checkpoint, save_checkpoint
+
+    loaded = load_checkpoint(digits_checkpoint)
+    with torch.no_grad():
+        next(loaded.model.parameters()).view(-1)[0] += 0.01
+    path = tmp_path_factory.mktemp("other-digits-cnn") / "other.pt"
+    save_checkpoint(path, loaded.model, loaded.meta)
+    return str(path)

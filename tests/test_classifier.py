@@ -11,7 +11,6 @@ from ddrs.models import load_checkpoint
 from ddrs.results import read_table
 from ddrs.runs import certify_dataset, sigma_dataset
 from ddrs.specs import CertifyRun, SigmaRun
-from ddrs.train.loop import TrainConfig, train
 
 SEARCH_OPTIONS = {
     "ascent": {"iterations": 4, "lr": 1e-2, "samples": 2},
@@ -20,21 +19,8 @@ SEARCH_OPTIONS = {
 
 
 @pytest.mark.parametrize("selector", ["ascent", "certified"])
-def test_online_classifier_matches_offline_resolution(tmp_path, selector):
-    ckpt = train(
-        TrainConfig(
-            dataset="digits",
-            arch="cnn",
-            out=str(tmp_path / "m"),
-            sigma=0.25,
-            epochs=2,
-            batch=64,
-            lr=0.05,
-            eval_max=50,
-            progress=False,
-        )
-    )
-    model = load_checkpoint(ckpt).model
+def test_online_classifier_matches_offline_resolution(digits_checkpoint, tmp_path, selector):
+    model = load_checkpoint(digits_checkpoint).model
     data = get_dataset("digits", "test")
     shape = data.info.input_shape
     search = SEARCH_OPTIONS[selector]

@@ -9,27 +9,11 @@ import pytest
 
 from ddrs.cli import main
 from ddrs.results import read_table
-from ddrs.train.loop import TrainConfig, train
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train")
-    return str(
-        train(
-            TrainConfig(
-                dataset="digits",
-                arch="cnn",
-                out=str(out),
-                sigma=0.25,
-                epochs=3,
-                batch=64,
-                lr=0.05,
-                eval_max=100,
-                progress=False,
-            )
-        )
-    )
+@pytest.fixture
+def checkpoint(digits_checkpoint):
+    return digits_checkpoint
 
 
 def certify_args(checkpoint, out, *extra):
@@ -179,7 +163,7 @@ def test_missing_sigma_index_is_an_error(checkpoint, tmp_path, capsys):
     assert "no row for dataset index 1" in capsys.readouterr().err
 
 
-def test_memory_refuses_another_model(checkpoint, tmp_path, capsys):
+def test_memory_refuses_another_model(checkpoint, other_digits_checkpoint, tmp_path, capsys):
     memory = tmp_path / "m.sqlite"
     assert (
         main(
@@ -196,21 +180,7 @@ def test_memory_refuses_another_model(checkpoint, tmp_path, capsys):
         )
         == 0
     )
-    other = str(
-        train(
-            TrainConfig(
-                dataset="digits",
-                arch="cnn",
-                out=str(tmp_path / "other"),
-                sigma=0.25,
-                epochs=1,
-                batch=64,
-                seed=1,
-                eval_max=10,
-                progress=False,
-            )
-        )
-    )
+    other = other_digits_checkpoint
     assert (
         main(
             certify_args(

@@ -87,24 +87,26 @@ def _env(**extra) -> dict:
 
 
 def test_the_documented_two_machine_torchrun_command_equals_one_process(checkpoint, tmp_path):
-    """README's multi-machine command, as written (long spellings torchrun does not claim),
-    as two 'machines' on this one, each in its own folder: no shared file system."""
+    """README's multi-machine command, as written (static rendezvous, long spellings torchrun
+    does not claim), as two 'machines' on this one, each in its own folder: no shared file
+    system. Node 1 starts first, and still the machine given --node-rank 0 writes the file."""
     sigma = ["sigma", "--checkpoint", checkpoint, "--dataset", "digits", "--device", "cpu",
              "--sigma0", "0.25", "--num-samples", "500", "--alpha", "0.01", "--max-index", "24",
              "--batch", "128", "--no-progress", "--out", "sigmas.tsv"]
     (tmp_path / "single").mkdir()
     assert main([*sigma[:-1], str(tmp_path / "single" / "sigmas.tsv")]) == 0
-    endpoint = f"127.0.0.1:{_free_port()}"
+    port = str(_free_port())
     nodes = []
-    for node in (0, 1):
+    for node in (1, 0):
         folder = tmp_path / f"node{node}"
         folder.mkdir()
         command = ["torchrun", "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
-                   "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "ddrs-test",
-                   "-m", "ddrs", *sigma]
+                   "--master-addr", "127.0.0.1", "--master-port", port, "-m", "ddrs", *sigma]
         command[0:1] = [sys.executable, "-m", "torch.distributed.run"]  # torchrun, this Python
         nodes.append(subprocess.Popen(command, cwd=folder, env=_env(), text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        if node == 1:
+            time.sleep(3)  # node 1 is waiting for the rendezvous before node 0 exists
     for process in nodes:
         output, _ = process.communicate(timeout=240)
         assert process.returncode == 0, output[-3000:]
@@ -174,7 +176,7 @@ def test_a_killed_worker_resumes_to_the_one_process_run(checkpoint, tmp_path, vi
 def test_errors_of_a_sharded_run_are_one_line(checkpoint, tmp_path, capsys):
     out = tmp_path / "cert.tsv"
     assert main(certify(checkpoint, out, "--nproc-per-node", "0")) == 2
-    assert "--nproc-per-node must be >= 1" in capsys.readouterr().err
+    assert "--nproc-per-node must be an integer >= 1" in capsys.readouterr().err
     assert not out.exists()
     assert main(certify(checkpoint, out, "--max-index", "6")) == 0
     capsys.readouterr()

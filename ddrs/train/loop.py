@@ -37,16 +37,25 @@ DD_SEARCH_BATCH = 4096  # noisy samples per forward pass of the training-time si
 
 
 class Trainer:
-    """One training run: `Trainer(config).run()` trains, logs and checkpoints to config.out."""
+    """One training run: `Trainer(config).run()` trains, logs and checkpoints to config.out.
 
-    def __init__(self, config: TrainConfig):
+    `train_set`, `test_set`: datasets of (x, label, index) items to use instead of the
+    config's dataset splits (a router trains on relabelled images); `extra_meta`: more entries
+    recorded in the checkpoints' meta."""
+
+    def __init__(self, config: TrainConfig, *, train_set=None, test_set=None,
+                 extra_meta: dict | None = None):  # fmt: skip
         self.config = config
         self.device = device_for(config.device)
         self.dist = join("nccl" if self.device.type == "cuda" else "gloo")
         self.out = Path(config.out)
         torch.manual_seed(config.seed + self.dist.rank)
-        self.train_set = get_dataset(config.dataset, "train", config.data_root)
-        self.test_set = get_dataset(config.dataset, "test", config.data_root, augment=False)
+        if train_set is None:
+            train_set = get_dataset(config.dataset, "train", config.data_root)
+        if test_set is None:
+            test_set = get_dataset(config.dataset, "test", config.data_root, augment=False)
+        self.train_set, self.test_set = train_set, test_set
+        self.extra_meta = dict(extra_meta or {})
         self.info = self.train_set.info
         # the samples trained on (--train-subset): the ones whose sigmas can move
         self.trained_indices = torch.tensor(
@@ -101,6 +110,7 @@ class Trainer:
             "epoch": epoch,
             "data_dependent": c.data_dependent,
             "train_config": dataclasses.asdict(c),
+            **self.extra_meta,
         }
 
     def save(self, epoch: int, is_best: bool) -> None:
@@ -409,6 +419,7 @@ class EpochLog:
             self.writer.close()
 
 
-def train(config: TrainConfig) -> Path:
-    """Train a model as configured; returns the path of the last checkpoint."""
-    return Trainer(config).run()
+def train(config: TrainConfig, **datasets_and_meta) -> Path:
+    """Train a model as configured; returns the path of the last checkpoint (keyword
+    arguments: those of `Trainer`)."""
+    return Trainer(config, **datasets_and_meta).run()

@@ -1,0 +1,180 @@
+"""Experts: a set of (model, sigma) pairs, e.g. models trained at sigma 0.12, 0.25 and 0.5,
+each smoothed at its own sigma, or one model at several sigmas.
+
+An expert is given on the command line as `--expert SOURCE:SIGMA` (or `NAME=SOURCE:SIGMA`),
+SOURCE a checkpoint or your own model (package.module:factory, TorchScript file), or in an
+experts file, one expert per line: `NAME SOURCE SIGMA` (blank lines and # comments
+allowed). Every expert is checked before anything is written: sigma > 0, distinct names, and
+each model's probe forward pass on the inputs' shape and class count (`models.load_model`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from ddrs.checks import positive
+from ddrs.errors import InputError
+from ddrs.models import load_model, model_fingerprint
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """An expert before its model is loaded."""
+
+    name: str
+    source: str  # a checkpoint path, or package.module:factory, or a TorchScript file
+    sigma: float
+
+
+@dataclass(frozen=True)
+class Expert:
+    """A base classifier smoothed at its own sigma."""
+
+    name: str
+    source: str
+    sigma: float
+    model: nn.Module
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A set of experts, in the order given (which a router's classes follow)."""
+
+    members: tuple[Expert, ...]
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __iter__(self):
+        return iter(self.members)
+
+    def __getitem__(self, k: int) -> Expert:
+        return self.members[k]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(e.name for e in self.members)
+
+    def index(self, name: str) -> int:
+        """The position of the expert called `name`."""
+        if name not in self.names:
+            raise InputError(f"no expert is called {name!r}; the experts are {list(self.names)}")
+        return self.names.index(name)
+
+    def describe(self) -> list[list]:
+        """[[name, sigma], ...], for settings and service descriptions."""
+        return [[e.name, e.sigma] for e in self.members]
+
+    def fingerprint(self, dataset: str, input_shape) -> str:
+        """Identity of 'these experts at these sigmas on these inputs', which a memory belongs
+        to (the memory of routed answers is not the memory of any one model)."""
+        parts = [f"{e.name}|{model_fingerprint(e.model)}|{e.sigma!r}" for e in self.members]
+        text = "experts|" + "|".join(parts) + f"|{dataset}|{tuple(input_shape)}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _default_name(source: str, sigma: float) -> str:
+    path = Path(source)
+    if path.suffix in (".pt", ".pth"):
+        # runs/x/last.pt says less than its folder does
+        base = path.parent.name if path.stem in ("last", "best") and path.parent.name else path.stem
+    else:
+        base = source.rsplit(":", 1)[-1] or source
+    return f"{base}@{sigma:g}"
+
+
+def parse_expert(text: str) -> ExpertSpec:
+    """`SOURCE:SIGMA` or `NAME=SOURCE:SIGMA` (the last ':' separates the sigma, so a
+    package.module:factory source works)."""
+    name, _, rest = text.rpartition("=") if "=" in text else ("", "", text)
+    source, sep, sigma_text = rest.rpartition(":")
+    try:
+        sigma = float(sigma_text)
+    except ValueError:
+        sigma = None
+    if not sep or not source or sigma is None:
+        raise InputError(
+            f"--expert {text!r}: expected SOURCE:SIGMA or NAME=SOURCE:SIGMA (e.g. "
+            "runs/g025/last.pt:0.25)"
+        )
+    positive(f"--expert {text!r}: sigma", sigma)
+    return ExpertSpec(name or _default_name(source, sigma), source, sigma)
+
+
+def read_experts_file(path: str | Path) -> list[ExpertSpec]:
+    """One expert per line, `NAME SOURCE SIGMA`, whitespace separated; # starts a comment."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--experts {path}: no such file (one line per expert: NAME SOURCE SIGMA)")
+    experts = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        if len(fields) != 3:
+            raise InputError(
+                f"{path}, line {number}: expected NAME SOURCE SIGMA, got {len(fields)} field(s)"
+            )
+        name, source, sigma_text = fields
+        try:
+            sigma = float(sigma_text)
+        except ValueError:
+            raise InputError(
+                f"{path}, line {number}: sigma {sigma_text!r} is not a number"
+            ) from None
+        positive(f"{path}, line {number}: sigma", sigma)
+        experts.append(ExpertSpec(name, source, sigma))
+    return experts
+
+
+def check_experts(experts: list[ExpertSpec]) -> list[ExpertSpec]:
+    """At least one expert, distinct names."""
+    if not experts:
+        raise InputError("no experts given (--expert SOURCE:SIGMA, or --experts FILE)")
+    names = [e.name for e in experts]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InputError(
+            f"expert name {repeated[0]!r} is given twice; name each expert "
+            "(--expert NAME=SOURCE:SIGMA, or an experts file)"
+        )
+    return experts
+
+
+def expert_specs(expert: list[str] | None, experts_file: str | None) -> list[ExpertSpec]:
+    """The experts of `--expert` flags and an `--experts` file, checked."""
+    found = [parse_expert(text) for text in expert or []]
+    if experts_file:
+        found += read_experts_file(experts_file)
+    return check_experts(found)
+
+
+def load_experts(
+    specs: list[ExpertSpec], *, num_classes: int, input_shape, inputs_name: str, device="cpu"
+) -> Experts:
+    """Load every expert's model (once per distinct source), checked against the inputs."""
+    models: dict[str, nn.Module] = {}
+    for spec in check_experts(specs):
+        if spec.source not in models:
+            own = not Path(spec.source).is_file() or _is_torchscript(spec.source)
+            kind = "model" if own else "checkpoint"
+            models[spec.source] = load_model(
+                **{kind: spec.source}, num_classes=num_classes, input_shape=input_shape,
+                inputs_name=inputs_name, device=device,
+            )  # fmt: skip
+    return Experts(tuple(Expert(s.name, s.source, s.sigma, models[s.source]) for s in specs))
+
+
+def _is_torchscript(path: str) -> bool:
+    """A TorchScript archive holds a `code/` folder; our and published checkpoints do not."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in name for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
