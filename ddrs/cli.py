@@ -200,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the table here instead of stdout")
     p.add_argument("--plot", help="PNG of certified accuracy vs radius")
     p.add_argument("--sigma-plot", help="PNG histogram of per-input sigmas (data-dependent runs)")
+    p.add_argument("--expert-plot", help="PNG of each input's sigma and expert (runs of experts)")
     p.add_argument("--sigma0", type=float, help="mark this sigma0 on the --sigma-plot")
 
     p = sub.add_parser(

@@ -149,6 +149,7 @@ def run_summary(run: Run, radii: Sequence[float]) -> dict:
         "abstain": float(np.mean(t["predict"] == -1)) if run.size else float("nan"),
         "changed": None, "shrunk": None,
         "sigma_min": None, "sigma_median": None, "sigma_max": None,
+        "experts": expert_shares(t),
     }
     if run.is_memory_run:
         same = t["predict"] == t["mc_predict"]
@@ -162,6 +163,36 @@ def run_summary(run: Run, radii: Sequence[float]) -> dict:
     return summary
 
 
+def expert_shares(table: dict[str, np.ndarray]) -> dict[str, float] | None:
+    """{expert: share of the inputs it answered} of a run with an expert column (a router's
+    abstentions count as "-"), or None."""
+    experts = table.get("expert")
+    if experts is None or len(experts) == 0:
+        return None
+    names, counts = np.unique(experts.astype(str), return_counts=True)
+    return {str(n): float(k) / len(experts) for n, k in zip(names, counts)}
+
+
+def sign_test(a: dict[str, np.ndarray], b: dict[str, np.ndarray], radius: float):
+    """Paired comparison of two runs at `radius` on the inputs both cover: (inputs only a
+    certifies correctly at >= radius, inputs only b does, two-sided sign-test p-value)."""
+    common = np.intersect1d(a["idx"], b["idx"])
+
+    def certified(t):
+        keep = np.isin(t["idx"], common)
+        order = np.argsort(t["idx"][keep])
+        ok = (t["correct"][keep] == 1) & (t["radius"][keep] >= radius)
+        return ok[order]
+
+    ok_a, ok_b = certified(a), certified(b)
+    a_only, b_only = int(np.sum(ok_a & ~ok_b)), int(np.sum(ok_b & ~ok_a))
+    if a_only + b_only == 0:
+        return a_only, b_only, 1.0
+    from scipy.stats import binomtest
+
+    return a_only, b_only, float(binomtest(a_only, a_only + b_only, 0.5).pvalue)
+
+
 def envelope_summary(summaries: Sequence[dict], radii: Sequence[float]) -> dict:
     """Best value over runs at each radius (and the best ACR); other entries are None."""
     return {
@@ -171,7 +202,7 @@ def envelope_summary(summaries: Sequence[dict], radii: Sequence[float]) -> dict:
                       for r in radii},
         "ACR": _nanmax(s["ACR"] for s in summaries),
         "abstain": None, "changed": None, "shrunk": None,
-        "sigma_min": None, "sigma_median": None, "sigma_max": None,
+        "sigma_min": None, "sigma_median": None, "sigma_max": None, "experts": None,
     }
 
 
@@ -207,7 +238,16 @@ def _columns(summaries: Sequence[dict], radii: Sequence[float]) -> list[_Column]
     if any(s["sigma_min"] is not None for s in summaries):
         columns += [_Column(f"sigma {k}", "sigma", lambda s, k=k: s[f"sigma_{k}"])
                     for k in ("min", "median", "max")]
+    if any(s.get("experts") for s in summaries):
+        columns.append(_Column("experts (share of inputs)", "text",
+                               lambda s: _shares_text(s.get("experts"))))
     return columns
+
+
+def _shares_text(shares: dict[str, float] | None) -> str:
+    if not shares:
+        return "–"
+    return ", ".join(f"{name} {share:.0%}" for name, share in shares.items())
 
 
 def _cell(value, kind: str, fmt: str) -> str:
@@ -391,6 +431,41 @@ def plot_sigma_histogram(runs: Sequence[Run], path: str | os.PathLike,
     return True
 
 
+def plot_experts(runs: Sequence[Run], path: str | os.PathLike, title: str | None = None) -> bool:
+    """Per input (by index): the sigma it was certified at, coloured by the expert that
+    answered, filled where the answer is certified correct; one panel per run with an expert
+    column. False (no file) if no run has one."""
+    routed = [run for run in runs if "expert" in run.table and run.size]
+    if not routed:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(routed), 1, figsize=(8, 2.6 * len(routed) + 0.8), squeeze=False,
+                             layout="constrained")
+    try:
+        for ax, run in zip(axes[:, 0], routed):
+            t = run.table
+            names = sorted(set(t["expert"].astype(str)))
+            for k, name in enumerate(names):
+                mine = t["expert"].astype(str) == name
+                right = mine & (t["correct"] == 1)
+                share = f"{np.mean(mine):.0%}"
+                color = f"C{k}"
+                ax.scatter(t["idx"][right], t["sigma"][right], s=12, color=color,
+                           label=f"{name} ({share})")
+                ax.scatter(t["idx"][mine & ~right], t["sigma"][mine & ~right], s=12,
+                           facecolors="none", edgecolors=color)
+            ax.set_ylabel("sigma")
+            ax.set_title(run.label, fontsize=9)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        axes[-1, 0].set_xlabel("input (dataset index); filled: certified correct")
+        fig.suptitle(title or "Which expert answered each input")
+        _save_atomically(fig, path)
+    finally:
+        plt.close(fig)
+    return True
+
+
 # ---------------------------------------------------------------- the command
 
 
@@ -398,7 +473,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
     """Refuse to write over a results file: reporting never modifies them."""
     inputs = {Path(p).resolve() for p in args.runs}
     for option, out in (("--out", args.out), ("--plot", args.plot),
-                        ("--sigma-plot", args.sigma_plot)):
+                        ("--sigma-plot", args.sigma_plot), ("--expert-plot", args.expert_plot)):
         if out and Path(out).resolve() in inputs:
             raise InputError(f"{option} {out} is one of the results files being reported")
 
@@ -429,6 +504,12 @@ def report_command(args: argparse.Namespace) -> None:
         plot_certified_accuracy(runs, args.plot, title=args.title,
                                 envelope=runs if args.envelope else None)
         print(f"plot: {args.plot}", file=sys.stderr)
+    if args.expert_plot:
+        if plot_experts(runs, args.expert_plot, title=args.title):
+            print(f"expert plot: {args.expert_plot}", file=sys.stderr)
+        else:
+            print("expert plot: no run has an expert column (runs of experts); nothing written",
+                  file=sys.stderr)
     if args.sigma_plot:
         if plot_sigma_histogram(runs, args.sigma_plot, sigma0=args.sigma0):
             print(f"sigma plot: {args.sigma_plot}", file=sys.stderr)

@@ -41,7 +41,7 @@ STRING_COLUMNS = {"expert"}
 NO_EXPERT = "-"
 INTEGER_COLUMNS = {
     "idx", "label", "predict", "correct", "mc_predict",
-    "selected", "count", "top1", "top2", "n", "n0", "seed",
+    "selected", "count", "top1", "top2", "n", "n0", "seed", "route", "right",
 }  # fmt: skip
 
 

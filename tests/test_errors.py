@@ -140,3 +140,65 @@ def test_a_malformed_pair_names_its_format(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "expected two numbers LOW,HIGH" in err and "_floats" not in err
+
+
+def _expert_cases(ckpt: str, cifar: str, tmp_path) -> dict:
+    (tmp_path / "two.txt").write_text("a b\n")
+    (tmp_path / "nan.txt").write_text(f"# name source sigma\na {ckpt} x\n")
+    (tmp_path / "routes.tsv").write_text("idx\texpert\tsigma\tscore\ttime\n0\tzzz\t0.25\t0\t0\n")
+    (tmp_path / "router.pt").write_bytes(b"")
+    base = ["--dataset", "digits", "--n", "50", "--alpha", "0.01", "--max", "1",
+            "--no-progress"]
+    two = ["--expert", f"{ckpt}:0.12", "--expert", f"{ckpt}:0.5"]
+    return {
+        "an expert without a sigma": (["certify", "--expert", ckpt, "--sigma", "0.2"],
+                                      "SOURCE:SIGMA"),
+        "an expert at sigma 0": (["certify", "--expert", f"{ckpt}:0", "--sigma", "0.2"],
+                                 "sigma must be finite and > 0"),
+        "two experts of one name": (["certify", "--expert", f"a={ckpt}:0.1", "--expert",
+                                     f"a={ckpt}:0.2", "--sigma", "0.2"], "given twice"),
+        "no experts file": (["certify", "--experts", str(tmp_path / "none.txt"), "--sigma",
+                             "0.2"], "no such file"),
+        "an experts file line of two fields": (["certify", "--experts",
+                                                str(tmp_path / "two.txt"), "--sigma", "0.2"],
+                                               "line 1: expected NAME SOURCE SIGMA"),
+        "an experts file sigma that is no number": (
+            ["certify", "--experts", str(tmp_path / "nan.txt"), "--sigma", "0.2"],
+            "line 2: sigma 'x' is not a number"),
+        "an expert of other inputs": (["certify", "--expert", f"{cifar}:0.25", "--expert",
+                                       f"{ckpt}:0.25", "--sigmas",
+                                       str(tmp_path / "routes.tsv")], "input_shape"),
+        "experts at one --sigma": (["certify", *two, "--sigma", "0.25"], "own sigmas"),
+        "a routes file naming no expert": (["certify", *two, "--sigmas",
+                                            str(tmp_path / "routes.tsv")], "no expert is called"),
+        "a router for one model": (["certify", "--checkpoint", ckpt, "--router",
+                                    str(tmp_path / "router.pt")], "routes among experts"),
+        "a router that is no checkpoint": (["certify", *two, "--router",
+                                            str(tmp_path / "router.pt")], "router.pt"),
+        "sigma0 with experts": (["sigma", *two, "--sigma0", "0.25"], "own sigmas"),
+        "sigma without sigma0": (["sigma", "--checkpoint", ckpt], "--sigma0"),
+    }, base
+
+
+EXPERT_CASES = [
+    "an expert without a sigma", "an expert at sigma 0", "two experts of one name",
+    "no experts file", "an experts file line of two fields",
+    "an experts file sigma that is no number", "an expert of other inputs",
+    "experts at one --sigma", "a routes file naming no expert", "a router for one model",
+    "a router that is no checkpoint", "sigma0 with experts", "sigma without sigma0",
+]
+
+
+@pytest.mark.parametrize("name", EXPERT_CASES)
+def test_bad_experts_are_one_clear_line_and_leave_no_file(name, checkpoint, cifar_checkpoint,
+                                                          tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    cases, base = _expert_cases(checkpoint, cifar_checkpoint, tmp_path / "in")
+    args, message = cases[name]
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main([*args, *base, "--out", str(out / "r.tsv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ddrs: error:") and err.count("\n") == 1, err
+    assert message in err, err
+    assert list(out.iterdir()) == []

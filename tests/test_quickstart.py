@@ -102,3 +102,38 @@ def test_the_python_api_example_runs_as_written(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "certify:" in result.stdout and "input 3: class" in result.stdout
+
+
+def test_cifar10_routing_study_runs_every_step_on_tiny_data(tmp_path):
+    _write_cifar_batches(tmp_path / "data", per_batch=40)
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import cifar10_routing
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "study"
+    cifar10_routing.main([
+        "--data-root", str(tmp_path / "data"), "--out", str(out), "--epochs", "1",
+        "--train-subset", "120", "--val-images", "10", "--router-images", "40",
+        "--router-epochs", "1", "--router-sigmas", "0.25", "--label-samples", "4",
+        "--route-samples", "4", "--val-n", "50", "--n0", "10", "--n", "50", "--skip", "4",
+        "--batch", "50", "--no-progress",
+    ])  # fmt: skip
+    choices = __import__("json").loads((out / "choices.json").read_text())
+    assert set(choices["chosen"]) == {"three-route", "three-dual", "one-route", "one-dual"}
+    certified = sorted((out / "test").glob("*.certify.tsv"))
+    assert len(certified) == 7  # 3 experts, routing and dual for each expert set
+    for path in certified:
+        assert len(read_table(path)["idx"]) == 10, path
+    routed = read_table(out / "test" / "three.route-radius.certify.tsv") if (
+        out / "test" / "three.route-radius.certify.tsv").exists() else read_table(
+        out / "test" / "three.route-agree.certify.tsv")
+    assert set(routed["expert"]) <= {"g0.12", "g0.25", "g0.5"}
+    # the routers' images and the validation images are held out from the experts, and apart
+    from ddrs.train.loop import training_subset
+
+    labels = read_table(out / "router-three-0.25" / "labels.tsv")
+    trained = set(training_subset(200, 120, 0))
+    assert not set(labels["idx"].tolist()) & trained
+    assert not set(choices["validation_images"]) & (trained | set(labels["idx"].tolist()))
+    assert "Sign tests" in (out / "report.md").read_text()
