@@ -53,7 +53,8 @@ def add_spec(parser: argparse.ArgumentParser, spec: type) -> None:
         container = parser
         if "group" in meta:
             if meta["group"] not in groups:
-                groups[meta["group"]] = parser.add_mutually_exclusive_group(required=True)
+                required = meta.get("group_required", True)
+                groups[meta["group"]] = parser.add_mutually_exclusive_group(required=required)
             container = groups[meta["group"]]
         elif "section" in meta:
             if meta["section"] not in groups:

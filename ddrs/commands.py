@@ -234,8 +234,10 @@ def cmd_serve(args) -> None:
         ) from None
     from ddrs.classifier import DataDependentSmoothClassifier, memory_fingerprint
     from ddrs.data import DatasetInfo, dataset_info
+    from ddrs.experts import expert_specs, load_experts
     from ddrs.launch import device_for
     from ddrs.models import load_model
+    from ddrs.runs import load_router
 
     run = from_namespace(ServeRun, args)
     token = read_token(run.token_file) if run.token_file else None
@@ -245,18 +247,25 @@ def cmd_serve(args) -> None:
         channels = run.input_shape[0]
         info = DatasetInfo("custom", run.num_classes, tuple(run.input_shape), (0.0,) * channels,
                            (1.0,) * channels)  # fmt: skip
-    model = load_model(
-        checkpoint=run.checkpoint, model=run.model, num_classes=info.num_classes,
-        input_shape=info.input_shape, inputs_name=info.name, device=device_for(run.device),
-    )  # fmt: skip
-    fingerprint = memory_fingerprint(model, info.name, info.input_shape)
+    inputs = {"num_classes": info.num_classes, "input_shape": info.input_shape,
+              "inputs_name": info.name, "device": device_for(run.device)}  # fmt: skip
+    router = None
+    if run.has_experts:
+        model = load_experts(expert_specs(run.expert, run.experts), **inputs)
+        fingerprint = model.fingerprint(info.name, info.input_shape)
+        if run.router:
+            router = load_router(run.router, model, inputs["device"])
+    else:
+        model = load_model(checkpoint=run.checkpoint, model=run.model, **inputs)
+        fingerprint = memory_fingerprint(model, info.name, info.input_shape)
 
     def make_classifier():
         memory = CertificationMemory(run.memory, fingerprint, info.input_shape)
         return DataDependentSmoothClassifier(
             model, info.num_classes, memory, run.noise_level, n0=run.n0, n=run.n,
             alpha=run.alpha, batch=run.batch, seed=run.seed, selector=run.selector,
-            search=run.options,
+            search=run.options, router=router, router_n=run.router_n,
+            router_share=run.router_share, route_rule=run.route_rule,
         )  # fmt: skip
 
     make_classifier().memory.close()  # a memory of another model or a corrupt one: say so now
@@ -266,6 +275,9 @@ def cmd_serve(args) -> None:
         "search": run.selector, "n0": run.n0, "n": run.n, "alpha": run.alpha,
         "memory": str(run.memory),
     }  # fmt: skip
+    if run.has_experts:
+        describe.update(experts=model.describe(), route=(
+            f"router (sigma_r {router.sigma:g})" if router else f"selector ({run.route_rule})"))
     service = CertificationService(make_classifier, info, max_batch=run.max_batch,
                                    max_wait=run.max_wait, describe=describe)  # fmt: skip
     app = create_app(service, token=token, max_body_bytes=run.max_body_bytes)

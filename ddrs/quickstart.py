@@ -1,11 +1,14 @@
 """`ddrs quickstart`: the whole method on scikit-learn's bundled digits, in a few minutes.
 
-1. train a small CNN with Gaussian augmentation at a fixed sigma, and the same CNN with
-   data-dependent sigma (per-sample sigmas, warm-started every epoch);
-2. certify the fixed model at that sigma;
-3. optimise a sigma per test input for the data-dependent model, and certify it with the
-   certification memory (online, in index order);
-4. print the comparison table and write the plots. Every file goes under `out`.
+1. train small CNNs with Gaussian augmentation at sigma 0.12, 0.25 and 0.5 (the experts),
+   and one with data-dependent sigma (per-sample sigmas, warm-started every epoch), all on
+   the same training subset; the training images left out label and train a router;
+2. certify each expert at its sigma (their envelope is the strongest fixed-sigma baseline);
+3. the data-dependent model: a sigma per test input (certified selector), then CERTIFY with
+   the memory;
+4. the experts routed by the certified selector over experts, with the memory; and dual
+   smoothing (the router certifies the route, the expert the class; no memory);
+5. print the comparison table and write the plots. Every file goes under `out`.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddrs.data import get_dataset
+from ddrs.experts import Expert, Experts
 from ddrs.models import load_checkpoint
 from ddrs.report import (
+    envelope_summary,
     format_table,
     load_runs,
     plot_certified_accuracy,
+    plot_experts,
     plot_sigma_histogram,
     run_summary,
 )
@@ -27,11 +33,14 @@ from ddrs.results import row_count
 from ddrs.runs import certify_dataset, sigma_dataset
 from ddrs.specs import CertifyRun, SigmaRun, TrainConfig
 from ddrs.train.loop import train
+from ddrs.train.router import held_out_indices, train_router
 
 
 @dataclass(frozen=True)
 class QuickstartSettings:
-    sigma: float = 0.25
+    sigma: float = 0.25  # the data-dependent model's sigma0, and the middle expert's
+    expert_sigmas: tuple[float, ...] = (0.12, 0.25, 0.5)
+    train_subset: int = 1100  # of 1,437 training images; the other 337 train the router
     epochs: int = 30
     lr: float = 0.05
     lr_step: int = 15
@@ -43,39 +52,29 @@ class QuickstartSettings:
     dd_samples: int = 4
     dd_lr: float = 5e-3
     # Test-time sigmas: the certified selector (9 candidates in sigma0 x [0.5, 2], 64 votes
-    # each), the search that did best on digits (benchmarks/sigma_search.py)
+    # each), the search that did best on digits (benchmarks/sigma_search.py); the same 64
+    # votes per expert route among the experts
     sigma_grid: int = 9
     sigma_samples: int = 64
+    route_rule: str = "radius"
+    router_sigma: float = 0.25
+    router_epochs: int = 30
     n0: int = 100
     n: int = 2_000
     alpha: float = 0.001
     skip: int = 1
 
 
-QUICK = QuickstartSettings(epochs=3, lr_step=2, dd_samples=2, sigma_samples=8, n=200, skip=6)
+QUICK = QuickstartSettings(epochs=3, lr_step=2, dd_samples=2, sigma_samples=8, n=200, skip=6,
+                           router_epochs=2)  # fmt: skip
 
 
-def _train(
-    out: Path, s: QuickstartSettings, data_dependent: bool, progress: bool, name: str
-) -> Path:
+def _train(out: Path, s: QuickstartSettings, name: str, **config) -> Path:
     config = TrainConfig(
-        dataset="digits",
-        arch="cnn",
-        out=str(out),
-        sigma=s.sigma,
-        epochs=s.epochs,
-        batch=s.batch,
-        lr=s.lr,
-        lr_step=s.lr_step,
-        eval_max=None,
-        progress=progress,
-        data_dependent=data_dependent,
-        dd_iterations=s.dd_iterations,
-        dd_lr=s.dd_lr,
-        dd_samples=s.dd_samples,
-        resume=(out / "last.pt").exists(),
-    )
-    if config.resume and load_checkpoint(out / "last.pt").meta["epoch"] + 1 >= s.epochs:
+        dataset="digits", arch="cnn", out=str(out), batch=s.batch, lr=s.lr, lr_step=s.lr_step,
+        eval_max=None, resume=(out / "last.pt").exists(), **config,
+    )  # fmt: skip
+    if config.resume and load_checkpoint(out / "last.pt").meta["epoch"] + 1 >= config.epochs:
         print(f"      {name}: already trained ({out / 'last.pt'})")
         return out / "last.pt"  # already trained: quickstart resumes where it stopped
     print(f"      {name} -> {out}")
@@ -99,47 +98,78 @@ def quickstart(
     started = time.perf_counter()
     test_set = get_dataset("digits", "test")
     count = len(range(0, len(test_set), s.skip))
-    print(f"[1/4] training two CNNs on digits (sigma {s.sigma}, {s.epochs} epochs each)")
-    fixed_ckpt = _train(out / "fixed", s, False, progress, "the fixed-sigma CNN")
-    dd_ckpt = _train(out / "data_dependent", s, True, progress, "the data-dependent CNN")
-
-    fixed_tsv = out / "fixed_certify.tsv"
-    print(
-        f"[2/4] certifying the fixed-sigma model (N={s.n}, alpha={s.alpha})"
-        + _already(fixed_tsv, count)
-    )
-    fixed_model = load_checkpoint(fixed_ckpt).model
     common = {"n0": s.n0, "n": s.n, "alpha": s.alpha, "skip": s.skip, "progress": progress}
-    certify_dataset(fixed_model, test_set, CertifyRun(out=str(fixed_tsv), sigma=s.sigma, **common))
+    training = {"epochs": s.epochs, "train_subset": s.train_subset, "progress": progress}
 
-    sigmas_tsv = out / "dd_sigmas.tsv"
-    print(
-        f"[3/4] choosing a sigma per test input (certified selector: {s.sigma_grid} candidates "
-        f"in {s.sigma} x [0.5, 2], {s.sigma_samples} votes each)" + _already(sigmas_tsv, count)
-    )
+    print(f"[1/5] training CNNs on {s.train_subset} digits: experts at sigma "
+          f"{', '.join(f'{v:g}' for v in s.expert_sigmas)}, and data-dependent from {s.sigma}")
+    members = []
+    for sigma in s.expert_sigmas:
+        path = _train(out / f"expert-{sigma:g}", s, f"the sigma={sigma:g} expert", sigma=sigma,
+                      **training)  # fmt: skip
+        members.append(Expert(f"sigma={sigma:g}", str(path), sigma, load_checkpoint(path).model))
+    experts = Experts(tuple(members))
+    dd_ckpt = _train(out / "data_dependent", s, "the data-dependent CNN", sigma=s.sigma,
+                     data_dependent=True, dd_iterations=s.dd_iterations, dd_lr=s.dd_lr,
+                     dd_samples=s.dd_samples, **training)  # fmt: skip
+
+    print(f"[2/5] certifying each expert at its sigma (N={s.n}, alpha={s.alpha})")
+    fixed = []
+    for expert in experts:
+        path = out / f"expert-{expert.sigma:g}_certify.tsv"
+        print(f"      {expert.name}{_already(path, count)}")
+        certify_dataset(expert.model, test_set, CertifyRun(out=str(path), sigma=expert.sigma,
+                                                           **common))
+        fixed.append(path)
+
+    sigmas_tsv, dd_tsv = out / "dd_sigmas.tsv", out / "dd_certify.tsv"
+    print(f"[3/5] data-dependent: a sigma per test input (certified selector, {s.sigma_grid} "
+          f"candidates in {s.sigma:g} x [0.5, 2]), then CERTIFY with the memory"
+          + _already(dd_tsv, count))
     dd_model = load_checkpoint(dd_ckpt).model
-    search = SigmaRun(out=str(sigmas_tsv), sigma0=s.sigma, search="certified", grid=s.sigma_grid,
-                      samples=s.sigma_samples, n=s.n, alpha=s.alpha, skip=s.skip,
-                      progress=progress)  # fmt: skip
-    sigma_dataset(dd_model, test_set, search)
+    sigma_dataset(dd_model, test_set, SigmaRun(
+        out=str(sigmas_tsv), sigma0=s.sigma, search="certified", grid=s.sigma_grid,
+        samples=s.sigma_samples, n=s.n, alpha=s.alpha, skip=s.skip, progress=progress,
+    ))  # fmt: skip
+    certify_dataset(dd_model, test_set, CertifyRun(
+        out=str(dd_tsv), sigmas=str(sigmas_tsv), memory=str(out / "dd_memory.sqlite"), **common,
+    ))  # fmt: skip
 
-    dd_tsv, memory_path = out / "dd_certify.tsv", out / "dd_memory.sqlite"
-    print(
-        "[4/4] certifying the data-dependent model with its sigmas and the memory"
-        + _already(dd_tsv, count)
-    )
-    certify_dataset(dd_model, test_set, CertifyRun(out=str(dd_tsv), sigmas=str(sigmas_tsv),
-                                                   memory=str(memory_path), **common))
+    routes_tsv, routed_tsv = out / "routes.tsv", out / "routed_certify.tsv"
+    print(f"[4/5] the experts routed: the certified selector over them ({s.sigma_samples} "
+          "votes each), then CERTIFY with the memory" + _already(routed_tsv, count))
+    sigma_dataset(experts, test_set, SigmaRun(
+        out=str(routes_tsv), samples=s.sigma_samples, route_rule=s.route_rule, n=s.n,
+        alpha=s.alpha, skip=s.skip, progress=progress,
+    ))  # fmt: skip
+    certify_dataset(experts, test_set, CertifyRun(
+        out=str(routed_tsv), sigmas=str(routes_tsv), memory=str(out / "routed_memory.sqlite"),
+        **common,
+    ))  # fmt: skip
+    dual_tsv = out / "dual_certify.tsv"
+    held = held_out_indices(experts, len(get_dataset("digits", "train")))
+    print(f"      dual smoothing: a router (sigma_r {s.router_sigma:g}) trained on the {len(held)} "
+          "training images no expert saw, then router and expert certified"
+          + _already(dual_tsv, count))
+    router = _router(out / "router", s, experts, held, progress)
+    certify_dataset(experts, test_set, CertifyRun(out=str(dual_tsv), router=str(router),
+                                                  **common))
 
-    runs = load_runs(
-        [str(fixed_tsv), str(dd_tsv)], [f"fixed sigma={s.sigma}", "data-dependent + memory"]
-    )
+    print("[5/5] the table and the plots")
+    labels = [f"fixed sigma={v:g}" for v in s.expert_sigmas]
+    runs = load_runs([str(p) for p in fixed + [dd_tsv, routed_tsv, dual_tsv]],
+                     labels + ["data-dependent + memory", "experts routed + memory",
+                               "experts, dual smoothing"])  # fmt: skip
     radii = [0.0, 0.25, 0.5, 0.75, 1.0]
-    table = format_table([run_summary(r, radii) for r in runs], radii, "markdown", False)
+    summaries = [run_summary(r, radii) for r in runs]
+    envelope = envelope_summary(summaries[:3], radii) | {"label": "fixed-sigma envelope"}
+    table = format_table(summaries[:3] + [envelope] + summaries[3:], radii, "markdown", False)
     (out / "table.md").write_text(table + "\n")
-    curves, sigma_hist = out / "certified_accuracy.png", out / "sigma_histogram.png"
-    plot_certified_accuracy(runs, curves, title="digits: certified accuracy")
-    plot_sigma_histogram(runs, sigma_hist, sigma0=s.sigma)
+    plot_certified_accuracy(runs, out / "certified_accuracy.png",
+                            title="digits: certified accuracy", envelope=runs[:3],
+                            envelope_label="fixed-sigma envelope")  # fmt: skip
+    plot_sigma_histogram(runs[3:4], out / "sigma_histogram.png", sigma0=s.sigma)
+    plot_experts(runs[4:], out / "experts.png", title="digits: the expert of each input")
     print()
     print(table)
     print(f"\nall results in {out.resolve()}  ({time.perf_counter() - started:.0f} s):")
@@ -148,3 +178,18 @@ def quickstart(
         print(f"  {path}")
     return written
 
+
+def _router(out: Path, s: QuickstartSettings, experts: Experts, images: list[int],
+            progress: bool) -> Path:  # fmt: skip
+    last = out / "last.pt"
+    if last.exists() and load_checkpoint(last).meta["epoch"] + 1 >= s.router_epochs:
+        print(f"      the router: already trained ({last})")
+        return last
+    config = TrainConfig(
+        dataset="digits", arch="cnn", out=str(out), sigma=s.router_sigma,
+        epochs=s.router_epochs, batch=s.batch, lr=s.lr, lr_step=s.lr_step, eval_max=None,
+        progress=progress, resume=last.exists(),
+    )  # fmt: skip
+    print(f"      the router -> {out}")
+    return train_router(experts, config, images, samples=s.sigma_samples, n=s.n,
+                        alpha=s.alpha)  # fmt: skip

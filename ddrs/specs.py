@@ -536,6 +536,14 @@ class ServeRun(SearchSettings):
     model: str | None = setting(
         None, "your own model: package.module:factory or TorchScript", group="model"
     )
+    expert: tuple[str, ...] | None = setting(
+        None, "an expert, SOURCE:SIGMA or NAME=SOURCE:SIGMA (repeatable): each query goes to "
+        "the expert the certified selector over experts picks (or the --router certifies)",
+        group="model", repeatable=True,
+    )  # fmt: skip
+    experts: str | None = setting(
+        None, "a file of experts, one per line: NAME SOURCE SIGMA", group="model"
+    )
     dataset: str | None = setting(None, "gives the input shape, classes and image transform")
     data_root: str | None = setting(None, "dataset folder (imagefolder: to count its classes)")
     input_shape: tuple[int, int, int] | None = setting(
@@ -544,11 +552,20 @@ class ServeRun(SearchSettings):
     num_classes: int | None = setting(None, "without --dataset: number of classes", type=int)
     memory: str = setting(None, "SQLite certification memory (created if new)", required=True)
     sigma: float | None = setting(
-        None, "one noise level for every query", group="sigma", type=float
-    )
+        None, "one model: one noise level for every query", group="sigma", type=float,
+        group_required=False,
+    )  # fmt: skip
     sigma0: float | None = setting(
-        None, "data-dependent: the search's centre", group="sigma", type=float
-    )
+        None, "one model, data-dependent: the search's centre", group="sigma", type=float,
+        group_required=False,
+    )  # fmt: skip
+    route_rule: str = setting(
+        "radius", "experts: radius or agree (see `ddrs sigma --help`)",
+        choices=["radius", "agree"],
+    )  # fmt: skip
+    router: str | None = setting(None, "experts: a router checkpoint (dual smoothing)")
+    router_n: int | None = setting(None, "the router's samples (default: --n)", type=int)
+    router_share: float = setting(0.5, "the share of --alpha spent on the router")
     n0: int = setting(100, "selection samples")
     n: int = setting(10_000, "estimation samples per query")
     alpha: float = setting(0.001, "failure probability")
@@ -568,13 +585,25 @@ class ServeRun(SearchSettings):
     log_level: str = setting("warning", "uvicorn's access/error log level")
 
     def __post_init__(self) -> None:
-        if (self.checkpoint is None) == (self.model is None):
-            raise InputError("give exactly one of --checkpoint or --model")
-        if (self.sigma is None) == (self.sigma0 is None):
-            raise InputError("give exactly one of --sigma (fixed) or --sigma0 (a search)")
+        given = [self.checkpoint, self.model, self.expert or self.experts]
+        if sum(g is not None for g in given) != 1:
+            raise InputError("give exactly one of --checkpoint, --model, or experts")
+        if self.has_experts:
+            expert_specs(self.expert, self.experts)
+            if self.sigma is not None or self.sigma0 is not None:
+                raise InputError("experts answer at their own sigmas: no --sigma or --sigma0")
+        else:
+            if (self.sigma is None) == (self.sigma0 is None):
+                raise InputError("give exactly one of --sigma (fixed) or --sigma0 (a search)")
+            positive("--sigma" if self.sigma is not None else "--sigma0", self.noise_level)
+            if self.router is not None:
+                raise InputError("--router routes among experts: give --expert or --experts")
+        if self.router is not None and not Path(self.router).is_file():
+            raise InputError(f"--router {self.router}: no such file")
+        optional_integer("--router-n", self.router_n)
+        probability("--router-share", self.router_share)
         if self.dataset is None and not (self.input_shape and self.num_classes):
             raise InputError("give --dataset, or --input-shape C,H,W and --num-classes K")
-        positive("--sigma" if self.sigma is not None else "--sigma0", self.noise_level)
         integer("--n0", self.n0)
         integer("--n", self.n)
         check_alpha(self.alpha)
@@ -587,18 +616,24 @@ class ServeRun(SearchSettings):
             SearchSettings.__post_init__(self)
 
     @property
-    def noise_level(self) -> float:
-        """sigma (fixed) or sigma0 (the search's centre)."""
+    def has_experts(self) -> bool:
+        return bool(self.expert or self.experts)
+
+    @property
+    def noise_level(self) -> float | None:
+        """sigma (fixed) or sigma0 (the search's centre); None for experts."""
         return self.sigma if self.sigma is not None else self.sigma0
 
     @property
     def selector(self) -> str | None:
-        """The sigma search queries go through (None: the fixed sigma)."""
-        return None if self.sigma is not None else self.search
+        """The sigma search queries go through (None: the fixed sigma, or experts)."""
+        return None if self.sigma is not None or self.has_experts else self.search
 
     @property
     def options(self) -> dict:
         """The search's options, less n and alpha (the classifier scores at its own)."""
+        if self.has_experts:  # the certified selector over experts: its votes per expert
+            return {"samples": self.samples or DEFAULT_SAMPLES["certified"]}
         if self.selector is None:
             return {}
         found = self.search_options(self.n, self.alpha)

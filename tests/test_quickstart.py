@@ -16,28 +16,32 @@ def test_quickstart_reduced_runs_end_to_end(tmp_path, capsys):
     written = quickstart(tmp_path / "qs", quick=True, progress=False)
     names = {p.name for p in written}
     assert {
-        "fixed_certify.tsv",
-        "dd_certify.tsv",
-        "dd_sigmas.tsv",
-        "dd_memory.sqlite",
-        "table.md",
-        "certified_accuracy.png",
-        "last.pt",
-        "log.csv",
-    } <= names
+        "expert-0.12_certify.tsv", "expert-0.25_certify.tsv", "expert-0.5_certify.tsv",
+        "dd_certify.tsv", "dd_sigmas.tsv", "dd_memory.sqlite", "routes.tsv",
+        "routed_certify.tsv", "routed_memory.sqlite", "dual_certify.tsv", "labels.tsv",
+        "table.md", "certified_accuracy.png", "experts.png", "last.pt", "log.csv",
+    } <= names  # fmt: skip
     out = capsys.readouterr().out
-    assert "fixed sigma=0.25" in out and "data-dependent + memory" in out
+    for row in ("fixed sigma=0.25", "fixed-sigma envelope", "data-dependent + memory",
+                "experts routed + memory", "experts, dual smoothing"):
+        assert row in out, row
     dd = read_table(tmp_path / "qs" / "dd_certify.tsv")
     assert {"mc_predict", "mc_radius"} <= set(dd) and len(dd["idx"]) == 60
-    fixed = read_table(tmp_path / "qs" / "fixed_certify.tsv")
+    routed = read_table(tmp_path / "qs" / "routed_certify.tsv")
+    assert set(routed["expert"]) <= {"sigma=0.12", "sigma=0.25", "sigma=0.5"}
+    dual = read_table(tmp_path / "qs" / "dual_certify.tsv")
+    assert {"route_radius", "expert_radius"} <= set(dual)
+    assert all(r <= min(a, b) for r, a, b in zip(dual["radius"], dual["route_radius"],
+                                                 dual["expert_radius"]))
+    fixed = read_table(tmp_path / "qs" / "expert-0.25_certify.tsv")
     assert fixed["correct"].mean() > 0.3  # a 3-epoch model is well above chance (0.1)
     # re-running resumes: nothing is retrained or recertified, results are unchanged
     assert "-> " in out and "the data-dependent CNN" in out  # says which model trains
-    before = (tmp_path / "qs" / "dd_certify.tsv").read_bytes()
+    before = (tmp_path / "qs" / "dual_certify.tsv").read_bytes()
     quickstart(tmp_path / "qs", quick=True, progress=False)
-    assert (tmp_path / "qs" / "dd_certify.tsv").read_bytes() == before
+    assert (tmp_path / "qs" / "dual_certify.tsv").read_bytes() == before
     again = capsys.readouterr().out
-    assert again.count("already trained") == 2 and again.count("(already done)") == 3
+    assert again.count("already trained") == 5 and again.count("(already done)") == 6
 
 
 def _write_cifar_batches(root: Path, per_batch: int) -> None:

@@ -426,3 +426,67 @@ def test_an_engine_failure_is_a_500_and_the_service_goes_on(digits, tmp_path):
             assert response.status_code == 500
             assert "RuntimeError: boom" in response.json()["error"]
         assert client.get("/health").json()["entries"] == 0
+
+
+def test_experts_served_equal_the_offline_pipeline(checkpoint, digits, tmp_path):
+    """Queries answered by the service with experts, in arrival order, are the offline
+    pipeline's answers: `ddrs sigma --expert` routes, certify with them, then the memory."""
+    from ddrs.experts import Expert, Experts
+    from ddrs.results import read_table
+    from ddrs.runs import certify_dataset, sigma_dataset
+    from ddrs.specs import CertifyRun, SigmaRun
+
+    model = load_checkpoint(checkpoint).model
+    experts = Experts(tuple(Expert(f"at{s:g}", checkpoint, s, model) for s in (0.12, 0.25, 0.5)))
+    info = dataset_info("digits")
+
+    def make_classifier():
+        memory = CertificationMemory(tmp_path / "served.sqlite",
+                                     experts.fingerprint("digits", info.input_shape),
+                                     info.input_shape)
+        return DataDependentSmoothClassifier(experts, 10, memory, n0=N0, n=N, alpha=ALPHA,
+                                             search={"samples": 16})
+
+    count = 12
+    service = CertificationService(make_classifier, info, max_batch=4)
+    with TestClient(create_app(service)) as client:
+        served = [client.post("/v1/certify", json=as_json(digits[i][0])).json()
+                  for i in range(count)]
+    routes, offline = tmp_path / "routes.tsv", tmp_path / "offline.tsv"
+    sigma_dataset(experts, digits, SigmaRun(out=str(routes), samples=16, n=N, alpha=ALPHA,
+                                            max=count, progress=False))
+    certify_dataset(experts, digits, CertifyRun(
+        out=str(offline), sigmas=str(routes), memory=str(tmp_path / "offline.sqlite"), n0=N0,
+        n=N, alpha=ALPHA, max=count, progress=False))
+    table = read_table(offline)
+    assert [a["expert"] for a in served] == table["expert"].tolist()
+    assert len(set(table["expert"].tolist())) > 1  # the inputs do go to different experts
+    assert [(a["predict"], a["radius"], a["sigma"]) for a in served] == list(
+        zip(table["predict"].tolist(), table["radius"].tolist(), table["sigma"].tolist()))
+
+
+def test_a_real_server_of_experts_answers_with_the_expert(checkpoint, digits, tmp_path):
+    port = _free_port()
+    command = [sys.executable, "-m", "ddrs", "serve", "--expert", f"small={checkpoint}:0.12",
+               "--expert", f"large={checkpoint}:0.5", "--dataset", "digits", "--memory",
+               str(tmp_path / "m.sqlite"), "--samples", "16", "--n0", "20", "--n", "300",
+               "--alpha", "0.01", "--device", "cpu", "--port", str(port)]
+    server = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                    health = json.loads(r.read())
+                break
+            except OSError:
+                assert server.poll() is None, server.communicate()[0]
+                time.sleep(0.1)
+        assert health["experts"] == [["small", 0.12], ["large", 0.5]]
+        answer = post(port, digits[0][0])
+        assert answer["expert"] in ("small", "large")
+        assert answer["sigma"] == pytest.approx({"small": 0.12, "large": 0.5}[answer["expert"]])
+    finally:
+        server.terminate()
+        server.communicate(timeout=60)

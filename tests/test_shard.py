@@ -75,6 +75,37 @@ def test_predict_in_three_workers_equals_one_process(checkpoint, tmp_path):
     assert without_time(tmp_path / "one.tsv") == without_time(tmp_path / "three.tsv")
 
 
+def test_routing_among_experts_in_two_workers_equals_one_process(checkpoint, tmp_path):
+    """Routes (`sigma --expert`), certification through them with a memory, and dual
+    smoothing: each equal to one process when split over two workers."""
+    from ddrs.experts import Expert, Experts
+    from ddrs.models import load_checkpoint
+    from ddrs.specs import TrainConfig
+    from ddrs.train.router import train_router
+
+    model = load_checkpoint(checkpoint).model
+    experts = Experts(tuple(Expert(f"{s:g}", checkpoint, s, model) for s in (0.12, 0.5)))
+    router = train_router(experts, TrainConfig(
+        dataset="digits", arch="cnn", sigma=0.25, epochs=1, batch=32, eval_max=None,
+        progress=False, out=str(tmp_path / "router")), list(range(0, 400, 4)), samples=8, n=300,
+        alpha=0.01)
+    two = ["--expert", f"0.12={checkpoint}:0.12", "--expert", f"0.5={checkpoint}:0.5"]
+    common = [*two, "--dataset", "digits", "--device", "cpu", "--max-index", "20",
+              "--num-samples", "300", "--alpha", "0.01", "--batch", "64", "--no-progress"]
+    for folder, extra in ((tmp_path / "one", []), (tmp_path / "two", ["--nproc-per-node", "2"])):
+        folder.mkdir()
+        assert main(["sigma", *common, "--samples", "8", "--out", str(folder / "routes.tsv"),
+                     *extra]) == 0
+        assert main(["certify", *common, "--n0", "20", "--sigmas", str(folder / "routes.tsv"),
+                     "--memory", str(folder / "m.sqlite"), "--out", str(folder / "cert.tsv"),
+                     *extra]) == 0
+        assert main(["certify", *common, "--n0", "20", "--router", str(router),
+                     "--router-n", "200", "--out", str(folder / "dual.tsv"), *extra]) == 0
+    for name in ("routes.tsv", "cert.tsv", "dual.tsv"):
+        assert without_time(tmp_path / "one" / name) == without_time(tmp_path / "two" / name)
+    assert memory_rows(tmp_path / "one" / "m.sqlite") == memory_rows(tmp_path / "two" / "m.sqlite")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
