@@ -233,16 +233,21 @@ def cmd_serve(args) -> None:
             "pip install 'ddrs[serve]'"
         ) from None
     from ddrs.classifier import DataDependentSmoothClassifier, memory_fingerprint
-    from ddrs.data import DatasetInfo, dataset_info
+    from ddrs.data import DatasetInfo, ImageOptions, dataset_info
     from ddrs.experts import expert_specs, load_experts
     from ddrs.launch import device_for
     from ddrs.models import load_model
     from ddrs.runs import load_router
+    from ddrs.specs import recorded_image_options
 
     run = from_namespace(ServeRun, args)
     token = read_token(run.token_file) if run.token_file else None
     if run.dataset:
-        info = dataset_info(run.dataset, run.data_root)
+        source = run.checkpoint or (expert_specs(run.expert, run.experts)[0].source
+                                    if run.has_experts else None)  # fmt: skip
+        options = ImageOptions(*recorded_image_options(source, None, None))
+        info = dataset_info(run.dataset, run.data_root,
+                            options if run.dataset == "imagefolder" else None)
     else:
         channels = run.input_shape[0]
         info = DatasetInfo("custom", run.num_classes, tuple(run.input_shape), (0.0,) * channels,

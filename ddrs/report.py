@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ddrs.errors import InputError
-from ddrs.results import REFERENCE_COLUMNS, read_table
+from ddrs.results import REFERENCE_COLUMNS, read_settings, read_table
 
 ENVELOPE_LABEL = "envelope (best over runs)"
 SHRINK_TOLERANCE = 1e-12
@@ -362,6 +362,14 @@ def certified_accuracy_curve(table: dict[str, np.ndarray], radii: np.ndarray) ->
     return (len(certified) - below) / len(table["idx"])
 
 
+def radius_label(runs: Sequence[Run]) -> str:
+    """The radius axis in the runs' units (their settings' radius_units when they agree)."""
+    units = {read_settings(run.path).get("radius_units") for run in runs}
+    if len(units) == 1 and None not in units:
+        return units.pop()
+    return "L2 radius (pixel units in [0, 1])"
+
+
 def plot_certified_accuracy(runs: Sequence[Run], path: str | os.PathLike,
                             title: str | None = None,
                             envelope: Sequence[Run] | None = None,
@@ -383,7 +391,7 @@ def plot_certified_accuracy(runs: Sequence[Run], path: str | os.PathLike,
         if curves:
             ax.plot(grid, np.max(curves, axis=0), drawstyle="steps-post", color="black",
                     linestyle="--", linewidth=1.4, label=envelope_label)
-        ax.set_xlabel("radius (L2, pixel units)")
+        ax.set_xlabel(radius_label(runs))
         ax.set_ylabel("certified accuracy")
         ax.set_title(title or "Certified accuracy vs radius")
         ax.set_xlim(grid[0], grid[-1])

@@ -50,6 +50,10 @@ def file_digest(path: str | os.PathLike) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+# settings that describe a run without changing its rows: not compared on resume
+INFORMATIONAL_SETTINGS = {"radius_units"}
+
+
 def settings_path(path: str | os.PathLike) -> Path:
     return Path(f"{path}.settings.json")
 
@@ -154,6 +158,14 @@ def row_count(path: str | os.PathLike | None) -> int:
         return max(0, sum(1 for line in f if line.strip()) - 1)
 
 
+def read_settings(path: str | os.PathLike) -> dict:
+    """A results file's settings sidecar ({} when there is none or it is unreadable)."""
+    try:
+        return json.loads(settings_path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def read_routes(path: str | os.PathLike) -> dict[int, tuple[str, float]]:
     """{dataset index: (expert name, sigma)} from a TSV with `idx`, `expert` and `sigma`
     columns (`ddrs sigma --expert ...`)."""
@@ -220,7 +232,7 @@ class ResultsWriter:
             raise ResultsFileError(f"{sidecar} is corrupt; choose another --out") from None
         diffs = [
             f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}"
-            for k in sorted(set(previous) | set(settings))
+            for k in sorted((set(previous) | set(settings)) - INFORMATIONAL_SETTINGS)
             if previous.get(k) != settings.get(k)
         ]
         if diffs:

@@ -60,6 +60,30 @@ def _floats(text: str) -> tuple[float, float]:
     return low, high
 
 
+def _image_size(text: str) -> tuple[int, int]:
+    import argparse
+
+    from ddrs.data import parse_image_size
+    from ddrs.errors import DatasetError
+
+    try:
+        return parse_image_size(text)
+    except DatasetError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _normalize(text: str):
+    import argparse
+
+    from ddrs.data import parse_normalize
+    from ddrs.errors import DatasetError
+
+    try:
+        return parse_normalize(text)
+    except DatasetError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _shape(text: str) -> tuple[int, int, int]:
     import argparse
 
@@ -70,7 +94,10 @@ def _shape(text: str) -> tuple[int, int, int]:
     return channels, height, width
 
 
-DATASETS_HELP = "digits, mnist, cifar10, imagenet, imagefolder"
+DATASETS_HELP = "digits, mnist, cifar10, imagenet, imagefolder (your images), npz (arrays)"
+IMAGE_SIZE_HELP = ("imagefolder: H[,W] of the inputs (default: the images' own size when they "
+                   "all share it; a checkpoint's recorded size)")
+CHANNELS_HELP = "imagefolder: 1 (grey) or 3 (default: 1 when every image is grey)"
 DD_SECTION = "data-dependent sigma (Alfarra et al. 2022)"
 
 
@@ -94,11 +121,17 @@ class ModelSource:
         None, "a file of experts, one per line: NAME SOURCE SIGMA", group="model"
     )
     dataset: str | None = setting(None, DATASETS_HELP, required=True)
-    data_root: str | None = setting(None, "dataset folder (default: $DDRS_DATA_ROOT)")
+    data_root: str | None = setting(None, "dataset folder, or the .npz file (default: "
+                                    "$DDRS_DATA_ROOT)")  # fmt: skip
     split: str = setting("test", "dataset split", choices=["train", "test"])
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...")
+    image_size: tuple[int, int] | None = setting(None, IMAGE_SIZE_HELP, type=_image_size)
+    channels: int | None = setting(None, CHANNELS_HELP, type=int)
 
     def __post_init__(self) -> None:
+        from ddrs.data import ImageOptions
+
+        ImageOptions(self.image_size, self.channels)  # checks them
         given = [self.checkpoint, self.model, self.expert or self.experts]
         if sum(g is not None for g in given) != 1:
             raise InputError("give exactly one of --checkpoint, --model, or experts")
@@ -114,13 +147,37 @@ class ModelSource:
 
         if self.dataset is None:
             raise InputError("give --dataset")
-        dataset = get_dataset(self.dataset, self.split, self.data_root, augment=False)
+        options = self.image_options()
+        dataset = get_dataset(self.dataset, self.split, self.data_root, augment=False,
+                              options=options if self.dataset == "imagefolder" else None)
         info = dataset.info
         inputs = {"num_classes": info.num_classes, "input_shape": info.input_shape,
                   "inputs_name": self.dataset, "device": device_for(self.device)}  # fmt: skip
         if self.checkpoint is None and self.model is None:
             return load_experts(expert_specs(self.expert, self.experts), **inputs), dataset
         return load_model(checkpoint=self.checkpoint, model=self.model, **inputs), dataset
+
+    def image_options(self):
+        """How the images become inputs: the flags, else what the checkpoint (or the first
+        expert's) records."""
+        from ddrs.data import ImageOptions
+
+        source = self.checkpoint
+        if source is None and (self.expert or self.experts):
+            source = expert_specs(self.expert, self.experts)[0].source
+        return ImageOptions(*recorded_image_options(source, self.image_size, self.channels))
+
+
+def recorded_image_options(source: str | None, image_size, channels) -> tuple:
+    """(image_size, channels): the given ones, else those a checkpoint at `source` records."""
+    if (image_size is None or channels is None) and source and Path(source).is_file():
+        from ddrs.data import ImageOptions
+        from ddrs.models import recorded_meta
+
+        recorded = ImageOptions.from_meta(recorded_meta(source).get("data_options"))
+        image_size = image_size or recorded.image_size
+        channels = channels or recorded.channels
+    return image_size, channels
 
 
 # -- runs over a dataset --------------------------------------------------------------------------
@@ -164,9 +221,12 @@ class DatasetRun:
                         "experts": model.describe()}  # fmt: skip
         else:
             identity = {"model": model_fingerprint(model)[:16]}
+        from ddrs.data import radius_units
+
         return {
             "command": command,
             **identity,
+            "radius_units": radius_units(dataset.info.input_shape),
             "dataset": dataset.info.name,
             "split": dataset.split,
             "seed": self.seed,
@@ -449,7 +509,14 @@ class TrainConfig:
     lr_step: int = setting(30, "multiply lr by --lr-gamma every this many epochs")
     lr_gamma: float = setting(0.1, "lr factor every --lr-step")
     seed: int = setting(0, "seed of initialisation, order, noise")
-    data_root: str | None = setting(None, "dataset folder (default: $DDRS_DATA_ROOT)")
+    data_root: str | None = setting(None, "dataset folder, or the .npz file (default: "
+                                    "$DDRS_DATA_ROOT)")  # fmt: skip
+    image_size: tuple[int, int] | None = setting(None, IMAGE_SIZE_HELP, type=_image_size)
+    channels: int | None = setting(None, CHANNELS_HELP, type=int)
+    normalize: str | tuple | None = setting(
+        None, "imagefolder: the model's normalisation: imagenet, none, auto (the training "
+        "split's per-channel mean and std) or MEAN,STD (default: 0.5,0.5)", type=_normalize,
+    )  # fmt: skip
     train_subset: int | None = setting(
         None, "train on a fixed random subset of this size", type=int
     )
@@ -492,6 +559,14 @@ class TrainConfig:
         optional_integer("--train-subset", self.train_subset)
         optional_integer("--eval-max", self.eval_max)
         build_method(self.method, **self.method_settings)  # checks the method's settings
+        _ = self.image_options  # checks them
+
+    @property
+    def image_options(self):
+        """How an image folder becomes inputs (ImageOptions)."""
+        from ddrs.data import ImageOptions
+
+        return ImageOptions(self.image_size, self.channels, self.normalize)
 
 
 @dataclass(frozen=True, kw_only=True)

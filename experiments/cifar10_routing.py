@@ -186,8 +186,11 @@ def step_routers(args) -> None:
                 eval_max=None, seed=args.seed, out=str(out), progress=not args.no_progress,
                 resume=last.exists(),
             )  # fmt: skip
-            timed(args, f"router {which} {sigma_r:g}", lambda e=experts, c=config: train_router(
-                e, c, images, samples=args.label_samples, n=args.n, alpha=args.alpha))
+            labels = Path(args.out) / f"labels-{which}.tsv"  # one file for both sigma_r
+            timed(args, f"router {which} {sigma_r:g}",
+                  lambda e=experts, c=config, f=labels: train_router(
+                      e, c, images, samples=args.label_samples, n=args.n, alpha=args.alpha,
+                      labels=f))
 
 
 def certify_row(args, which: str, data, folder: Path, how: str, n: int, seed: int,

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from ddrs.data import (
     DATASET_NAMES,
     DatasetInfo,
+    ImageOptions,
     dataset_info,
     get_dataset,
     resolve_data_root,
@@ -119,7 +120,7 @@ def write_folder(root: Path, splits: dict[str, int], classes, size, ext=".png") 
 
 
 def test_names_and_info() -> None:
-    assert DATASET_NAMES == ("digits", "mnist", "cifar10", "imagenet", "imagefolder")
+    assert DATASET_NAMES == ("digits", "mnist", "cifar10", "imagenet", "imagefolder", "npz")
     info = dataset_info("cifar10")
     assert isinstance(info, DatasetInfo)
     assert info.input_shape == (3, 32, 32) and info.num_classes == 10
@@ -421,13 +422,16 @@ def test_imagefolder(tmp_path: Path) -> None:
     write_folder(tmp_path, {"train": 2, "val": 2}, ("dog", "cat"), (50, 40))
     save_image(tmp_path / "train" / "cat" / "gray.png", (64, 64), seed=5, mode="L")
     (tmp_path / "train" / "cat" / "notes.txt").write_text("ignored")
-    info = dataset_info("imagefolder", root=tmp_path)
+    with pytest.raises(DatasetError, match="--image-size"):  # two sizes: the user chooses
+        dataset_info("imagefolder", root=tmp_path)
+    options = ImageOptions(image_size=(224, 224))
+    info = dataset_info("imagefolder", root=tmp_path, options=options)
     assert info.classes == ("cat", "dog") and info.mean == (0.5, 0.5, 0.5)
-    train = get_dataset("imagefolder", "train", root=tmp_path, augment=False)
+    train = get_dataset("imagefolder", "train", root=tmp_path, augment=False, options=options)
     check_items(train, (3, 224, 224), 5)
     assert train.targets == [0, 0, 0, 1, 1]
     assert [p.name for p in train.paths[:3]] == ["0000.png", "0001.jpg", "gray.png"]
-    test = get_dataset("imagefolder", "test", root=tmp_path)  # no test/: reads val/
+    test = get_dataset("imagefolder", "test", root=tmp_path, options=options)  # reads val/
     assert len(test) == 4 and test.split == "test"
 
 

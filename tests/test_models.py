@@ -263,8 +263,10 @@ def test_published_imagenet_checkpoint(tmp_path: Path, resnet50_imagenet: nn.Mod
     torch.save({"arch": "resnet50", "state_dict": sd}, path)
     loaded = load_checkpoint(path, expect={"dataset": "imagenet", "num_classes": 1000})
     torch.testing.assert_close(
-        _outputs(loaded.model, (1, 3, 64, 64)), _outputs(resnet50_imagenet, (1, 3, 64, 64))
+        _outputs(loaded.model, (1, 3, 224, 224)), _outputs(resnet50_imagenet, (1, 3, 224, 224))
     )
+    with pytest.raises(InputError, match=r"trained on inputs of shape \(3, 224, 224\)"):
+        loaded.model(torch.rand(1, 3, 64, 64))  # adaptive pooling would have taken it
 
 
 def test_published_checkpoint_edge_cases(tmp_path: Path) -> None:

@@ -136,7 +136,7 @@ def test_cifar10_routing_study_runs_every_step_on_tiny_data(tmp_path):
     # the routers' images and the validation images are held out from the experts, and apart
     from ddrs.train.loop import training_subset
 
-    labels = read_table(out / "router-three-0.25" / "labels.tsv")
+    labels = read_table(out / "labels-three.tsv")
     trained = set(training_subset(200, 120, 0))
     assert not set(labels["idx"].tolist()) & trained
     assert not set(choices["validation_images"]) & (trained | set(labels["idx"].tolist()))

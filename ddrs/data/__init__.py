@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from ddrs.errors import DatasetError
 
-DATASET_NAMES: tuple[str, ...] = ("digits", "mnist", "cifar10", "imagenet", "imagefolder")
+DATASET_NAMES: tuple[str, ...] = ("digits", "mnist", "cifar10", "imagenet", "imagefolder", "npz")
 SPLITS: tuple[str, ...] = ("train", "test")
 ROOT_ENV = "DDRS_DATA_ROOT"
 
@@ -38,6 +38,92 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How a folder of one's own images becomes inputs (the `imagefolder` dataset):
+    `image_size` (H, W) (None: the images' own, when they all share it), `channels` 1 or 3
+    (None: 1 when every image is grey), `normalize` the model's normalisation: "imagenet",
+    "none", "auto" (per-channel statistics of the training split) or (mean, std) per channel
+    (None: 0.5, 0.5). A checkpoint records them, so certify, sigma, predict and serve
+    reuse them."""
+
+    image_size: tuple[int, int] | None = None
+    channels: int | None = None
+    normalize: str | tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_size is not None and (
+            len(self.image_size) != 2 or any(int(v) != v or v < 1 for v in self.image_size)
+        ):
+            raise DatasetError(f"--image-size must be H[,W] in pixels >= 1, got {self.image_size}")
+        if self.channels not in (None, 1, 3):
+            raise DatasetError(f"--channels must be 1 or 3, got {self.channels}")
+        if isinstance(self.normalize, str) and self.normalize not in ("imagenet", "none", "auto"):
+            raise DatasetError(
+                f"--normalize must be imagenet, none, auto or MEAN,STD, got {self.normalize!r}"
+            )
+
+    @property
+    def given(self) -> bool:
+        return any(v is not None for v in (self.image_size, self.channels, self.normalize))
+
+    def as_meta(self) -> dict:
+        """What a checkpoint records (JSON-like)."""
+        return {"image_size": None if self.image_size is None else list(self.image_size),
+                "channels": self.channels,
+                "normalize": self.normalize if not isinstance(self.normalize, tuple)
+                else [list(v) for v in self.normalize]}  # fmt: skip
+
+    @classmethod
+    def from_meta(cls, meta: dict | None) -> ImageOptions:
+        meta = meta or {}
+        normalize = meta.get("normalize")
+        if isinstance(normalize, list):
+            normalize = tuple(tuple(float(v) for v in part) for part in normalize)
+        size = meta.get("image_size")
+        return cls(None if size is None else tuple(size), meta.get("channels"), normalize)
+
+
+def radius_units(input_shape) -> str:
+    """What a radius is measured in, for these inputs: e.g. "L2 radius, 32 x 32 x 3 pixels in
+    [0, 1]" (a grey image: H x W pixels; a flat vector: D values)."""
+    shape = tuple(int(v) for v in input_shape)
+    if len(shape) == 3:
+        channels, height, width = shape
+        size = f"{height} x {width}" + (f" x {channels}" if channels != 1 else "")
+        return f"L2 radius, {size} pixels in [0, 1]"
+    return f"L2 radius, {' x '.join(map(str, shape))} values in [0, 1]"
+
+
+def parse_normalize(text: str) -> str | tuple[tuple[float, ...], tuple[float, ...]]:
+    """--normalize: imagenet | none | auto | MEAN,STD (one pair, or one per channel:
+    M1,M2,M3,S1,S2,S3)."""
+    if text in ("imagenet", "none", "auto"):
+        return text
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (2, 6) or any(v <= 0 for v in values[len(values) // 2 :]):
+        raise DatasetError(
+            f"--normalize {text!r}: expected imagenet, none, auto, or MEAN,STD (e.g. 0.5,0.25, "
+            "or three means then three stds)"
+        )
+    half = len(values) // 2
+    return tuple(values[:half]), tuple(values[half:])
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """--image-size H or H,W."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise DatasetError(f"--image-size {text!r}: expected H or H,W in pixels (e.g. 32 or 64,48)")
+    return (values[0], values[-1])
 
 
 class IndexedDataset(Dataset):
@@ -142,6 +228,7 @@ _MODULES = {
     "cifar10": "cifar",
     "imagenet": "imagefolder",
     "imagefolder": "imagefolder",
+    "npz": "npz",
 }
 
 
@@ -149,10 +236,27 @@ def _module(key: str) -> Any:
     return importlib.import_module(f"ddrs.data.{_MODULES[key]}")
 
 
-def dataset_info(name: str, root: str | os.PathLike | None = None) -> DatasetInfo:
-    """Description of dataset ``name``; ``imagefolder`` needs ``root`` to count its classes."""
+def _check_options(key: str, options: ImageOptions | None) -> ImageOptions | None:
+    if options is not None and options.given and key != "imagefolder":
+        raise DatasetError(
+            f"--image-size, --channels and --normalize apply to imagefolder, not {key} (which "
+            "has its own standard transforms)"
+        )
+    return options if key == "imagefolder" else None
+
+
+def _with_options(key: str, options: ImageOptions | None) -> dict:
+    return {"options": options} if key == "imagefolder" else {}
+
+
+def dataset_info(
+    name: str, root: str | os.PathLike | None = None, options: ImageOptions | None = None
+) -> DatasetInfo:
+    """Description of dataset ``name``; ``imagefolder`` needs ``root`` to count its classes
+    (and to see its images' size)."""
     key = check_name(name)
-    return _module(key).info(key, resolve_data_root(root))
+    options = _check_options(key, options)
+    return _module(key).info(key, resolve_data_root(root), **_with_options(key, options))
 
 
 def get_dataset(
@@ -160,25 +264,31 @@ def get_dataset(
     split: str = "test",
     root: str | os.PathLike | None = None,
     augment: bool | None = None,
+    options: ImageOptions | None = None,
 ) -> IndexedDataset:
     """Load ``split`` ('train' or 'test') of dataset ``name`` from ``root`` / $DDRS_DATA_ROOT.
 
-    ``augment=None`` means augment iff ``split == 'train'`` (digits and mnist never augment).
+    ``augment=None`` means augment iff ``split == 'train'`` (digits, mnist and npz never
+    augment). ``options``: how an image folder becomes inputs (`ImageOptions`).
     """
     key = check_name(name)
     check_split(split)
+    options = _check_options(key, options)
     if augment is None:
         augment = split == "train"
-    return _module(key).load(key, split, resolve_data_root(root), augment)
+    return _module(key).load(key, split, resolve_data_root(root), augment,
+                             **_with_options(key, options))
 
 
 __all__ = [
     "DATASET_NAMES",
     "DatasetError",
     "DatasetInfo",
+    "ImageOptions",
     "IndexedDataset",
     "TensorImageDataset",
     "dataset_info",
     "get_dataset",
+    "radius_units",
     "resolve_data_root",
 ]

@@ -8,12 +8,17 @@ Train and test must have the same class folders.
 - ``imagenet``: ``train/`` and ``val/`` (the test split reads ``val``) in the data root or in
   ``<root>/imagenet``. num_classes = number of class folders (1000 for ImageNet, not enforced).
   ImageNet mean/std.
-- ``imagefolder``: any dataset, ``train/`` and ``test/`` (or ``val/`` when there is no
-  ``test/``) in the data root. mean = std = 0.5 per channel.
-
-Both use the ImageNet transforms, so every image comes out as a (3, 224, 224) tensor:
-test: resize the shorter side to 256 (bilinear) + centre crop 224; train augmentation:
-RandomResizedCrop 224 (scale (0.08, 1), ratio (3/4, 4/3)) + random horizontal flip.
+  The ImageNet transforms: every image comes out as a (3, 224, 224) tensor; test: resize
+  the shorter side to 256 (bilinear) + centre crop 224; train augmentation: RandomResizedCrop
+  224 (scale (0.08, 1), ratio (3/4, 4/3)) + random horizontal flip.
+- ``imagefolder``: your own images, ``train/`` and ``test/`` (or ``val/`` when there is no
+  ``test/``) in the data root, at their own size (`ImageOptions`): H x W is `--image-size`, or
+  the images' own when they all share it (else an error naming the flag); channels 1 when
+  every image is grey, else 3 (or `--channels`); mean = std = 0.5 per channel unless
+  `--normalize`. An image of another size is fitted to H x W (area averaging when it
+  shrinks, bilinear when it grows). Small images (under 128 pixels a side) are augmented as
+  CIFAR-10 is (pad by an eighth, random crop, flip); larger ones as ImageNet is
+  (random resized crop to H x W, flip; test: resize to cover H x W x 256/224, centre crop).
 """
 
 from __future__ import annotations
@@ -29,12 +34,22 @@ from tqdm import tqdm
 from ddrs.data import (
     SPLITS,
     DatasetInfo,
+    ImageOptions,
     IndexedDataset,
     check_split,
     not_found,
     require_root,
 )
-from ddrs.data.transforms import IMAGENET_CROP, imagenet_test, imagenet_train
+from ddrs.data.transforms import (
+    IMAGENET_CROP,
+    fit_image,
+    image_tensor,
+    imagenet_test,
+    imagenet_train,
+    large_test,
+    large_train,
+    random_crop_flip,
+)
 from ddrs.errors import DatasetError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -48,6 +63,9 @@ MEAN_STD = {
 }
 IMAGENET_CLASSES = 1000
 PROGRESS_MIN_FILES = 2000
+LARGE_SIDE = 128  # from this many pixels a side, images are augmented as ImageNet is
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+NORMALIZATIONS = {"imagenet": MEAN_STD["imagenet"], "none": ((0.0,), (1.0,))}
 
 Sample = tuple[Path, int]
 
@@ -67,6 +85,19 @@ class ImageFolderDataset(IndexedDataset):
 
     def _load(self, i: int) -> Image.Image:
         return open_rgb(self.paths[i])
+
+
+class OwnImages(ImageFolderDataset):
+    """Your own images at their own size: decoded in their own mode, converted to the
+    dataset's channels by the transform."""
+
+    def _load(self, i: int) -> Image.Image:
+        try:
+            with Image.open(self.paths[i]) as img:
+                img.load()
+                return img
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"cannot decode image {self.paths[i]}: {e}") from e
 
 
 def open_rgb(path: Path) -> Image.Image:
@@ -154,19 +185,21 @@ def make_info(name: str, classes: Sequence[str] | None) -> DatasetInfo:
     )
 
 
-def info(name: str, root: Path | None) -> DatasetInfo:
+def info(name: str, root: Path | None, options: ImageOptions | None = None) -> DatasetInfo:
     """imagenet not found under ``root`` is described with its standard 1000 classes."""
     if name == "imagenet" and (root is None or not any_split_dir(name, root)):
         return make_info(name, None)
-    return make_info(name, reference_classes(name, require_root(root, name)))
+    root = require_root(root, name)
+    if name == "imagenet":
+        return make_info(name, reference_classes(name, root))
+    return own_info(root, options or ImageOptions())
 
 
 def any_split_dir(name: str, root: Path) -> bool:
     return any(find_split_dir(name, root, split) is not None for split in SPLITS)
 
 
-def load(name: str, split: str, root: Path | None, augment: bool) -> ImageFolderDataset:
-    root = require_root(root, name)
+def _samples(name: str, root: Path, split: str) -> tuple[list[str], list[Sample]]:
     split_dir = find_split_dir(name, root, check_split(split))
     if split_dir is None:
         raise missing(name, root, [split])
@@ -177,5 +210,112 @@ def load(name: str, split: str, root: Path | None, augment: bool) -> ImageFolder
             f"{name}: the class folders of {split_dir} ({len(classes)}) differ from those of the "
             f"train split ({len(expected)}); labels would not match across splits"
         )
-    transform = imagenet_train if augment else imagenet_test
-    return ImageFolderDataset(samples, make_info(name, classes), split, transform)
+    return classes, samples
+
+
+def load(name: str, split: str, root: Path | None, augment: bool,
+         options: ImageOptions | None = None) -> ImageFolderDataset:  # fmt: skip
+    root = require_root(root, name)
+    classes, samples = _samples(name, root, split)
+    if name == "imagenet":
+        transform = imagenet_train if augment else imagenet_test
+        return ImageFolderDataset(samples, make_info(name, classes), split, transform)
+    described = own_info(root, options or ImageOptions())
+    channels, height, width = described.input_shape
+    large = min(height, width) >= LARGE_SIDE
+    if large:
+        transform = large_train if augment else large_test
+        size = (width, height)
+
+        def convert(img: Image.Image) -> torch.Tensor:
+            return image_tensor(transform(img, size), channels)
+    else:
+        pad = max(1, min(height, width) // 8)
+
+        def convert(img: Image.Image) -> torch.Tensor:
+            x = image_tensor(fit_image(img, (width, height)), channels)
+            return random_crop_flip(x, pad) if augment else x
+
+    return OwnImages(samples, described, split, convert)
+
+
+def _scan(paths: Sequence[Path]) -> tuple[set[tuple[int, int]], bool]:
+    """The (W, H) sizes found, and whether every image is grey (headers only)."""
+    sizes, grey = set(), True
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                sizes.add(img.size)
+                grey = grey and img.mode in GREY_MODES
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"cannot decode image {path}: {e}") from e
+    return sizes, grey
+
+
+_OWN_INFO: dict = {}
+
+
+def own_info(root: Path, options: ImageOptions) -> DatasetInfo:
+    """The imagefolder's classes and input shape (C, H, W) under `options`; with "auto"
+    normalisation, the training split's per-channel mean and std at that shape. Remembered
+    per (root, options) for the life of the process."""
+    key = (str(root.resolve()), options)
+    if key in _OWN_INFO:
+        return _OWN_INFO[key]
+    classes = reference_classes("imagefolder", root)
+    paths = [p for split in SPLITS if find_split_dir("imagefolder", root, split) is not None
+             for p, _ in _samples("imagefolder", root, split)[1]]  # fmt: skip
+    if options.image_size is None or options.channels is None:
+        sizes, grey = _scan(paths)
+    if options.image_size is not None:
+        height, width = options.image_size
+    elif len(sizes) == 1:
+        width, height = next(iter(sizes))
+    else:
+        shown = ", ".join(f"{h}x{w}" for w, h in sorted(sizes)[:3])
+        raise DatasetError(
+            f"imagefolder: the images have {len(sizes)} sizes (H x W: {shown}, ...); give "
+            "--image-size H[,W] to fit them all to one"
+        )
+    channels = options.channels or (1 if grey else 3)
+    mean, std = _normalization(options.normalize, channels)
+    described = DatasetInfo("imagefolder", len(classes), (channels, height, width), mean, std,
+                            tuple(classes))  # fmt: skip
+    if options.normalize == "auto":
+        train = load("imagefolder", "train", root, False, ImageOptions(
+            (height, width), channels, "none"))  # fmt: skip
+        mean, std = channel_statistics(train)
+        described = DatasetInfo("imagefolder", len(classes), (channels, height, width), mean,
+                                std, tuple(classes))  # fmt: skip
+    _OWN_INFO[key] = described
+    return described
+
+
+def _normalization(normalize, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if normalize in (None, "auto"):
+        mean, std = (0.5,), (0.5,)
+    elif isinstance(normalize, str):
+        mean, std = NORMALIZATIONS[normalize]
+    else:
+        mean, std = normalize
+    if len(mean) == 3 and channels == 1:
+        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    if len(mean) == 1:
+        mean, std = mean * channels, std * channels
+    if len(mean) != channels:
+        raise DatasetError(f"--normalize gives {len(mean)} channels; the images have {channels}")
+    return tuple(mean), tuple(std)
+
+
+def channel_statistics(dataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std over every pixel of a dataset's inputs (std never 0)."""
+    total = square = None
+    count = 0
+    for i in range(len(dataset)):
+        x = dataset[i][0].double().flatten(1)
+        total = x.sum(1) if total is None else total + x.sum(1)
+        square = (x * x).sum(1) if square is None else square + (x * x).sum(1)
+        count += x.shape[1]
+    mean = total / count
+    std = (square / count - mean * mean).clamp_min(1e-12).sqrt().clamp_min(1e-3)
+    return tuple(mean.tolist()), tuple(std.tolist())

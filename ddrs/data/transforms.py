@@ -88,6 +88,42 @@ def random_resized_crop(img: Image.Image, size: int) -> Image.Image:
     return img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
 
 
+def fit_image(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The image at `size` (W, H): area averaging (box) where it shrinks, so that an image
+    enlarged by whole factors comes back exactly, bilinear where it grows."""
+    if img.size == size:
+        return img
+    shrinks = img.size[0] >= size[0] and img.size[1] >= size[1]
+    return img.resize(size, Image.BOX if shrinks else Image.BILINEAR)
+
+
+def image_tensor(img: Image.Image, channels: int) -> torch.Tensor:
+    """A PIL image as a float32 (channels, H, W) tensor in [0, 1]: grey for 1, RGB for 3."""
+    if channels == 1:
+        arr = np.array(img.convert("L"), dtype=np.uint8)
+        return torch.from_numpy(arr)[None].to(torch.float32).div_(255.0)
+    if channels == 3:
+        return pil_to_tensor(img)
+    raise ValueError(f"images cannot become {channels}-channel inputs")
+
+
+def large_test(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """ImageNet's test transform at any `size` (W, H): resize to cover W x H x 256/224,
+    centre crop W x H."""
+    scale = max(size[0] / img.size[0], size[1] / img.size[1]) * IMAGENET_RESIZE / IMAGENET_CROP
+    covered = img.resize((max(size[0], round(img.size[0] * scale)),
+                          max(size[1], round(img.size[1] * scale))), Image.BILINEAR)
+    left, top = (covered.size[0] - size[0]) // 2, (covered.size[1] - size[1]) // 2
+    return covered.crop((left, top, left + size[0], top + size[1]))
+
+
+def large_train(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """ImageNet's augmentation at any `size` (W, H): random resized crop, random flip."""
+    left, top, w, h = random_resized_crop_box(*img.size)
+    img = img.resize(size, Image.BILINEAR, box=(left, top, left + w, top + h))
+    return img.transpose(Image.FLIP_LEFT_RIGHT) if float(torch.rand(())) < 0.5 else img
+
+
 def imagenet_test(img: Image.Image) -> torch.Tensor:
     """Resize the shorter side to 256, centre crop 224."""
     return pil_to_tensor(center_crop(resize_shorter(img, IMAGENET_RESIZE), IMAGENET_CROP))
@@ -101,15 +137,13 @@ def imagenet_train(img: Image.Image) -> torch.Tensor:
 def image_to_input(img: Image.Image, info) -> torch.Tensor:
     """An uploaded image as the model's input (C, H, W) in [0, 1], as the dataset's test
     transform would make it: ImageNet-sized inputs get resize 256 + centre crop 224; smaller
-    ones (CIFAR-10, MNIST, digits) are resized (bilinear) to H x W; one channel means grey."""
+    ones (CIFAR-10, MNIST, digits, own images) are fitted to H x W (area averaging where they
+    shrink, so an image enlarged by whole factors comes back exactly); one channel is grey."""
+    if len(info.input_shape) != 3:
+        raise ValueError(f"inputs of shape {tuple(info.input_shape)} are not images")
     channels, height, width = info.input_shape
     if (height, width) == (IMAGENET_CROP, IMAGENET_CROP) and channels == 3:
         return imagenet_test(img.convert("RGB"))
-    if img.size != (width, height):
-        img = img.resize((width, height), Image.BILINEAR)
-    if channels == 1:
-        arr = np.array(img.convert("L"), dtype=np.uint8)
-        return torch.from_numpy(arr)[None].to(torch.float32).div_(255.0)
-    if channels == 3:
-        return pil_to_tensor(img)
-    raise ValueError(f"images cannot become {channels}-channel inputs")
+    if min(height, width) >= 128:
+        return image_tensor(large_test(img, (width, height)), channels)
+    return image_tensor(fit_image(img, (width, height)), channels)

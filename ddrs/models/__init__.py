@@ -74,7 +74,10 @@ def build_model(
         raise InputError(f"num_classes must be an integer >= 2, got {num_classes}")
     shape = tuple(input_shape)
     if len(shape) != 3 or any(int(s) != s or s < 1 for s in shape):
-        raise InputError(f"input_shape must be (C, H, W) of positive ints, got {input_shape}")
+        raise InputError(
+            f"the built-in architectures take C x H x W images, and these inputs have shape "
+            f"{tuple(input_shape)}; use your own model (--model package.module:factory)"
+        )
     normalize = NormalizeLayer(mean, std)
     if normalize.mean.numel() != shape[0]:
         raise InputError(f"mean/std have {normalize.mean.numel()} channels, input has {shape[0]}")
@@ -93,10 +96,12 @@ def is_convolutional(model: nn.Module) -> bool:
 # checkpoint.py builds models with build_model, so it is imported once that exists.
 from ddrs.models.checkpoint import (  # noqa: E402
     LoadedCheckpoint,
+    guard_input_shape,
     load_checkpoint,
     load_model,
     load_user_model,
     model_fingerprint,
+    recorded_meta,
     save_checkpoint,
 )
 
@@ -105,10 +110,12 @@ __all__ = [
     "LoadedCheckpoint",
     "NormalizeLayer",
     "build_model",
+    "guard_input_shape",
     "is_convolutional",
     "load_checkpoint",
     "load_model",
     "load_user_model",
     "model_fingerprint",
+    "recorded_meta",
     "save_checkpoint",
 ]

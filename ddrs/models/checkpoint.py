@@ -119,7 +119,37 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: not a recognised checkpoint (top-level keys: {keys})")
     _check_expect(meta, expect or {}, path)
     model = _build_and_load(meta, payload["state_dict"], path)
+    guard_input_shape(model, tuple(meta["input_shape"]))
     return LoadedCheckpoint(model.to(device).eval(), meta, payload)
+
+
+def recorded_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The meta a ddrs checkpoint records ({} for a published one)."""
+    payload = _read_payload(Path(path))
+    meta = payload.get("meta") if payload.get("format") == FORMAT else None
+    return meta if isinstance(meta, dict) else {}
+
+
+class InputShapeError(InputError):
+    """A model was given inputs of another shape than the one it was trained on."""
+
+
+def guard_input_shape(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """Make `model` refuse inputs whose shape (after the batch dimension) is not `shape`:
+    a normalisation layer would broadcast one channel to three and adaptive pooling takes any
+    size, so a mismatch would otherwise go unnoticed."""
+    expected = tuple(int(s) for s in shape)
+
+    def check(_module, args):
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and tuple(x.shape[1:]) != expected:
+            raise InputShapeError(
+                f"this model was trained on inputs of shape {expected}; it was given "
+                f"{tuple(x.shape[1:])} (check --dataset, --image-size and --channels)"
+            )
+
+    model.register_forward_pre_hook(check)
+    return model
 
 
 def _read_payload(path: Path) -> dict[str, Any]:

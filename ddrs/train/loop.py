@@ -34,6 +34,7 @@ from ddrs.train.methods import Method, build_method
 __all__ = ["TrainConfig", "Trainer", "train"]
 
 DD_SEARCH_BATCH = 4096  # noisy samples per forward pass of the training-time sigma search
+RISING = 0.02  # a training accuracy this much above the last epoch's is rising
 
 
 class Trainer:
@@ -50,10 +51,12 @@ class Trainer:
         self.dist = join("nccl" if self.device.type == "cuda" else "gloo")
         self.out = Path(config.out)
         torch.manual_seed(config.seed + self.dist.rank)
+        options = config.image_options if config.dataset == "imagefolder" else None
         if train_set is None:
-            train_set = get_dataset(config.dataset, "train", config.data_root)
+            train_set = get_dataset(config.dataset, "train", config.data_root, options=options)
         if test_set is None:
-            test_set = get_dataset(config.dataset, "test", config.data_root, augment=False)
+            test_set = get_dataset(config.dataset, "test", config.data_root, augment=False,
+                                   options=options)
         self.train_set, self.test_set = train_set, test_set
         self.extra_meta = dict(extra_meta or {})
         self.info = self.train_set.info
@@ -110,6 +113,9 @@ class Trainer:
             "epoch": epoch,
             "data_dependent": c.data_dependent,
             "train_config": dataclasses.asdict(c),
+            "data_options": {"image_size": list(self.info.input_shape[1:]),
+                             "channels": self.info.input_shape[0]}
+            if c.dataset == "imagefolder" else None,
             **self.extra_meta,
         }
 
@@ -263,9 +269,15 @@ class Trainer:
         return row
 
     def _chance_note(self, row: dict) -> str:
-        """A warning when training accuracy has stayed at chance for two epochs in a row."""
+        """A warning when training accuracy has stayed at chance, and not risen, for two
+        epochs in a row (an accuracy below 1.5 x chance that gains RISING or more on the
+        epoch before is a model that learns, slowly)."""
         chance = 1.0 / self.info.num_classes
-        self.chance_epochs = self.chance_epochs + 1 if row["train_noisy_acc"] < 1.5 * chance else 0
+        accuracy = row["train_noisy_acc"]
+        before = self.log_rows[-1]["train_noisy_acc"] if self.log_rows else None
+        rising = before is not None and accuracy >= before + RISING
+        stuck = accuracy < 1.5 * chance and not rising
+        self.chance_epochs = self.chance_epochs + 1 if stuck else 0
         if self.chance_epochs < 2:
             return ""
         return (

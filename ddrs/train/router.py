@@ -126,19 +126,22 @@ class RoutedImages:
 def train_router(
     experts: Experts, config: TrainConfig, indices: Sequence[int] | None = None, *,
     samples: int = 64, n: int = 100_000, alpha: float = 0.001, eval_share: float = 0.1,
-    batch: int = 256,
+    batch: int = 256, labels: str | Path | None = None,
 ) -> Path:  # fmt: skip
     """Label `indices` of the training split (default: every image no expert trained on) and
     train a router on them at sigma_r = config.sigma; `eval_share` of the images (spread
-    evenly) are kept for the per-epoch accuracy instead. Returns the last checkpoint."""
+    evenly) are kept for the per-epoch accuracy instead. `labels`: the labels file (default
+    OUT/labels.tsv; routers of the same experts at other sigma_r can share one). Returns the
+    last checkpoint."""
     plain = get_dataset(config.dataset, "train", config.data_root, augment=False)
     if indices is None:
         indices = held_out_indices(experts, len(plain))
     indices = sorted(int(i) for i in indices)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    routes = router_labels(experts, plain, indices, out / "labels.tsv", samples=samples, n=n,
-                           alpha=alpha, seed=config.seed, batch=batch)  # fmt: skip
+    routes = router_labels(experts, plain, indices, labels or out / "labels.tsv",
+                           samples=samples, n=n, alpha=alpha, seed=config.seed,
+                           batch=batch)  # fmt: skip
     step = max(2, round(1 / eval_share)) if eval_share > 0 else len(indices) + 1
     held = indices[step // 2 :: step]
     fit = [i for i in indices if i not in set(held)] or indices
