@@ -221,11 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     from ddrs.launch import leave, quiet_on_interrupt
 
     try:
-        return commands.run(args, argv, entry=main) or 0
+        code = commands.run(args, argv, entry=main) or 0
+        sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+        return code
     except DDRSError as error:
         if not getattr(error, "quiet", False):  # a sharded run's other ranks stay quiet
             print(f"ddrs: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`ddrs ... | head`): nothing to report
+        _quiet_stdout()
+        return 0
     except KeyboardInterrupt:
         if not quiet_on_interrupt():
             print(
@@ -235,3 +240,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         leave()
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush of a closed pipe
+    raises nothing at exit."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())

@@ -285,7 +285,9 @@ def cmd_serve(args) -> None:
             f"router (sigma_r {router.sigma:g})" if router else f"selector ({run.route_rule})"))
     service = CertificationService(make_classifier, info, max_batch=run.max_batch,
                                    max_wait=run.max_wait, describe=describe)  # fmt: skip
-    app = create_app(service, token=token, max_body_bytes=run.max_body_bytes)
+    app = create_app(service, token=token, max_body_bytes=run.max_body_bytes,
+                     allowed_hosts=run.allowed_hosts, max_pixels=run.max_pixels,
+                     metrics_public=run.metrics_public)
     auth = "token required" if token else "no token"
     if token is None and run.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {run.host} without --token-file: anyone who can reach "

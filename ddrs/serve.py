@@ -7,6 +7,13 @@ in arrival order, one at a time, on a single writer thread. A response is sent o
 entry is committed (SQLite, synchronous=FULL), so an answer once given survives a crash.
 Noise is keyed by each query's arrival number, so the answers equal those of the
 one-at-a-time `DataDependentSmoothClassifier` for the same arrival order.
+
+Requests are checked before they reach the engine: the Host header against the allowed
+hosts (DNS rebinding), cross-origin writes refused unless a token is required and given,
+JSON only as application/json and images only as image/* or multipart (no form of another
+site can post), bodies and images bounded before they are decoded (decoding runs off the
+event loop), and every refusal is `{"error": ...}` with a documented status
+(`serve_api.py`). Metrics: `serve_metrics.py`; the page: `serve_page.py`.
 """
 
 from __future__ import annotations
@@ -15,25 +22,46 @@ import asyncio
 import hmac
 import io
 import json
+import logging
 import time
-from collections import defaultdict
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
+from urllib.parse import urlsplit
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import Tensor
 
 from ddrs.classifier import Answer, DataDependentSmoothClassifier
 from ddrs.data import DatasetInfo
 from ddrs.data.transforms import image_to_input
 from ddrs.errors import InputError
+from ddrs.serve_api import (
+    QUERY_BODY,
+    AnswerBody,
+    HealthBody,
+    MemoryStatsBody,
+    errors,
+    input_schema,
+)
+from ddrs.serve_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ddrs.serve_metrics import ServiceMetrics
+from ddrs.serve_page import FAVICON, render_page
 
 MAX_BODY_BYTES = 8 << 20
+MAX_PIXELS = 4096 * 4096
 QUERY_PATHS = ("/v1/certify", "/v1/predict")
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+OPEN_PATHS = {"/", "/health", "/favicon.ico", "/openapi.json"}  # no token needed
+PATHS = {"/", "/health", "/favicon.ico", "/v1/certify", "/v1/predict", "/v1/memory/stats",
+         "/metrics", "/openapi.json"}
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+log = logging.getLogger("ddrs.serve")
 
 
 class EngineError(Exception):
@@ -48,16 +76,32 @@ class RequestError(Exception):
         self.status = status
 
 
+def _numbers(value, depth: int) -> bool:
+    """True if `value` is a number (not a bool) or nested lists of them, at most `depth`
+    deep."""
+    if isinstance(value, list):
+        return depth > 0 and all(_numbers(v, depth - 1) for v in value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def parse_input(body: object, info: DatasetInfo) -> Tensor:
-    """The JSON body's `input` as a (C, H, W) float32 tensor in [0, 1], or a RequestError."""
+    """The JSON body's `input` as a float32 tensor of the service's input shape, in [0, 1],
+    or a RequestError."""
     if not isinstance(body, dict) or "input" not in body:
-        raise RequestError(422, 'the JSON body needs a field "input": a C x H x W array of floats')
+        raise RequestError(422, 'the JSON body needs a field "input": a C x H x W array of '
+                           "numbers")  # fmt: skip
+    extra = sorted(set(body) - {"input"})
+    if extra:
+        raise RequestError(422, f"unknown field(s) {extra}; the body holds only \"input\"")
+    shape = " x ".join(map(str, info.input_shape))
+    if not _numbers(body["input"], len(info.input_shape)):
+        raise RequestError(422, f'"input" must be a {shape} array of numbers (not strings, '
+                           "booleans or deeper lists)")  # fmt: skip
     try:
         x = torch.tensor(body["input"], dtype=torch.float32)
     except (TypeError, ValueError, RuntimeError, OverflowError):
-        raise RequestError(
-            422, '"input" must be a rectangular C x H x W array of numbers'
-        ) from None
+        raise RequestError(422, f'"input" must be a rectangular {shape} array of numbers'
+                           ) from None  # fmt: skip
     return check_input(x, info)
 
 
@@ -66,7 +110,8 @@ def check_input(x: Tensor, info: DatasetInfo) -> Tensor:
     if tuple(x.shape) != shape:
         raise RequestError(422, f'"input" has shape {tuple(x.shape)}; this model takes {shape}')
     if not bool(torch.isfinite(x).all()):
-        raise RequestError(422, '"input" holds NaN or infinite values')
+        raise RequestError(422, '"input" holds NaN or infinite values (or numbers too large '
+                           "for float32)")  # fmt: skip
     if float(x.min()) < 0 or float(x.max()) > 1:
         raise RequestError(
             422,
@@ -76,17 +121,28 @@ def check_input(x: Tensor, info: DatasetInfo) -> Tensor:
     return x
 
 
-def parse_image(data: bytes, info: DatasetInfo) -> Tensor:
+def parse_image(data: bytes, info: DatasetInfo, max_pixels: int = MAX_PIXELS) -> Tensor:
+    """An uploaded image as the model's input; its size is checked from the header before
+    any pixel is decoded."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with warnings.catch_warnings():  # the size is checked here, against --max-pixels
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        with img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise RequestError(413, f"the image is {width} x {height} pixels, more than the "
+                                   f"limit of {max_pixels} (--max-pixels)")  # fmt: skip
             img.load()
             return check_input(image_to_input(img, info), info)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        raise RequestError(
-            400, "the upload is not an image PIL can read (PNG, JPEG, ...)"
-        ) from None
+    except Image.DecompressionBombError:
+        raise RequestError(413, f"the image has more pixels than the limit of {max_pixels} "
+                           "(--max-pixels)") from None  # fmt: skip
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise RequestError(400, "the upload is not an image PIL can read (PNG, JPEG, ...)"
+                           ) from None  # fmt: skip
 
 
 @dataclass
@@ -94,75 +150,6 @@ class Query:
     kind: str
     x: Tensor
     future: asyncio.Future
-
-
-class Metrics:
-    """Prometheus counters and a latency histogram, as text (no client library needed)."""
-
-    def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, int], int] = defaultdict(int)
-        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.latency_sum = 0.0
-        self.batches: dict[int, int] = defaultdict(int)
-        self.changed = self.shrunk = self.repeats = 0
-
-    def observe(self, method: str, path: str, status: int, seconds: float) -> None:
-        self.requests[(method, path, status)] += 1
-        if path in QUERY_PATHS:
-            k = next((i for i, b in enumerate(LATENCY_BUCKETS) if seconds <= b), -1)
-            self.latency_counts[k] += 1
-            self.latency_sum += seconds
-
-    def answered(self, answer: Answer) -> None:
-        self.changed += int(answer.changed)
-        self.shrunk += int(answer.shrunk)
-        self.repeats += int(answer.repeat)
-
-    def text(self, entries: int, in_flight: int) -> str:
-        lines = [
-            "# HELP ddrs_requests_total HTTP requests by method, path and status.",
-            "# TYPE ddrs_requests_total counter",
-        ]
-        for (method, path, status), count in sorted(self.requests.items()):
-            lines.append(
-                f'ddrs_requests_total{{method="{method}",path="{path}",status="{status}"}} {count}'
-            )
-        lines += [
-            "# HELP ddrs_request_seconds Latency of certify and predict requests.",
-            "# TYPE ddrs_request_seconds histogram",
-        ]
-        cumulative = 0
-        for bound, count in zip(LATENCY_BUCKETS, self.latency_counts):
-            cumulative += count
-            lines.append(f'ddrs_request_seconds_bucket{{le="{bound}"}} {cumulative}')
-        total = sum(self.latency_counts)
-        lines += [
-            f'ddrs_request_seconds_bucket{{le="+Inf"}} {total}',
-            f"ddrs_request_seconds_sum {self.latency_sum:.6f}",
-            f"ddrs_request_seconds_count {total}",
-            "# HELP ddrs_batch_queries_total Queries by the size of the engine batch they ran in.",
-            "# TYPE ddrs_batch_queries_total counter",
-        ]
-        for size, count in sorted(self.batches.items()):
-            lines.append(f'ddrs_batch_queries_total{{size="{size}"}} {count}')
-        lines += [
-            "# HELP ddrs_queries_in_flight Queries received and not yet answered.",
-            "# TYPE ddrs_queries_in_flight gauge",
-            f"ddrs_queries_in_flight {in_flight}",
-            "# HELP ddrs_memory_entries Entries in the certification memory.",
-            "# TYPE ddrs_memory_entries gauge",
-            f"ddrs_memory_entries {entries}",
-            "# HELP ddrs_answers_changed_total Answers whose class the memory changed.",
-            "# TYPE ddrs_answers_changed_total counter",
-            f"ddrs_answers_changed_total {self.changed}",
-            "# HELP ddrs_answers_shrunk_total Answers whose radius the memory shrank.",
-            "# TYPE ddrs_answers_shrunk_total counter",
-            f"ddrs_answers_shrunk_total {self.shrunk}",
-            "# HELP ddrs_answers_repeat_total Exact repeats answered from the memory.",
-            "# TYPE ddrs_answers_repeat_total counter",
-            f"ddrs_answers_repeat_total {self.repeats}",
-        ]
-        return "\n".join(lines) + "\n"
 
 
 class CertificationService:
@@ -181,7 +168,7 @@ class CertificationService:
         self.make_classifier, self.info = make_classifier, info
         self.max_batch, self.max_wait = int(max_batch), float(max_wait)
         self.describe = describe or {}
-        self.metrics = Metrics()
+        self.metrics = ServiceMetrics(PATHS)
         self.entries = 0
         self.in_flight = 0  # queries submitted and not yet answered
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddrs-writer")
@@ -266,7 +253,7 @@ class CertificationService:
                     if not q.future.done():
                         q.future.set_exception(failure)
                 continue
-            self.metrics.batches[len(queries)] += len(queries)
+            self.metrics.batch(len(queries))
             for q, answer in zip(queries, answers):
                 self.metrics.answered(answer)
                 if not q.future.done():
@@ -298,32 +285,12 @@ async def _read_body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _query_input(request, info: DatasetInfo, limit: int) -> Tensor:
-    """The input of a certify / predict request: JSON `{"input": ...}` or an image upload."""
-    data = await _read_body(request, limit)
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "multipart/form-data":
-
-        async def replay():
-            return {"type": "http.request", "body": data, "more_body": False}
-
-        try:
-            form = await Request(request.scope, replay).form()
-        except Exception:
-            raise RequestError(400, "malformed multipart body") from None
-        try:
-            upload = form.get("file") or form.get("image")
-            if upload is None or isinstance(upload, str):
-                raise RequestError(
-                    422, 'the multipart form needs an image in a field named "file"'
-                )
-            return parse_image(await upload.read(), info)
-        finally:
-            await form.close()
-    if content_type.startswith("image/"):
-        return parse_image(data, info)
+def _json_input(data: bytes, info: DatasetInfo) -> Tensor:
     try:
         body = json.loads(data)
+    except RecursionError:
+        raise RequestError(400, "the JSON is nested too deeply; send {\"input\": C x H x W "
+                           "numbers}") from None  # fmt: skip
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise RequestError(
             400, 'the body is not JSON; send {"input": [[[...]]]} or an image upload'
@@ -331,13 +298,67 @@ async def _query_input(request, info: DatasetInfo, limit: int) -> Tensor:
     return parse_input(body, info)
 
 
+async def _query_input(request, info: DatasetInfo, limit: int, max_pixels: int,
+                       decode) -> Tensor:  # fmt: skip
+    """The input of a certify / predict request: JSON `{"input": ...}` (application/json) or
+    an image (image/*, or a multipart field "file"); decoded by `decode`, off the loop."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in ("application/json", "multipart/form-data") and not (
+            content_type.startswith("image/")):  # fmt: skip
+        raise RequestError(415, "send application/json, an image/* body, or a multipart form "
+                           f"with a file (got Content-Type {content_type or 'none'!r})")
+    data = await _read_body(request, limit)
+    if content_type == "application/json":
+        return await decode(_json_input, data, info)
+    if content_type.startswith("image/"):
+        return await decode(parse_image, data, info, max_pixels)
+
+    async def replay():
+        return {"type": "http.request", "body": data, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form()
+    except Exception:
+        raise RequestError(400, "malformed multipart body") from None
+    try:
+        upload = form.get("file") or form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise RequestError(422, 'the multipart form needs an image in a field named "file"')
+        return await decode(parse_image, await upload.read(), info, max_pixels)
+    finally:
+        await form.close()
+
+
+def _host_of(value: str) -> str:
+    """The host name of a Host header or an origin (no port, no brackets)."""
+    netloc = urlsplit(value).netloc if "://" in value else value
+    host = netloc.rsplit("@", 1)[-1]
+    if host.startswith("["):
+        return host[1 : host.find("]")].lower()
+    return host.split(":", 1)[0].lower()
+
+
+def _cross_origin(request: Request) -> bool:
+    """A browser request from a page of another origin (Origin, or Sec-Fetch-Site)."""
+    origin = request.headers.get("origin")
+    if origin is not None and origin != "null":
+        return urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower()
+    return origin == "null" or request.headers.get("sec-fetch-site") == "cross-site"
+
+
 def create_app(
     service: CertificationService,
     token: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    *,
+    allowed_hosts: list[str] | None = None,
+    max_pixels: int = MAX_PIXELS,
+    metrics_public: bool = False,
 ):
     """The FastAPI application around a service (not yet started: the app's lifespan starts
-    and stops it)."""
+    and stops it). `allowed_hosts`: Host header names accepted (None: any, for an app behind
+    a proxy that checks them); `metrics_public`: /metrics without the token."""
+    decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ddrs-decode")
 
     @asynccontextmanager
     async def lifespan(app):
@@ -346,79 +367,119 @@ def create_app(
             yield
         finally:
             await service.stop()
+            decoder.shutdown(wait=False)
 
-    app = FastAPI(title="ddrs", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="ddrs", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="Certified predictions of a data-dependent smoothed classifier; "
+                  "every answer is stored in the memory before it is sent.")
     info = service.info
-    open_paths = {"/", "/health"}
+    open_paths = OPEN_PATHS | ({"/metrics"} if metrics_public else set())
+    hosts = None if allowed_hosts is None else {_host_of(h) for h in allowed_hosts}
+
+    async def decode(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(decoder, fn, *args)
+
+    def refuse(status: int, message: str, **headers) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers or None)
 
     @app.middleware("http")
     async def guard_and_measure(request: Request, call_next):
         start = time.perf_counter()
         path = request.url.path
-        if token is not None and path not in open_paths and not _authorised(request, token):
-            response = JSONResponse(
-                {"error": "missing or wrong token: send Authorization: Bearer <token>"},
-                status_code=401,
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+        authorised = token is not None and _authorised(request, token)
+        if hosts is not None and _host_of(request.headers.get("host", "")) not in hosts:
+            response = refuse(400, f"Host {request.headers.get('host', '')!r} is not served "
+                              "here (--allowed-host)")  # fmt: skip
+        elif token is not None and path not in open_paths and not authorised:
+            response = refuse(401, "missing or wrong token: send Authorization: Bearer <token>",
+                              **{"WWW-Authenticate": "Bearer"})  # fmt: skip
+        elif request.method not in ("GET", "HEAD") and _cross_origin(request) and not authorised:
+            response = refuse(403, "cross-origin writes are refused (run the service with "
+                              "--token-file and send the token)")  # fmt: skip
         else:
             try:
                 response = await call_next(request)
             except Exception:
-                response = JSONResponse({"error": "internal error"}, status_code=500)
-        known = path if path in app.state.paths else "other"
-        service.metrics.observe(
-            request.method, known, response.status_code, time.perf_counter() - start
-        )
+                log.exception("ddrs serve: %s %s failed", request.method, path)
+                response = refuse(500, "internal error (see the server's log)")
+        service.metrics.observe(request.method, path, response.status_code,
+                                time.perf_counter() - start)
         return response
 
     @app.exception_handler(RequestError)
     async def refused(request, error: RequestError):
-        return JSONResponse({"error": str(error)}, status_code=error.status)
+        return refuse(error.status, str(error))
 
     @app.exception_handler(EngineError)
     async def engine_failed(request, error: EngineError):
-        return JSONResponse({"error": f"the service failed on this batch: {error}"},
-                            status_code=500)
+        log.error("ddrs serve: the engine failed: %s", error)
+        return refuse(500, f"the service failed on this batch: {error}")
 
-    @app.get("/health")
-    async def health():
-        return {
-            "status": "ok",
-            "entries": service.entries,
-            "in_flight": service.in_flight,
-            **service.describe,
-        }
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, error: StarletteHTTPException):
+        return refuse(error.status_code, str(error.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, error: RequestValidationError):
+        return refuse(422, f"invalid request: {error.errors()[0].get('msg', 'see the API')}")
+
+    @app.get("/health", response_model=HealthBody, response_model_exclude_none=True,
+             responses=errors(400))
+    async def health(request: Request):
+        if token is not None and not _authorised(request, token):
+            return {"status": "ok"}  # settings and the memory's path only with the token
+        return {"status": "ok", "entries": service.entries, "in_flight": service.in_flight,
+                **service.describe}
 
     async def answer(kind: str, request: Request):
-        x = await _query_input(request, info, max_body_bytes)
+        x = await _query_input(request, info, max_body_bytes, max_pixels, decode)
         return _response(await service.submit(kind, x), info)
 
-    @app.post("/v1/certify")
+    query_errors = errors(400, 401, 403, 413, 415, 422, 500)
+
+    @app.post("/v1/certify", response_model=AnswerBody, responses=query_errors,
+              openapi_extra=QUERY_BODY, summary="certify: a class and a certified radius")
     async def certify(request: Request):
         return await answer("certify", request)
 
-    @app.post("/v1/predict")
+    @app.post("/v1/predict", response_model=AnswerBody, responses=query_errors,
+              openapi_extra=QUERY_BODY, summary="predict: a class (stored with radius 0)")
     async def predict(request: Request):
         return await answer("predict", request)
 
-    @app.get("/v1/memory/stats")
+    @app.get("/v1/memory/stats", response_model=MemoryStatsBody, responses=errors(400, 401))
     async def memory_stats():
         return await service.memory_stats()
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.get("/metrics", response_class=Response, responses=errors(400, 401))
     async def metrics():
-        return PlainTextResponse(
-            service.metrics.text(service.entries, service.in_flight),
-            media_type="text/plain; version=0.0.4",
-        )
+        return Response(service.metrics.text(service.entries, service.in_flight),
+                        media_type=METRICS_CONTENT_TYPE)
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse, responses=errors(400))
     async def page():
-        describe = json.dumps(service.describe).replace("<", "\\u003c")  # safe in <script>
-        return HTMLResponse(PAGE.replace("{{DESCRIBE}}", describe))
+        return HTMLResponse(render_page(service.describe, token is not None))
 
-    app.state.paths = {"/", "/health", "/v1/certify", "/v1/predict", "/v1/memory/stats", "/metrics"}
+    @app.get("/favicon.ico", response_class=Response, responses=errors(400))
+    async def favicon():
+        return Response(FAVICON, media_type="image/svg+xml")
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                                 description=app.description)
+            components = schema.setdefault("components", {})
+            components.setdefault("schemas", {})["InputBody"] = input_schema(info.input_shape)
+            if token is not None:
+                components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+                for path, operations in schema["paths"].items():
+                    if path not in open_paths:
+                        for operation in operations.values():
+                            operation["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 
@@ -442,45 +503,3 @@ def read_token(path: str) -> str:
             "`python -c 'import secrets; print(secrets.token_urlsafe(32))' > token`)"
         )
     return token
-
-
-PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>ddrs serve</title>
-<style>body{font-family:sans-serif;max-width:40em;margin:2em auto}td{padding:2px 8px}
-pre{background:#f4f4f4;padding:8px}</style></head>
-<body><h1>ddrs: certified prediction</h1>
-<p>Upload an image; the service answers with its class, the certified L2 radius (pixel
-units in [0, 1]), the sigma chosen for it, and whether the memory of earlier answers changed
-the answer. Every answer is stored: the same image gets the same answer again.</p>
-<p><input type="file" id="file" accept="image/*">
-<select id="kind"><option>certify</option><option>predict</option></select>
-<input type="password" id="token" placeholder="token (if the service needs one)">
-<button onclick="send()">Send</button></p>
-<table id="out"></table>
-<p>Service: <code id="describe"></code></p>
-<script>
-document.getElementById('describe').textContent = JSON.stringify({{DESCRIBE}});
-async function send() {
-  const file = document.getElementById('file').files[0];
-  if (!file) { return; }
-  const form = new FormData(); form.append('file', file);
-  const headers = {}; const token = document.getElementById('token').value;
-  if (token) { headers['Authorization'] = 'Bearer ' + token; }
-  const kind = document.getElementById('kind').value;
-  const response = await fetch('/v1/' + kind, {method: 'POST', body: form, headers});
-  const body = await response.json();
-  const rows = response.ok ? [
-      ['class', body.predict + (body.class_name ? ' (' + body.class_name + ')' : '')],
-      ['certified radius', body.radius], ['sigma', body.sigma],
-      ['Monte Carlo answer', body.mc_predict + ', radius ' + body.mc_radius],
-      ['memory changed the class', body.changed], ['memory shrank the radius', body.shrunk],
-      ['repeat of a stored input', body.repeat], ['memory entry', body.entry]]
-    : [['error ' + response.status, body.error || JSON.stringify(body)]];
-  const table = document.getElementById('out'); table.innerHTML = '';
-  for (const [k, v] of rows) {
-    const tr = table.insertRow(); tr.insertCell().textContent = k;
-    tr.insertCell().textContent = v;
-  }
-}
-</script></body></html>
-"""

@@ -656,6 +656,14 @@ class ServeRun(SearchSettings):
         "that arrive while the engine is busy share the next call anyway)",
     )  # fmt: skip
     max_body_bytes: int = setting(8 << 20, "larger requests get 413")
+    max_pixels: int = setting(4096 * 4096, "larger uploaded images get 413 (checked from the "
+                              "image's header, before decoding)")  # fmt: skip
+    allowed_host: tuple[str, ...] | None = setting(
+        None, "a Host name the service answers to (repeatable; default: the --host address, "
+        "localhost, 127.0.0.1 and ::1): other Host headers get 400, against DNS rebinding",
+        repeatable=True,
+    )  # fmt: skip
+    metrics_public: bool = setting(False, "let /metrics be scraped without the token")
     drain_seconds: int = setting(60, "on SIGTERM, time given to queries in flight")
     log_level: str = setting("warning", "uvicorn's access/error log level")
 
@@ -686,6 +694,7 @@ class ServeRun(SearchSettings):
         integer("--max-batch", self.max_batch)
         number("--max-wait-ms", self.max_wait_ms, minimum=0)
         integer("--max-body-bytes", self.max_body_bytes)
+        integer("--max-pixels", self.max_pixels)
         integer("--drain-seconds", self.drain_seconds, minimum=0)
         if self.selector is not None:
             SearchSettings.__post_init__(self)
@@ -717,3 +726,8 @@ class ServeRun(SearchSettings):
     @property
     def max_wait(self) -> float:
         return self.max_wait_ms / 1000
+
+    @property
+    def allowed_hosts(self) -> list[str]:
+        """The Host names answered: --allowed-host, or the bound address and loopback."""
+        return list(self.allowed_host or (self.host, "localhost", "127.0.0.1", "::1"))

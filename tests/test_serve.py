@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -101,12 +102,13 @@ def test_every_endpoint_answers(checkpoint, digits, tmp_path):
         assert stats["entries"] == 3 and stats["repeats"] == 1
         assert client.get("/health").json()["entries"] == 3
         metrics = client.get("/metrics").text
-        assert 'ddrs_requests_total{method="POST",path="/v1/certify",status="200"} 3' in metrics
-        assert "ddrs_memory_entries 3" in metrics and "ddrs_queries_in_flight 0" in metrics
-        assert "ddrs_request_seconds_count 4" in metrics
-        assert "ddrs_answers_repeat_total 1" in metrics
+        assert 'ddrs_requests_total{method="POST",path="/v1/certify",status="200"} 3.0' in metrics
+        assert "ddrs_memory_entries 3.0" in metrics and "ddrs_queries_in_flight 0.0" in metrics
+        assert "ddrs_request_seconds_count 4.0" in metrics
+        assert "ddrs_answers_repeat_total 1.0" in metrics
         page = client.get("/")
-        assert page.status_code == 200 and "<form" not in page.text and "/v1/" in page.text
+        assert page.status_code == 200 and 'type="file"' in page.text and "/v1/" in page.text
+        assert client.get("/favicon.ico").status_code == 200
     assert entries(tmp_path / "m.sqlite") == 3
 
 
@@ -490,3 +492,195 @@ def test_a_real_server_of_experts_answers_with_the_expert(checkpoint, digits, tm
     finally:
         server.terminate()
         server.communicate(timeout=60)
+
+
+# -- real users and hostile networks (issue 17) ------------------------------------------------
+def test_deep_json_and_odd_numbers_are_clear_4xx(checkpoint, tmp_path):
+    service, _ = make_service(checkpoint, tmp_path / "m.sqlite")
+    headers = {"content-type": "application/json"}
+    with TestClient(create_app(service)) as client:
+        deep = b'{"input": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+        response = client.post("/v1/certify", content=deep, headers=headers)
+        assert response.status_code == 400 and "nested too deeply" in response.json()["error"]
+        booleans = client.post("/v1/certify", json={"input": [[[True] * 8] * 8]})
+        assert booleans.status_code == 422 and "booleans" in booleans.json()["error"]
+        huge = b'{"input": [[' + b",".join([b"[" + b",".join([b"1e400"] * 8) + b"]"] * 8) + b"]]}"
+        response = client.post("/v1/certify", content=huge, headers=headers)
+        assert response.status_code == 422 and "infinite" in response.json()["error"]
+        assert client.get("/nowhere").json() == {"error": "Not Found"}
+        assert client.put("/v1/certify").status_code == 405
+        assert "error" in client.put("/v1/certify").json()
+        assert client.get("/health").json()["entries"] == 0
+
+
+def test_no_other_site_can_write_or_read_through_a_browser(checkpoint, digits, tmp_path):
+    service, _ = make_service(checkpoint, tmp_path / "m.sqlite")
+    body = json.dumps(as_json(digits[0][0]))
+    app = create_app(service, allowed_hosts=["127.0.0.1", "localhost"])
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+        plain = client.post("/v1/certify", content=body, headers={"content-type": "text/plain"})
+        assert plain.status_code == 415  # what an enctype="text/plain" form sends
+        form = client.post("/v1/certify", files={"file": ("d.png", png_of(digits[0][0]),
+                                                           "image/png")},
+                           headers={"origin": "http://evil.example"})
+        assert form.status_code == 403 and "cross-origin" in form.json()["error"]
+        rebound = client.get("/health", headers={"host": "evil.example:8000"})
+        assert rebound.status_code == 400 and "--allowed-host" in rebound.json()["error"]
+        same = client.post("/v1/certify", content=body, headers={
+            "content-type": "application/json", "origin": "http://127.0.0.1:8000"})
+        assert same.status_code == 200
+        assert client.get("/health").json()["entries"] == 1
+    tokened = create_app(make_service(checkpoint, tmp_path / "t.sqlite")[0], token=TOKEN)
+    with TestClient(tokened) as client:
+        good = {"Authorization": f"Bearer {TOKEN}", "content-type": "application/json",
+                "origin": "http://elsewhere.example"}
+        assert client.post("/v1/certify", content=body, headers=good).status_code == 200
+
+
+def test_with_a_token_nothing_is_shown_to_strangers(checkpoint, tmp_path):
+    service, _ = make_service(checkpoint, tmp_path / "m.sqlite")
+    service.describe = {"memory": str(tmp_path / "m.sqlite"), "model": "abcdef0123456789"}
+    with TestClient(create_app(service, token=TOKEN)) as client:
+        assert client.get("/health").json() == {"status": "ok"}
+        page = client.get("/").text
+        assert str(tmp_path) not in page and "abcdef0123456789" not in page
+        assert "needs a token" in page
+        full = client.get("/health", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        assert full["memory"] == str(tmp_path / "m.sqlite")
+
+
+def _big_png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (width, height), 128).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_huge_images_are_refused_before_decoding(checkpoint, tmp_path):
+    service, _ = make_service(checkpoint, tmp_path / "m.sqlite")
+    with TestClient(create_app(service, max_body_bytes=8 << 20)) as client:
+        for side in (12_000, 20_000):
+            data = _big_png(side, side)
+            assert len(data) < 2 << 20  # a small file of very many pixels
+            response = client.post("/v1/certify", content=data,
+                                   headers={"content-type": "image/png"})
+            assert response.status_code == 413, response.text
+            assert "pixels" in response.json()["error"]
+        assert client.get("/health").json()["entries"] == 0
+
+
+def test_an_upload_shrinks_by_area_averaging(digits):
+    """A digit enlarged 8x (nearest) comes back exactly, so it gets the original's answer."""
+    from ddrs.serve import parse_image
+
+    info = dataset_info("digits")
+    for i in range(5):
+        x = digits[i][0]
+        grey = Image.fromarray((x[0].numpy() * 255).round().astype("uint8"), mode="L")
+        buffer = io.BytesIO()
+        grey.resize((64, 64), Image.NEAREST).save(buffer, format="PNG")
+        back = parse_image(buffer.getvalue(), info)
+        assert torch.equal(back, torch.from_numpy(
+            (x.numpy() * 255).round().astype("uint8")).float() / 255)
+
+
+def test_metrics_labels_are_bounded_and_can_be_public(checkpoint, tmp_path):
+    service, _ = make_service(checkpoint, tmp_path / "m.sqlite")
+    with TestClient(create_app(service, token=TOKEN, metrics_public=True)) as client:
+        client.request("XMETHOD1", "/health")
+        client.get("/no/such/path/1")
+        client.get("/no/such/path/2")
+        text = client.get("/metrics").text  # no token: --metrics-public
+        assert "XMETHOD1" not in text and "/no/such" not in text
+        assert 'method="other",path="/health"' in text and 'path="other"' in text
+    service2, _ = make_service(checkpoint, tmp_path / "n.sqlite")
+    with TestClient(create_app(service2, token=TOKEN)) as client:
+        assert client.get("/metrics").status_code == 401
+
+
+def test_the_api_contract_is_documented(checkpoint, tmp_path):
+    service, _ = make_service(checkpoint, tmp_path / "m.sqlite")
+    with TestClient(create_app(service, token=TOKEN)) as client:
+        schema = client.get("/openapi.json").json()
+    certify = schema["paths"]["/v1/certify"]["post"]
+    content = certify["requestBody"]["content"]
+    assert {"application/json", "multipart/form-data", "image/png"} <= set(content)
+    assert {"200", "400", "401", "403", "413", "415", "422", "500"} <= set(certify["responses"])
+    assert certify["responses"]["200"]["content"]["application/json"]["schema"]
+    assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert certify["security"] == [{"bearer": []}]
+    assert "security" not in schema["paths"]["/health"]["get"]
+
+
+def test_a_closed_pipe_is_not_an_error(checkpoint, digits, tmp_path):
+    memory = tmp_path / "m.sqlite"
+    with CertificationMemory(memory, "m", (1, 8, 8)) as store:
+        for i in range(3):
+            store.resolve_and_store(digits[i][0], i, 0.1, sigma=0.25, idx=i)
+    done = subprocess.run(f"{sys.executable} -m ddrs memory stats {memory} | head -1",
+                          shell=True, capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith("memory ") and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr == ""
+
+
+@pytest.mark.slow
+def test_contract_fuzzing_finds_no_server_error_and_no_undocumented_status(checkpoint,
+                                                                           tmp_path):
+    """schemathesis against the live /openapi.json: a fixed seed, a few hundred cases."""
+    pytest.importorskip("schemathesis")
+    port = _free_port()
+    server = start_server(checkpoint, tmp_path / "m.sqlite", port, "--n", "200")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "schemathesis.cli", "run",
+             f"http://127.0.0.1:{port}/openapi.json", "--checks",
+             "not_a_server_error,status_code_conformance,content_type_conformance,"
+             "response_schema_conformance", "--max-examples", "40",
+             "--generation-deterministic", "-w", "1"],
+            capture_output=True, text=True, timeout=600)
+    finally:
+        server.kill()
+        server.communicate()
+    report = done.stdout + done.stderr
+    assert done.returncode == 0, report[-4000:]
+    generated = int(re.search(r"(\d+) generated", report).group(1))
+    assert generated >= 200, report[-2000:]
+    assert entries(tmp_path / "m.sqlite") > 0  # valid queries were among them, and answered
+
+
+@pytest.mark.slow
+def test_health_stays_fast_while_an_upload_decodes(checkpoint, tmp_path):
+    """Decoding runs off the event loop: /health answers during a large upload about as fast
+    as when idle (a ratio in the same run, generous)."""
+    port = _free_port()
+    server = start_server(checkpoint, tmp_path / "m.sqlite", port, "--max-pixels",
+                          str(5000 * 5000))
+    big = _big_png(5000, 5000)  # 25 M pixels to decode and shrink
+
+    def health_seconds() -> float:
+        start = time.perf_counter()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=60):
+            pass
+        return time.perf_counter() - start
+
+    try:
+        idle = sorted(health_seconds() for _ in range(15))[7]
+        uploads, during = [], []
+
+        def upload():
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/predict", data=big,
+                                             headers={"Content-Type": "image/png"})
+            with urllib.request.urlopen(request, timeout=120) as response:
+                uploads.append(response.status)
+
+        for _ in range(3):
+            thread = threading.Thread(target=upload)
+            thread.start()
+            while thread.is_alive():
+                during.append(health_seconds())
+            thread.join()
+        assert uploads == [200, 200, 200] and len(during) >= 3
+        # while the loop decoded, one /health waited the whole decoding (0.3 s and more)
+        assert max(during) < 50 * idle + 0.05, (idle, max(during))
+    finally:
+        server.kill()
+        server.communicate()
