@@ -15,14 +15,14 @@ Each query x is answered by
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
 from ddrs.errors import InputError
 from ddrs.experts import Expert, Experts
-from ddrs.memory import CertificationMemory
+from ddrs.memory import Answer, CertificationMemory
 from ddrs.models import model_fingerprint
 from ddrs.route import (
     ROUTE_RULES,
@@ -39,20 +39,6 @@ def memory_fingerprint(model: nn.Module, dataset: str, input_shape) -> str:
     """Identity of 'this model with this preprocessing', which a memory belongs to."""
     text = f"{model_fingerprint(model)}|{dataset}|{tuple(input_shape)}"
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class Answer:
-    predict: int
-    radius: float
-    sigma: float  # the sigma that certified `radius` (for a repeat: the stored entry's)
-    changed: bool  # the memory changed the Monte Carlo class
-    shrunk: bool  # the memory shrank the Monte Carlo radius
-    mc_predict: int
-    mc_radius: float
-    repeat: bool = False  # an exact repeat of a stored input: its stored answer
-    entry: int = -1  # the memory entry holding this answer
-    expert: str = ""  # the expert that answered (with experts; "" for one model)
 
 
 QUERY_KINDS = ("certify", "predict")
@@ -180,7 +166,5 @@ class DataDependentSmoothClassifier:
         return [(c, r, k, float(s)) for (c, r), k, s in zip(answers, expert, sigma.tolist())]
 
     def _resolve(self, x, predict, radius, expert, sigma, key) -> Answer:
-        r = self.memory.resolve_and_store(x, predict, radius, sigma=sigma, idx=key)
-        name = self.experts[expert].name if expert >= 0 else ""
-        return Answer(r.predict, r.radius, r.sigma, r.changed, r.shrunk, predict, radius,
-                      r.repeat, r.entry, name)  # fmt: skip
+        answer = self.memory.resolve_and_store(x, predict, radius, sigma=sigma, idx=key)
+        return replace(answer, expert=self.experts[expert].name if expert >= 0 else "")

@@ -181,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print the numbers as JSON")
     q = msub.add_parser("check", help="verify that no two balls of different classes intersect")
     q.add_argument("memory")
+    q = msub.add_parser("copy", help="copy a memory to another store (SQLite file or "
+                        "postgresql:// URL), every checksum verified")
+    q.add_argument("source", help="the memory to copy")
+    q.add_argument("destination", help="where to create the copy (must not hold a memory)")
 
     p = sub.add_parser("report", help="tables and plots of certified accuracy from results TSVs")
     p.add_argument("runs", nargs="+", help="results TSVs (ours or the reference format)")

@@ -17,6 +17,7 @@ import numpy as np
 from ddrs.errors import InputError
 from ddrs.launch import join, launch, starts_workers
 from ddrs.memory import CertificationMemory
+from ddrs.memory.store import describe
 from ddrs.report import summary_line
 from ddrs.results import read_table
 from ddrs.runs import (
@@ -105,7 +106,7 @@ def cmd_memory_stats(args) -> None:
     if args.json:
         print(json.dumps(stats, indent=1))
         return
-    print(format_memory_stats(args.memory, stats))
+    print(format_memory_stats(describe(args.memory), stats))
 
 
 def format_memory_stats(path: str, stats: dict) -> str:
@@ -160,6 +161,14 @@ def cmd_memory_check(args) -> int:
         "classes intersect"
     )
     return 0
+
+
+def cmd_memory_copy(args) -> None:
+    from ddrs.memory.tools import copy_memory
+
+    count = copy_memory(args.source, args.destination)
+    print(f"copied {count} entries from {describe(args.source)} to "
+          f"{describe(args.destination)}; every checksum verified")
 
 
 def cmd_train(args) -> None:
@@ -313,7 +322,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
     "report": cmd_report,
     "quickstart": cmd_quickstart,
 }
-MEMORY_COMMANDS = {"apply": cmd_memory_apply, "stats": cmd_memory_stats, "check": cmd_memory_check}
+MEMORY_COMMANDS = {"apply": cmd_memory_apply, "stats": cmd_memory_stats,
+                   "check": cmd_memory_check, "copy": cmd_memory_copy}
 
 
 def run(args: argparse.Namespace, argv: list[str], entry: Entry) -> int | None:

@@ -27,6 +27,7 @@ from ddrs.errors import CheckpointError, InputError, ResultsFileError
 from ddrs.experts import Expert, Experts
 from ddrs.launch import ONE_PROCESS, Rank
 from ddrs.memory import CertificationMemory
+from ddrs.memory.store import is_url
 from ddrs.models import load_checkpoint
 from ddrs.results import (
     CERTIFY_COLUMNS,
@@ -354,7 +355,8 @@ def _check_resumed_files(run: CertifyRun) -> None:
             f"{run.out} already has rows and {run.counts} has none: --counts must be given "
             "from the start of a run (or choose another --out)"
         )
-    if run.memory and not Path(run.memory).exists() and row_count(run.out):
+    if run.memory and not is_url(run.memory) and not Path(run.memory).exists() and (
+            row_count(run.out)):  # fmt: skip
         raise ResultsFileError(
             f"cannot resume {run.out}: its rows were resolved against a memory, and "
             f"{run.memory} does not exist; restore that memory, or start both afresh"

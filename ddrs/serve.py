@@ -42,6 +42,7 @@ from ddrs.classifier import Answer, DataDependentSmoothClassifier
 from ddrs.data import DatasetInfo
 from ddrs.data.transforms import image_to_input
 from ddrs.errors import InputError
+from ddrs.memory import MemoryUnavailable
 from ddrs.serve_api import (
     QUERY_BODY,
     AnswerBody,
@@ -66,6 +67,10 @@ log = logging.getLogger("ddrs.serve")
 
 class EngineError(Exception):
     """The engine or the memory failed on a batch (a server error, not the client's)."""
+
+
+class Unavailable(Exception):
+    """The memory's database cannot be reached now: the client may retry (503)."""
 
 
 class RequestError(Exception):
@@ -173,7 +178,6 @@ class CertificationService:
         self.in_flight = 0  # queries submitted and not yet answered
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddrs-writer")
         self.classifier: DataDependentSmoothClassifier | None = None
-        self.next_key = 0
         self.queue: asyncio.Queue[Query] | None = None
         self.batcher: asyncio.Task | None = None
 
@@ -181,15 +185,16 @@ class CertificationService:
     def _open(self) -> None:
         self.classifier = self.make_classifier()
         memory = self.classifier.memory
-        self.next_key = memory.next_idx()
         self.entries = len(memory)
 
     def _answer(self, queries: list[Query]) -> list[Answer]:
-        keys = list(range(self.next_key, self.next_key + len(queries)))
-        self.next_key += len(queries)
+        keys = self.classifier.memory.allocate_keys(len(queries))  # unique across replicas
         x = torch.stack([q.x for q in queries])
         answers = self.classifier.answer_batch(x, [q.kind for q in queries], keys)
-        self.entries = len(self.classifier.memory)
+        try:
+            self.entries = len(self.classifier.memory)
+        except MemoryUnavailable:
+            pass  # the answers are committed; the count is only for /health
         return answers
 
     def _close(self) -> None:
@@ -248,7 +253,8 @@ class CertificationService:
             try:
                 answers = await self.call(self._answer, queries)
             except Exception as error:  # the engine failed: every query of the batch fails
-                failure = EngineError(f"{type(error).__name__}: {error}")
+                failure = (Unavailable(str(error)) if isinstance(error, MemoryUnavailable)
+                           else EngineError(f"{type(error).__name__}: {error}"))
                 for q in queries:
                     if not q.future.done():
                         q.future.set_exception(failure)
@@ -410,6 +416,12 @@ def create_app(
     async def refused(request, error: RequestError):
         return refuse(error.status, str(error))
 
+    @app.exception_handler(Unavailable)
+    @app.exception_handler(MemoryUnavailable)
+    async def unavailable(request, error: Exception):
+        log.warning("ddrs serve: %s", error)
+        return refuse(503, str(error), **{"Retry-After": "1"})
+
     @app.exception_handler(EngineError)
     async def engine_failed(request, error: EngineError):
         log.error("ddrs serve: the engine failed: %s", error)
@@ -435,7 +447,7 @@ def create_app(
         x = await _query_input(request, info, max_body_bytes, max_pixels, decode)
         return _response(await service.submit(kind, x), info)
 
-    query_errors = errors(400, 401, 403, 413, 415, 422, 500)
+    query_errors = errors(400, 401, 403, 413, 415, 422, 500, 503)
 
     @app.post("/v1/certify", response_model=AnswerBody, responses=query_errors,
               openapi_extra=QUERY_BODY, summary="certify: a class and a certified radius")
@@ -447,7 +459,8 @@ def create_app(
     async def predict(request: Request):
         return await answer("predict", request)
 
-    @app.get("/v1/memory/stats", response_model=MemoryStatsBody, responses=errors(400, 401))
+    @app.get("/v1/memory/stats", response_model=MemoryStatsBody,
+             responses=errors(400, 401, 503))
     async def memory_stats():
         return await service.memory_stats()
 

@@ -307,8 +307,9 @@ class CertifyRun(SmoothingRun):
 
     n0: int = setting(100, "selection samples")
     memory: str | None = setting(
-        None, "certification memory (SQLite file): resolve answers online in index order"
-    )
+        None, "certification memory (an SQLite file, or a postgresql:// URL): resolve answers "
+        "online in index order",
+    )  # fmt: skip
     counts: str | None = setting(
         None, "also write each input's vote counts here (selected class, its count, top two "
         "counts, N, N0, sigma, seed), for `ddrs recertify` at another alpha",
@@ -351,8 +352,11 @@ class CertifyRun(SmoothingRun):
                                  "nor --counts")  # fmt: skip
 
     def settings(self, model: nn.Module | Experts, dataset) -> dict:
+        from ddrs.memory.store import describe
+
+        memory = None if self.memory is None else describe(self.memory)  # no password
         settings = {**self.smoothing_settings("certify", model, dataset), "n0": self.n0,
-                    "memory": self.memory}  # fmt: skip
+                    "memory": memory}  # fmt: skip
         if self.pilot:
             settings.update(pilot=self.pilot, radius_tolerance=self.radius_tolerance)
         if self.router:
@@ -625,7 +629,8 @@ class ServeRun(SearchSettings):
         None, "without --dataset: C,H,W of the inputs", type=_shape
     )
     num_classes: int | None = setting(None, "without --dataset: number of classes", type=int)
-    memory: str = setting(None, "SQLite certification memory (created if new)", required=True)
+    memory: str = setting(None, "certification memory (created if new): an SQLite file, or a "
+                          "postgresql:// URL that several replicas share", required=True)
     sigma: float | None = setting(
         None, "one model: one noise level for every query", group="sigma", type=float,
         group_required=False,

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 import ddrs
 from ddrs.errors import InputError, MemoryStoreError
-from ddrs.memory import TOLERANCE, CertificationMemory, Resolution, entry_checksum, resolve
+from ddrs.memory import TOLERANCE, Answer, CertificationMemory, entry_checksum
+from ddrs.memory.rule import find_repeat, resolve
 
 REPO = Path(ddrs.__file__).resolve().parents[1]
 HIGH = (3, 8, 8)
@@ -36,7 +37,8 @@ def point(*v: float) -> Tensor:
 
 
 class Ram:
-    """An in-RAM memory driven by the pure `resolve` (the reference for the store)."""
+    """An in-RAM memory driven by the pure rule over *all* entries (the reference for the
+    stores, whose index hands the rule only the candidates)."""
 
     def __init__(self, shape: tuple[int, ...]) -> None:
         self.x = torch.empty(0, *shape)
@@ -44,15 +46,14 @@ class Ram:
         self.r = torch.empty(0, dtype=torch.float64)
 
     def add(self, x: Tensor, c: int, r: float) -> tuple[int, float, int | None, bool]:
+        j = find_repeat(x, self.x)
+        if j is not None:
+            return int(self.c[j]), float(self.r[j]), j, True
         new_c, new_r, j = resolve(x, c, r, self.x, self.c, self.r)
-        repeat = j is not None and torch.equal(
-            self.x[j].float().view(torch.int32), x.float().view(torch.int32)
-        )
-        if not repeat:
-            self.x = torch.cat([self.x, x.float()[None]])
-            self.c = torch.cat([self.c, torch.tensor([new_c])])
-            self.r = torch.cat([self.r, torch.tensor([new_r], dtype=torch.float64)])
-        return new_c, new_r, j, repeat
+        self.x = torch.cat([self.x, x.float()[None]])
+        self.c = torch.cat([self.c, torch.tensor([new_c])])
+        self.r = torch.cat([self.r, torch.tensor([new_r], dtype=torch.float64)])
+        return new_c, new_r, j, False
 
 
 def oracle(x: Tensor, c: int, r: float, xs: Tensor, cs: Tensor, rs: Tensor) -> tuple[int, float]:
@@ -116,10 +117,10 @@ def line() -> CertificationMemory:
 def test_no_conflict_stores_as_is(line):
     a = line.resolve_and_store(point(0), 0, 1.0, sigma=0.5, idx=7)
     b = line.resolve_and_store(point(3), 1, 2.0, sigma=0.5)  # touching: d = R_a + R_b
-    assert a == Resolution(0, 1.0, 0, 1.0, False, False, False, 0, 0.5)
-    assert b == Resolution(1, 2.0, 1, 2.0, False, False, False, 1, 0.5)
+    assert a == Answer(0, 1.0, 0.5, False, False, 0, 1.0, repeat=False, entry=0)
+    assert b == Answer(1, 2.0, 0.5, False, False, 1, 2.0, repeat=False, entry=1)
     again = line.resolve_and_store(point(0), 1, 5.0, sigma=0.9)  # a repeat: a's stored answer
-    assert again == Resolution(0, 1.0, 1, 5.0, False, False, True, 0, 0.5)
+    assert again == Answer(0, 1.0, 0.5, False, False, 1, 5.0, repeat=True, entry=0)
     assert line.resolve_and_store(point(10), 1, 3.0, sigma=0.5).radius == 3.0  # same class
     assert len(line) == 3 and line.check(tol=0) == []
 

@@ -1,0 +1,119 @@
+"""Where a memory's entries live: the store interface, and `open_store`, which picks SQLite
+(a file path, or ":memory:") or PostgreSQL (a postgresql:// URL).
+
+Every store holds the same two tables: `meta` (schema version, fingerprint, input shape,
+repeats) and `entries`, one row per answer in insertion order (`ord`, 0-based):
+
+    ord idx x sqnorm predict radius sigma mc_predict mc_radius changed shrunk created checksum
+
+`x` is the input's float32 little-endian bytes; `checksum` the sha256 of what the entry
+certifies (its order, bytes, class and radius), verified when entries are read. A check and
+its insert run in one *serialised* transaction (`Store.serialised`): every client of a store,
+in every process and on every machine, runs its check-and-insert alone, and an insert is
+durable when the transaction ends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+
+from ddrs.errors import MemoryStoreError
+
+SCHEMA_VERSION = 2  # 2: a checksum per entry (a version-1 SQLite memory is upgraded on opening)
+ENTRY_COLUMNS = ("ord", "idx", "x", "sqnorm", "predict", "radius", "sigma", "mc_predict",
+                 "mc_radius", "changed", "shrunk", "created", "checksum")  # fmt: skip
+META_KEYS = ("schema_version", "fingerprint", "input_shape", "repeats")
+
+
+def new_meta(fingerprint: str, input_shape, created: float) -> dict:
+    """The meta rows of a new memory."""
+    return {"schema_version": SCHEMA_VERSION, "fingerprint": fingerprint,
+            "input_shape": json.dumps(list(input_shape)), "created": created, "repeats": 0}
+
+
+def entry_checksum(order: int, x_bytes: bytes, predict: int, radius: float) -> str:
+    """sha256 of what an entry certifies: its order, stored input bytes, class and radius."""
+    digest = hashlib.sha256(f"{int(order)}|{int(predict)}|{float(radius)!r}|".encode())
+    digest.update(bytes(x_bytes))
+    return digest.hexdigest()[:32]
+
+
+def bad_checksums(rows: list[tuple]) -> list[int]:
+    """Orders of the rows (ord, x, predict, radius, checksum) whose checksum does not match."""
+    return [o for o, x, c, r, k in rows if entry_checksum(o, x, c, r) != k]
+
+
+class Store:
+    """The interface every store implements (SQLiteStore, PostgresStore)."""
+
+    location: str
+
+    def exists(self) -> bool:
+        """True if the store holds a memory's tables."""
+        raise NotImplementedError
+
+    def create(self, meta: dict) -> None:
+        """Create the tables and the meta rows (serialised: a concurrent creator is harmless)."""
+        raise NotImplementedError
+
+    def meta(self) -> dict:
+        raise NotImplementedError
+
+    def serialised(self) -> AbstractContextManager[None]:
+        """The check-and-insert transaction: alone among every client of the store; committed
+        durably at the end, rolled back on an error."""
+        raise NotImplementedError
+
+    def rows(self, columns: str, start: int, stop: int | None, chunk: int) -> Iterator[list]:
+        """Pages of (ord, *columns) rows with start <= ord < stop, in order."""
+        raise NotImplementedError
+
+    def insert(self, row: tuple) -> None:
+        """Append one entry (ENTRY_COLUMNS order); inside `serialised`."""
+        raise NotImplementedError
+
+    def add_repeat(self) -> None:
+        """Count an exact repeat answered from the memory; inside `serialised`."""
+        raise NotImplementedError
+
+    def scalar(self, query: str) -> object:
+        """The one value a read-only query returns (COUNT, MAX, ...)."""
+        raise NotImplementedError
+
+    def all_rows(self, query: str) -> list[tuple]:
+        raise NotImplementedError
+
+    def allocate_keys(self, count: int) -> list[int]:
+        """`count` query numbers (noise keys) no other client of this store gets."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+def is_url(location: str) -> bool:
+    return str(location).startswith(("postgresql://", "postgres://"))
+
+
+def describe(location: str) -> str:
+    """The location as it may be printed: a URL without its password."""
+    location = str(location)
+    if is_url(location) and "@" in location:
+        scheme, rest = location.split("://", 1)
+        credentials, host = rest.rsplit("@", 1)
+        return f"{scheme}://{credentials.split(':', 1)[0]}@{host}"
+    return location
+
+
+class MemoryUnavailable(MemoryStoreError):
+    """The memory's database cannot be reached now (e.g. it restarts); nothing was stored."""
+
+
+def unavailable(location: str, error: Exception) -> MemoryStoreError:
+    return MemoryUnavailable(
+        f"certification memory {describe(location)}: the database cannot be reached ({error}); "
+        "retry when it is back"
+    )
