@@ -1,30 +1,29 @@
-"""Cost of the certification memory: one `resolve_and_store` against M stored entries.
+"""Cost of one `resolve_and_store` as the memory grows: the full scan (before) against the exact
+index (after), on SQLite and PostgreSQL, side by side in one run.
 
-For each input size (CIFAR 3x32x32, ImageNet 3x224x224) and memory size M, a memory file is
-built, then queried by a fresh child process (so its peak RSS is the query's own) with new
-random inputs and small radii (each query is stored, as in a real run). Reported: ms per query
-(median; the first query, which also fills the in-RAM cache, separately), peak RSS increase,
-file size, and the ratio query time / time to certify one CIFAR input with cifar_resnet110 at
-N = 100,000 (= 100,000 / ResNet-110 forward throughput, measured in this run right before and
-after the queries of each size, batch 256, channels_last, inference_mode).
+Entries are real images: the CIFAR-10 JPEG copy (`--cifar` folder, ImageFolder layout; train
+and test images and their mirror images, so 120,000 distinct inputs) with their labels as
+classes and radii drawn like a certified run's (30% abstentions at radius 0, the rest uniform
+in [0, 0.8]). They are bulk-loaded into the store (the same rows `resolve_and_store` writes,
+checksums included). Queries are other test images, slightly perturbed, each with a Monte
+Carlo certificate of radius 0.5 of a random class; each query is resolved and stored, its
+commit included (SQLite synchronous=FULL, PostgreSQL synchronous_commit on). Reported: the
+median ms per query after the first (which loads the index), for
+  * scan (before): the rule over every stored entry in RAM, as the memory did before the index;
+  * index (after): the rule over the candidates the exact index keeps.
+The curve: MNIST-size inputs (CIFAR images in grey, 28 x 28, shifted copies) up to --curve-max
+entries, index only, SQLite.
 
-Building: the first entries go through the public API (`resolve_and_store`); the rest are
-bulk-inserted with sqlite3 in the same schema, in one transaction (building 50k entries
-through the API is O(M^2 D) plus one fsync per entry). A stored bulk row is then queried back
-through the API as an exact repeat, which checks the rows are read as the API writes them.
+A PostgreSQL server is started for the run (as the tests do: initdb in a temporary folder).
 
-    .venv/bin/python benchmarks/memory_resolution.py --quick
-    .venv/bin/python benchmarks/memory_resolution.py --json runs/bench/memory_resolution.json
+    .venv/bin/python benchmarks/memory_resolution.py --cifar data/cifar10
+    .venv/bin/python benchmarks/memory_resolution.py --cifar data/cifar10 --quick
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import shutil
-import sqlite3
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -32,245 +31,137 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import (
-    LoadMonitor,
-    add_common_args,
-    apply_threads,
-    median,
-    mib,
-    peak_rss_bytes,
-    print_machine,
-    rss_bytes,
-    save_json,
-    table,
-)
+import torch.nn.functional as F
+from common import print_machine, save_json, table
 
-from ddrs.data.cifar import INFO as CIFAR
-from ddrs.memory import CertificationMemory
-from ddrs.models import build_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import PostgresServer  # noqa: E402
 
-CIFAR_SHAPE = (3, 32, 32)
-IMAGENET_SHAPE = (3, 224, 224)
-API_ENTRIES = 100  # entries stored through resolve_and_store before the bulk insert
-CERTIFY_N = 100_000
+from ddrs.data import get_dataset  # noqa: E402
+from ddrs.memory import CertificationMemory  # noqa: E402
+from ddrs.memory.index import Index  # noqa: E402
+from ddrs.memory.store import entry_checksum  # noqa: E402
+
 FINGERPRINT = "benchmark"
 
 
-# ------------------------------------------------------------------ building a memory
+class FullScan(Index):
+    """The memory before the index: every stored entry is a candidate (a view of them all,
+    as the scan of the in-RAM copy was)."""
+
+    def candidates(self, x, predict, radius):
+        return slice(0, self.n)
 
 
-def _random_entries(start: int, count: int, dim: int, seed: int):
-    """Rows of the `entries` table: random inputs in [0, 1], classes 0..9, radii <= 0.5."""
-    rng = np.random.default_rng(seed)
-    now = time.time()
-    for lo in range(start, start + count, 256):
-        k = min(256, start + count - lo)
-        xs = rng.random((k, dim), dtype=np.float32)
-        classes = rng.integers(0, 10, k)
-        radii = rng.uniform(0.0, 0.5, k)
-        for j in range(k):
-            x = xs[j]
-            yield (lo + j, lo + j, x.astype("<f4", copy=False).tobytes(),
-                   float(np.square(x, dtype=np.float64).sum()), int(classes[j]),
-                   float(radii[j]), 0.25, int(classes[j]), float(radii[j]), 0, 0, now)
+def cifar_images(root: str, count: int, grey28: bool = False) -> tuple[torch.Tensor, list[int]]:
+    """`count` distinct inputs from the CIFAR-10 folder: images, then mirrored, then (28 x 28
+    grey) shifted copies."""
+    images, labels = [], []
+    for split in ("train", "test"):
+        data = get_dataset("cifar10", split, root, augment=False)
+        images.append(data.images if hasattr(data, "images") else
+                      torch.stack([data[i][0] for i in range(len(data))]))
+        labels += list(data.targets)
+    x = torch.cat(images)
+    x = x.float() / 255 if x.dtype == torch.uint8 else x
+    if grey28:
+        x = F.interpolate(x.mean(dim=1, keepdim=True), size=(28, 28), mode="area")
+    copies, copy_labels, k = [x, x.flip(-1)], labels * 2, 0
+    while sum(len(c) for c in copies) < count:
+        k += 1
+        copies.append(torch.roll(x, shifts=(k % 3 - 1, k // 3 % 3 - 1), dims=(-2, -1)))
+        copy_labels += labels
+    return torch.cat(copies)[:count].contiguous(), copy_labels[:count]
 
 
-def build_memory(path: Path, shape: tuple[int, ...], size: int, seed: int = 0) -> dict:
-    dim = math.prod(shape)
-    api = min(API_ENTRIES, size)
-    t0 = time.perf_counter()
-    with CertificationMemory(path, FINGERPRINT, shape, cache_bytes=0) as memory:
-        g = torch.Generator().manual_seed(seed)
-        for i in range(api):
-            x = torch.rand(shape, generator=g)
-            memory.resolve_and_store(x, i % 10, 0.25, sigma=0.25, idx=i)
-    t_api = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA synchronous=OFF")  # this connection only: a bulk build, not a run
-    conn.execute("BEGIN")
-    conn.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                     _random_entries(api, size - api, dim, seed + 1))
-    conn.execute("COMMIT")
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    conn.close()
-    t_bulk = time.perf_counter() - t0
-    # A bulk row read back through the public API: an exact repeat returns its stored answer.
-    check = "n/a"
-    if size > api:
-        conn = sqlite3.connect(path)
-        blob, c, r = conn.execute(
-            "SELECT x, predict, radius FROM entries WHERE ord = ?", (api,)).fetchone()
-        conn.close()
-        x = torch.from_numpy(np.frombuffer(blob, dtype="<f4").copy()).view(shape)
-        with CertificationMemory.open_existing(path, cache_bytes=0) as memory:
-            res = memory.resolve_and_store(x, 0, 0.0, sigma=0.25)
-            ok = res.repeat and res.predict == c and res.radius == r and len(memory) == size
-        check = "ok" if ok else "FAILED"
-    return {"api_entries": api, "api_s": t_api, "bulk_s": t_bulk, "api_read_check": check}
+def bulk_load(location: str, x: torch.Tensor, labels: list[int]) -> None:
+    """Append entries after the stored ones, as `resolve_and_store` writes them, in
+    transactions of 5,000."""
+    with CertificationMemory(location, FINGERPRINT, tuple(x.shape[1:]), cache_bytes=0) as memory:
+        start = len(memory)
+        rng = np.random.default_rng(start)
+        flat = x.reshape(len(x), -1)
+        for lo in range(0, len(x), 5000):
+            with memory.store.serialised():
+                for k in range(lo, min(lo + 5000, len(x))):
+                    order = start + k
+                    abstain = rng.random() < 0.3
+                    c = -1 if abstain else int(labels[k])
+                    r = 0.0 if abstain else float(rng.uniform(0, 0.8))
+                    data = flat[k].numpy().astype("<f4").tobytes()
+                    norm = float(flat[k].double().square().sum())
+                    memory.store.insert((order, order, data, norm, c, r, 0.25, c, r, 0, 0,
+                                         time.time(), entry_checksum(order, data, c, r)))
 
 
-# ------------------------------------------------------------------ the child: the queries
-
-
-def child(args: argparse.Namespace) -> None:
-    shape = tuple(int(s) for s in args.shape.split(","))
-    g = torch.Generator().manual_seed(1234)
-    xs = torch.rand(args.queries + 1, *shape, generator=g)
-    radii = torch.rand(args.queries + 1, generator=g) * 0.5
-    rss0 = rss_bytes()
-    times = []
-    t0 = time.perf_counter()
-    memory = CertificationMemory.open_existing(args.path, cache_bytes=args.cache_bytes,
-                                               chunk_size=args.chunk_size or None)
-    open_s = time.perf_counter() - t0
-    changed = 0
-    for i in range(args.queries + 1):
-        t0 = time.perf_counter()
-        res = memory.resolve_and_store(xs[i], i % 10, float(radii[i]), sigma=0.25)
-        times.append(time.perf_counter() - t0)
-        changed += res.changed or res.shrunk or res.repeat
-    cached = memory._cache is not None  # private: only to report which path was taken
-    memory.close()
-    print(json.dumps({"open_s": open_s, "first_s": times[0], "times": times[1:],
-                      "rss_delta": peak_rss_bytes() - rss0, "cached": cached,
-                      "changed": changed}))
-
-
-def run_child(path: Path, shape, queries: int, cache_bytes: int, chunk_size: int,
-              threads: int | None) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--path", str(path),
-           "--shape", ",".join(map(str, shape)), "--queries", str(queries),
-           "--cache-bytes", str(cache_bytes), "--chunk-size", str(chunk_size)]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-# ------------------------------------------------------------------ ResNet-110 throughput
-
-
-class Throughput:
-    def __init__(self, batch: int = 256, batches: int = 3):
-        torch.manual_seed(0)
-        self.model = build_model("cifar_resnet110", 10, CIFAR_SHAPE, CIFAR.mean, CIFAR.std)
-        self.model.eval().to(memory_format=torch.channels_last)
-        self.x = torch.rand(batch, *CIFAR_SHAPE).contiguous(memory_format=torch.channels_last)
-        self.batches = batches
-        with torch.inference_mode():
-            self.model(self.x[:32])
-
-    def measure(self) -> float:
-        """Images per second over a few batches."""
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            for _ in range(self.batches):
-                self.model(self.x).argmax(1)
-            return self.batches * len(self.x) / (time.perf_counter() - t0)
-
-
-# ------------------------------------------------------------------ main
+def query_times(location: str, shape, queries: torch.Tensor, scan: bool) -> list[float]:
+    """Seconds of each resolve_and_store (the first loads the index; it is left out)."""
+    rng = np.random.default_rng(1)
+    with CertificationMemory(location, FINGERPRINT, shape, cache_bytes=8 << 30) as memory:
+        if scan:
+            memory.index = FullScan(memory.dim)
+        times = []
+        for q in queries:
+            start = time.perf_counter()
+            memory.resolve_and_store(q, int(rng.integers(0, 10)), 0.5, sigma=0.25)
+            times.append(time.perf_counter() - start)
+    return times[1:]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_args(parser)
-    parser.add_argument("--queries", type=int, default=None, help="timed queries per memory")
-    parser.add_argument("--workdir", default=None,
-                        help="where the memory files are built (default: a temporary folder)")
-    parser.add_argument("--keep", action="store_true", help="keep the memory files")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--path", help=argparse.SUPPRESS)
-    parser.add_argument("--shape", help=argparse.SUPPRESS)
-    parser.add_argument("--cache-bytes", type=int, default=1 << 30, help=argparse.SUPPRESS)
-    # 0: the library's default chunk (64 MiB of inputs, whatever their size)
-    parser.add_argument("--chunk-size", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--cifar", required=True, help="CIFAR-10 folder (ImageFolder layout)")
+    parser.add_argument("--sizes", default="10000,50000,100000")
+    parser.add_argument("--curve", default="10000,30000,100000,300000,1000000")
+    parser.add_argument("--queries", type=int, default=31)
+    parser.add_argument("--quick", action="store_true", help="sizes 2,000 and 10,000 only")
+    parser.add_argument("--json", metavar="OUT")
     args = parser.parse_args()
-    apply_threads(args)
-    if args.child:
-        child(args)
-        return
-    machine = print_machine("certification memory: cost of resolve_and_store", args)
-    monitor = LoadMonitor()
-    q = args.quick
-    sizes = [("CIFAR", CIFAR_SHAPE, m) for m in ((1_000, 5_000) if q else (1_000, 10_000, 50_000))]
-    sizes += [("ImageNet", IMAGENET_SHAPE, m) for m in ((500,) if q else (1_000, 10_000))]
-    queries = args.queries or (5 if q else 20)
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ddrs-bench-memory-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    throughput = Throughput(batches=1 if q else 3)
-    rates = [throughput.measure()]
-    print(f"ResNet-110 forward: {rates[-1]:.0f} images/s", flush=True)
-    rows, results = [], {"machine": machine, "args": vars(args), "runs": []}
-    try:
-        for label, shape, size in sizes:
-            path = workdir / f"{label.lower()}_{size}.sqlite"
-            if path.exists():
-                path.unlink()
-            build = build_memory(path, shape, size)
-            disk = path.stat().st_size
-            print(f"\n{label} {shape}, {size:,} entries: built in {build['api_s']:.1f} s "
-                  f"({build['api_entries']} through the API) + {build['bulk_s']:.1f} s bulk; "
-                  f"file {mib(disk):,.0f} MiB; bulk rows read back through the API: "
-                  f"{build['api_read_check']}", flush=True)
-            dim = math.prod(shape)
-            big = size * dim * 4 > (1 << 30)  # more than cache_bytes: scans the database
-            n_queries = min(queries, 3) if big else queries
-            configs = [("default (1 GiB cache)", 1 << 30, 0), ("cache_bytes=0", 0, 0)]
-            if big:  # the cache gives up at 1 GiB: both settings then scan the database
-                configs = configs[:1]
-                print("  larger than the 1 GiB cache: the default scans the database, as "
-                      "cache_bytes=0 does; timing only the default", flush=True)
-            before = rates[-1]
-            for name, cache_bytes, chunk in configs:
-                r = run_child(path, shape, n_queries, cache_bytes, chunk, args.threads)
-                rates.append(throughput.measure())
-                rate = math.sqrt(before * rates[-1])  # geometric mean of the two neighbours
-                before = rates[-1]
-                certify_s = CERTIFY_N / rate
-                ms = 1e3 * median(r["times"])
-                row = {"inputs": label, "entries": size, "config": name, "chunk_size": chunk,
-                       "queries": len(r["times"]), "ms_per_query": ms,
-                       "first_query_ms": 1e3 * r["first_s"], "rss_delta_mib": mib(r["rss_delta"]),
-                       "disk_mib": mib(disk), "cached": r["cached"],
-                       "resnet110_images_s": rate, "certify_s": certify_s,
-                       "ratio": ms / 1e3 / certify_s, "build": build}
-                results["runs"].append(row | {"raw": r})
-                rows.append(row)
-                print(f"  {name:<22s} chunk {chunk or 'default'}: {ms:9.1f} ms/query "
-                      f"(first {row['first_query_ms']:.0f} ms), "
-                      f"peak RSS +{row['rss_delta_mib']:.0f} MiB, cache used: {r['cached']}; "
-                      f"ResNet-110 {rate:.0f} img/s -> ratio {100 * row['ratio']:.3f}%",
-                      flush=True)
-            if not args.keep:
-                path.unlink()
-                for extra in (Path(f"{path}-wal"), Path(f"{path}-shm")):
-                    if extra.exists():
-                        extra.unlink()
-    finally:
-        if not args.keep and not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
-
-    print("\n## resolve_and_store per query (queries: new random inputs, stored)")
-    print(table(["inputs", "entries", "memory", "ms/query (median)", "first query ms",
-                 "peak RSS +MiB", "file MiB", "query / certify(N=100k, ResNet-110)"],
-                [[r["inputs"], f"{r['entries']:,}",
-                  f"{r['config']}, chunk {r['chunk_size'] or 'default'}"
-                  + ("" if r["cached"] else " (no cache)"), f"{r['ms_per_query']:.1f}",
-                  f"{r['first_query_ms']:.0f}", f"{r['rss_delta_mib']:.0f}",
-                  f"{r['disk_mib']:.0f}", f"{100 * r['ratio']:.3f}%"] for r in rows]))
-    print(f"\nResNet-110 forward throughput (batch 256), measured {len(rates)} times: "
-          + ", ".join(f"{v:.0f}" for v in rates) + " images/s "
-          f"-> one CIFAR certificate at N=100,000 takes {CERTIFY_N / median(rates):.0f} s "
-          "(median rate)")
-    print("\n## target: under 1% of a certificate for a 10k-entry memory")
-    for r in rows:
-        if r["entries"] >= 10_000 or q:
-            print(f"{r['inputs']:>8s} {r['entries']:>6,} {r['config']:<22s}: "
-                  f"{100 * r['ratio']:.3f}% -> {'met' if r['ratio'] < 0.01 else 'NOT met'}")
-    results["resnet110_rates"] = rates
-    results["load"] = monitor.report()
+    if args.quick:
+        args.sizes, args.curve, args.queries = "2000,10000", "2000,10000,30000", 11
+    machine = print_machine("memory resolution: full scan against the exact index", args)
+    sizes = [int(v) for v in args.sizes.split(",")]
+    curve = [int(v) for v in args.curve.split(",")]
+    results: dict = {"machine": machine, "args": vars(args), "table": [], "curve": []}
+    with tempfile.TemporaryDirectory(prefix="ddrs-pg-bench-") as folder:
+        server = PostgresServer(folder)
+        try:
+            x, labels = cifar_images(args.cifar, max(sizes) + args.queries)
+            queries = (x[-args.queries:] + 0.01).clamp(0, 1)  # not stored: perturbed
+            rows = []
+            for size in sizes:
+                locations = {"SQLite": str(Path(folder) / f"cifar{size}.sqlite"),
+                             "PostgreSQL": server.fresh_database(f"cifar{size}")}
+                for store, location in locations.items():
+                    bulk_load(location, x[:size], labels[:size])
+                    for name, scan in (("scan (before)", True), ("index (after)", False)):
+                        seconds = query_times(location, (3, 32, 32), queries, scan)
+                        ms = 1000 * statistics.median(seconds)
+                        results["table"].append({"entries": size, "store": store,
+                                                 "method": name, "median_ms": ms})
+                        rows.append([f"{size:,}", store, name, f"{ms:.1f}"])
+                        print(rows[-1], flush=True)
+            print("\n## CIFAR-10 inputs (3 x 32 x 32): ms per resolve_and_store (median, commit "
+                  "included)")
+            print(table(["stored entries", "store", "method", "median ms"], rows))
+            grey, grey_labels = cifar_images(args.cifar, max(curve) + args.queries, grey28=True)
+            grey_queries = (grey[-args.queries:] + 0.01).clamp(0, 1)
+            location, done = str(Path(folder) / "curve.sqlite"), 0
+            for size in curve:
+                bulk_load(location, grey[done:size], grey_labels[done:size])
+                done = size
+                ms = 1000 * statistics.median(query_times(location, (1, 28, 28), grey_queries,
+                                                          False))  # fmt: skip
+                results["curve"].append({"entries": size, "median_ms": ms})
+                print(size, f"{ms:.1f} ms", flush=True)
+            first = results["curve"][0]
+            print("\n## MNIST-size inputs (1 x 28 x 28), index, SQLite: the curve")
+            print(table(["stored entries", "median ms", "x entries", "x time"], [
+                [f"{c['entries']:,}", f"{c['median_ms']:.1f}",
+                 f"{c['entries'] / first['entries']:.0f}",
+                 f"{c['median_ms'] / first['median_ms']:.1f}"] for c in results["curve"]]))
+        finally:
+            server.stop("immediate")
     save_json(args.json, results)
 
 
