@@ -301,6 +301,9 @@ def cmd_serve(args) -> None:
     if token is None and run.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {run.host} without --token-file: anyone who can reach "
               "it can query the model and grow the memory", flush=True)
+    if run.allowed_host is None and run.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: requests are answered for the Host names {', '.join(run.allowed_hosts)}; "
+              "give --allowed-host NAME for the name clients use", flush=True)
     print(f"ddrs serve: http://{run.host}:{run.port}/  memory {run.memory}  {auth}", flush=True)
     uvicorn.run(app, host=run.host, port=run.port, log_level=run.log_level,
                 timeout_graceful_shutdown=run.drain_seconds)
