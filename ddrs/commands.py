@@ -252,9 +252,7 @@ def cmd_serve(args) -> None:
     run = from_namespace(ServeRun, args)
     token = read_token(run.token_file) if run.token_file else None
     if run.dataset:
-        source = run.checkpoint or (expert_specs(run.expert, run.experts)[0].source
-                                    if run.has_experts else None)  # fmt: skip
-        options = ImageOptions(*recorded_image_options(source, None, None))
+        options = ImageOptions(*recorded_image_options(run.first_source, None, None))
         info = dataset_info(run.dataset, run.data_root,
                             options if run.dataset == "imagefolder" else None)
     else:

@@ -57,11 +57,9 @@ from ddrs.serve_page import FAVICON, render_page
 
 MAX_BODY_BYTES = 8 << 20
 MAX_PIXELS = 4096 * 4096
-QUERY_PATHS = ("/v1/certify", "/v1/predict")
 OPEN_PATHS = {"/", "/health", "/favicon.ico", "/openapi.json"}  # no token needed
 PATHS = {"/", "/health", "/favicon.ico", "/v1/certify", "/v1/predict", "/v1/memory/stats",
          "/metrics", "/openapi.json"}
-LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 log = logging.getLogger("ddrs.serve")
 
 

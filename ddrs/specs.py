@@ -103,8 +103,8 @@ DD_SECTION = "data-dependent sigma (Alfarra et al. 2022)"
 
 # -- where the model and the inputs come from -----------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
-class ModelSource:
-    """The model (a checkpoint or your own) and the dataset split it is run on."""
+class Models:
+    """The model a run uses: a checkpoint, your own model, or experts (exactly one)."""
 
     checkpoint: str | None = setting(
         None, "a ddrs or published (Cohen/SmoothAdv/MACER) checkpoint", group="model"
@@ -120,6 +120,30 @@ class ModelSource:
     experts: str | None = setting(
         None, "a file of experts, one per line: NAME SOURCE SIGMA", group="model"
     )
+
+    def __post_init__(self) -> None:
+        given = [self.checkpoint, self.model, self.expert or self.experts]
+        if sum(g is not None for g in given) != 1:
+            raise InputError("give exactly one of --checkpoint, --model, or experts")
+        if self.has_experts:
+            expert_specs(self.expert, self.experts)  # their format, sigmas and names
+
+    @property
+    def has_experts(self) -> bool:
+        return bool(self.expert or self.experts)
+
+    @property
+    def first_source(self) -> str | None:
+        """The checkpoint, or the first expert's source (what records the inputs' options)."""
+        if self.has_experts:
+            return expert_specs(self.expert, self.experts)[0].source
+        return self.checkpoint
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSource(Models):
+    """The model (a checkpoint, your own, or experts) and the dataset split it is run on."""
+
     dataset: str | None = setting(None, DATASETS_HELP, required=True)
     data_root: str | None = setting(None, "dataset folder, or the .npz file (default: "
                                     "$DDRS_DATA_ROOT)")  # fmt: skip
@@ -131,12 +155,8 @@ class ModelSource:
     def __post_init__(self) -> None:
         from ddrs.data import ImageOptions
 
+        super().__post_init__()
         ImageOptions(self.image_size, self.channels)  # checks them
-        given = [self.checkpoint, self.model, self.expert or self.experts]
-        if sum(g is not None for g in given) != 1:
-            raise InputError("give exactly one of --checkpoint, --model, or experts")
-        if self.expert or self.experts:
-            expert_specs(self.expert, self.experts)  # their format, sigmas and names
 
     def load(self) -> tuple[nn.Module | Experts, Any]:
         """(model in eval mode on its device, or the experts; the dataset split): every model
@@ -162,10 +182,8 @@ class ModelSource:
         expert's) records."""
         from ddrs.data import ImageOptions
 
-        source = self.checkpoint
-        if source is None and (self.expert or self.experts):
-            source = expert_specs(self.expert, self.experts)[0].source
-        return ImageOptions(*recorded_image_options(source, self.image_size, self.channels))
+        return ImageOptions(*recorded_image_options(self.first_source, self.image_size,
+                                                    self.channels))
 
 
 def recorded_image_options(source: str | None, image_size, channels) -> tuple:
@@ -608,21 +626,9 @@ class RouterLabels:
 
 # -- the service ------------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
-class ServeRun(SearchSettings):
+class ServeRun(SearchSettings, Models):
     """`ddrs serve`: the model, its inputs, the memory, the certification and the server."""
 
-    checkpoint: str | None = setting(None, "a ddrs or published checkpoint", group="model")
-    model: str | None = setting(
-        None, "your own model: package.module:factory or TorchScript", group="model"
-    )
-    expert: tuple[str, ...] | None = setting(
-        None, "an expert, SOURCE:SIGMA or NAME=SOURCE:SIGMA (repeatable): each query goes to "
-        "the expert the certified selector over experts picks (or the --router certifies)",
-        group="model", repeatable=True,
-    )  # fmt: skip
-    experts: str | None = setting(
-        None, "a file of experts, one per line: NAME SOURCE SIGMA", group="model"
-    )
     dataset: str | None = setting(None, "gives the input shape, classes and image transform")
     data_root: str | None = setting(None, "dataset folder (imagefolder: to count its classes)")
     input_shape: tuple[int, int, int] | None = setting(
@@ -673,11 +679,8 @@ class ServeRun(SearchSettings):
     log_level: str = setting("warning", "uvicorn's access/error log level")
 
     def __post_init__(self) -> None:
-        given = [self.checkpoint, self.model, self.expert or self.experts]
-        if sum(g is not None for g in given) != 1:
-            raise InputError("give exactly one of --checkpoint, --model, or experts")
+        Models.__post_init__(self)
         if self.has_experts:
-            expert_specs(self.expert, self.experts)
             if self.sigma is not None or self.sigma0 is not None:
                 raise InputError("experts answer at their own sigmas: no --sigma or --sigma0")
         else:
@@ -703,10 +706,6 @@ class ServeRun(SearchSettings):
         integer("--drain-seconds", self.drain_seconds, minimum=0)
         if self.selector is not None:
             SearchSettings.__post_init__(self)
-
-    @property
-    def has_experts(self) -> bool:
-        return bool(self.expert or self.experts)
 
     @property
     def noise_level(self) -> float | None:
