@@ -145,8 +145,9 @@ class CertificationMemory:
         predict, radius = check_certificate(predict, radius)
         xf = as_input(x, self.input_shape, self.pixel_range)
         sigma = positive("sigma", sigma)
+        self._catch_up()  # most of it before taking the lock, so that others wait less
         with self.store.serialised():
-            self._catch_up()
+            self._catch_up()  # what others committed meanwhile
             if self.index is not None:
                 repeat = self.index.repeat_of(xf)
                 if repeat is not None:
