@@ -54,6 +54,7 @@ from ddrs.serve_api import (
 from ddrs.serve_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ddrs.serve_metrics import ServiceMetrics
 from ddrs.serve_page import FAVICON, render_page
+from ddrs.specs import ServeRun, default_of
 
 MAX_BODY_BYTES = 8 << 20
 MAX_PIXELS = 4096 * 4096
@@ -164,7 +165,7 @@ class CertificationService:
         make_classifier,
         info: DatasetInfo,
         *,
-        max_batch: int = 32,
+        max_batch: int = default_of(ServeRun, "max_batch"),
         max_wait: float = 0.0,
         describe: dict | None = None,
     ) -> None:

@@ -34,7 +34,7 @@ def setting(default: Any = None, help: str = "", **cli: Any) -> Any:
 
 
 def default_of(spec: type, name: str) -> Any:
-    """A spec field's default (what the command line shows)."""
+    """A spec field's default, for a library signature that restates it."""
     for f in fields(spec):
         if f.name == name:
             return f.default if f.default is not MISSING else f.default_factory()
