@@ -441,37 +441,48 @@ def plot_sigma_histogram(runs: Sequence[Run], path: str | os.PathLike,
 
 def plot_experts(runs: Sequence[Run], path: str | os.PathLike, title: str | None = None) -> bool:
     """Per input (by index): the sigma it was certified at, coloured by the expert that
-    answered, filled where the answer is certified correct; one panel per run with an expert
-    column. False (no file) if no run has one."""
+    answered (one colour per sigma in every panel, so that panels compare), filled where the
+    answer is certified correct; inputs on which a router abstained are grey crosses. One
+    panel per run with an expert column. False (no file) if no run has one."""
     routed = [run for run in runs if "expert" in run.table and run.size]
     if not routed:
         return False
+    sigmas = sorted({float(s) for run in routed
+                     for s in run.table["sigma"][run.table["expert"].astype(str) != "-"]})
     plt = _pyplot()
     fig, axes = plt.subplots(len(routed), 1, figsize=(8, 2.6 * len(routed) + 0.8), squeeze=False,
                              layout="constrained")
     try:
         for ax, run in zip(axes[:, 0], routed):
-            t = run.table
-            names = sorted(set(t["expert"].astype(str)))
-            for k, name in enumerate(names):
-                mine = t["expert"].astype(str) == name
-                right = mine & (t["correct"] == 1)
-                share = f"{np.mean(mine):.0%}"
-                color = f"C{k}"
-                ax.scatter(t["idx"][right], t["sigma"][right], s=12, color=color,
-                           label=f"{name} ({share})")
-                ax.scatter(t["idx"][mine & ~right], t["sigma"][mine & ~right], s=12,
-                           facecolors="none", edgecolors=color)
-            ax.set_ylabel("sigma")
-            ax.set_title(run.label, fontsize=9)
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+            _plot_expert_panel(ax, run, sigmas)
         axes[-1, 0].set_xlabel("input (dataset index); filled: certified correct")
         fig.suptitle(title or "Which expert answered each input")
         _save_atomically(fig, path)
     finally:
         plt.close(fig)
     return True
+
+
+def _plot_expert_panel(ax, run: Run, sigmas: list[float]) -> None:
+    t = run.table
+    experts = t["expert"].astype(str)
+    abstained = experts == "-"
+    sigma_of = {e: float(t["sigma"][experts == e][0]) for e in set(experts[~abstained])}
+    for name in sorted(sigma_of, key=lambda e: (sigma_of[e], e)):
+        mine = experts == name
+        right = mine & (t["correct"] == 1)
+        color = f"C{sigmas.index(sigma_of[name]) % 10}"
+        ax.scatter(t["idx"][right], t["sigma"][right], s=12, color=color,
+                   label=f"{name} ({np.mean(mine):.0%})")
+        ax.scatter(t["idx"][mine & ~right], t["sigma"][mine & ~right], s=12,
+                   facecolors="none", edgecolors=color)
+    if abstained.any():
+        ax.scatter(t["idx"][abstained], np.full(abstained.sum(), min(sigmas or [0.0])), s=14,
+                   marker="x", color="0.5", label=f"router abstained ({np.mean(abstained):.0%})")
+    ax.set_ylabel("sigma")
+    ax.set_title(run.label, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
 
 # ---------------------------------------------------------------- the command

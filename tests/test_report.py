@@ -337,3 +337,36 @@ def test_sigma_histogram_marks_sigma0_and_counts_in_whole_inputs(tmp_path, monke
     assert all(float(t).is_integer() for t in seen["ticks"])
     assert any("sigma0 = 0.25" in label for label in seen["labels"])
     plt.close("all")
+
+
+def test_expert_plot_colours_each_sigma_alike_in_every_panel_and_marks_router_abstentions(
+    tmp_path, monkeypatch
+):
+    from matplotlib.colors import to_hex
+
+    from ddrs import report
+
+    seen = []
+
+    def capture(fig, path):
+        for ax in fig.axes:
+            labels = [t.get_text() for t in ax.get_legend().get_texts()]
+            colours = [to_hex(c.get_facecolor()[0]) for c in ax.collections
+                       if len(c.get_offsets()) and c.get_facecolor().size]  # filled markers
+            seen.append((labels, colours))
+
+    monkeypatch.setattr(report, "_save_atomically", capture)
+    header = "idx\tlabel\tpredict\tradius\tcorrect\tsigma\ttime\texpert"
+    routed = [header] + [f"{i}\t1\t1\t0.3\t1\t{s}\t0.1\t{e}"
+                         for i, (e, s) in enumerate([("a", 0.12), ("b", 0.25), ("c", 0.5)])]
+    dual = [header, "0\t1\t-1\t0.0\t0\t0.5\t0.1\t-", "1\t1\t1\t0.3\t1\t0.5\t0.1\tc"]
+    (tmp_path / "routed.tsv").write_text("\n".join(routed) + "\n")
+    (tmp_path / "dual.tsv").write_text("\n".join(dual) + "\n")
+    runs = report.load_runs([tmp_path / "routed.tsv", tmp_path / "dual.tsv"])
+    assert report.plot_experts(runs, tmp_path / "experts.png")
+    (routed_labels, routed_colours), (dual_labels, dual_colours) = seen
+    assert routed_labels == ["a (33%)", "b (33%)", "c (33%)"]
+    assert dual_labels == ["c (50%)", "router abstained (50%)"]
+    assert dual_colours[0] == routed_colours[2]  # expert c (sigma 0.5) alike in both panels
+    (tmp_path / "plain.tsv").write_text(OURS)
+    assert not report.plot_experts(report.load_runs([tmp_path / "plain.tsv"]), tmp_path / "x.png")
