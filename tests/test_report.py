@@ -368,5 +368,8 @@ def test_expert_plot_colours_each_sigma_alike_in_every_panel_and_marks_router_ab
     assert routed_labels == ["a (33%)", "b (33%)", "c (33%)"]
     assert dual_labels == ["c (50%)", "router abstained (50%)"]
     assert dual_colours[0] == routed_colours[2]  # expert c (sigma 0.5) alike in both panels
+    table = format_table([run_summary(r, RADII) for r in runs], RADII)
+    assert "| a 33%, b 33%, c 33% |" in table
+    assert "| router abstained 50%, c 50% |" in table
     (tmp_path / "plain.tsv").write_text(OURS)
     assert not report.plot_experts(report.load_runs([tmp_path / "plain.tsv"]), tmp_path / "x.png")
