@@ -59,12 +59,14 @@ def code_version() -> str:
     import hashlib
 
     parts = []
-    for name in ("sampling", "smooth", "sigma", "memory", "train/loop"):
-        path = REPO / "ddrs" / f"{name}.py"
+    for name in ("sampling.py", "smooth.py", "sigma.py", "route.py", "memory", "train/loop.py"):
+        path = REPO / "ddrs" / name
+        files = sorted(path.glob("*.py")) if path.is_dir() else [path]  # a package: all of it
         try:
-            parts.append(f"{name}.py:{hashlib.sha256(path.read_bytes()).hexdigest()[:8]}")
+            digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:8]
         except OSError:
-            parts.append(f"{name}.py:missing")
+            digest = "missing"
+        parts.append(f"{name}:{digest}")
     return " ".join(parts)
 
 
