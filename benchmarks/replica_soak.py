@@ -27,7 +27,7 @@ from common import print_machine, table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import PostgresServer  # noqa: E402
-from test_replicas import post, stored_answers  # noqa: E402
+from test_replicas import post_to_either, stored_answers  # noqa: E402
 from test_serve import _free_port, start_server  # noqa: E402
 
 from ddrs.data import get_dataset  # noqa: E402
@@ -47,15 +47,10 @@ def one_round(checkpoint: str, url: str, queries: int, clients: int, seed: int) 
 
     def client(k: int) -> None:
         for i in range(k, len(inputs), clients):
-            for port in (ports[k % 2], ports[1 - k % 2]):
-                try:
-                    status, body = post(port, inputs[i])
-                except OSError:
-                    continue
-                if status == 200:
-                    with lock:
-                        received.append(body)
-                    break
+            body = post_to_either(ports, k % 2, inputs[i])
+            if body is not None:
+                with lock:
+                    received.append(body)
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     for t in threads:

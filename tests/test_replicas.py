@@ -37,6 +37,19 @@ def post(port, x, timeout=120) -> tuple[int, dict]:
         return error.code, json.loads(error.read() or b"{}")
 
 
+def post_to_either(ports, first: int, x) -> dict | None:
+    """The answer of replica `first`, or of the other one when it does not answer 200 (it is
+    down); None when neither does."""
+    for port in (ports[first], ports[1 - first]):
+        try:
+            status, body = post(port, x)
+        except OSError:
+            continue
+        if status == 200:
+            return body
+    return None
+
+
 def stored_answers(url) -> dict[int, tuple]:
     """{entry: (input, class, radius, idx)} of every stored entry."""
     with CertificationMemory.open_existing(url) as memory:
@@ -58,15 +71,10 @@ def test_two_replicas_answer_as_one_process_and_survive_a_kill(digits_checkpoint
 
     def client(k: int) -> None:
         for i in range(k, len(inputs), 4):
-            for port in (ports[k % 2], ports[1 - k % 2]):  # the other replica if one is down
-                try:
-                    status, body = post(port, inputs[i])
-                except OSError:
-                    continue
-                if status == 200:
-                    with lock:
-                        received.append((i, body))
-                    break
+            body = post_to_either(ports, k % 2, inputs[i])
+            if body is not None:
+                with lock:
+                    received.append((i, body))
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
     for t in threads:
