@@ -164,7 +164,7 @@ def cmd_memory_check(args) -> int:
 
 
 def cmd_memory_copy(args) -> None:
-    from ddrs.memory.tools import copy_memory
+    from ddrs.memory import copy_memory
 
     count = copy_memory(args.source, args.destination)
     print(f"copied {count} entries from {describe(args.source)} to "

@@ -14,8 +14,7 @@ from test_memory import Ram
 
 from ddrs.cli import main
 from ddrs.errors import MemoryStoreError
-from ddrs.memory import CertificationMemory
-from ddrs.memory.tools import copy_memory
+from ddrs.memory import CertificationMemory, copy_memory
 
 SHAPE = (3, 4, 4)
 

@@ -1,19 +1,16 @@
-"""Tools that read a whole memory: statistics, the invariant check, and copying a memory from
-one store to another (SQLite <-> PostgreSQL) with every checksum verified."""
+"""Tools that read a whole memory: its statistics and the invariant check. They take an open
+`CertificationMemory` (certification.py); copying a memory is in copy.py."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from ddrs.errors import MemoryStoreError
-from ddrs.memory import CertificationMemory, open_store
 from ddrs.memory.rule import ABSTAIN, TOLERANCE, violations
-from ddrs.memory.store import ENTRY_COLUMNS, bad_checksums, describe
 
 CHECK_BLOCK = 1024  # pairwise block side in `check`: a few [block, block] float64 matrices
 
 
-def memory_stats(memory: CertificationMemory, bins: int = 10) -> dict:
+def memory_stats(memory, bins: int = 10) -> dict:
     """Summary counts; the radius histogram is over the non-abstained entries."""
     rows = memory.store.all_rows("SELECT predict, radius, sigma, changed, shrunk FROM entries")
     repeats = int(memory.store.scalar("SELECT value FROM meta WHERE key = 'repeats'"))
@@ -40,7 +37,7 @@ def memory_stats(memory: CertificationMemory, bins: int = 10) -> dict:
     }
 
 
-def intersecting_pairs(memory: CertificationMemory, tol: float = TOLERANCE) -> list[tuple]:
+def intersecting_pairs(memory, tol: float = TOLERANCE) -> list[tuple]:
     """All pairs (i, j, overlap), i < j by order, of different classes whose balls overlap by
     more than tol * (1 + R_i + R_j), overlap = R_i + R_j - d_ij. Blockwise: at most two
     blocks of inputs in RAM at a time; O(N^2 D) flops."""
@@ -52,43 +49,3 @@ def intersecting_pairs(memory: CertificationMemory, tol: float = TOLERANCE) -> l
         for rows_b in memory.store.rows("x, predict, radius", int(a[3][0]), stop, block):
             bad += violations(a, memory._decode(rows_b), tol)
     return sorted(bad)
-
-
-def copy_memory(source: str, destination: str, chunk: int = 2048) -> int:
-    """Copy every entry and the meta of the memory at `source` into a new memory at
-    `destination` (either store), checksums verified on reading and on the copy read back;
-    returns the number of entries. The destination must hold no memory yet."""
-    with CertificationMemory.open_existing(source, cache_bytes=0) as src:
-        meta = src.store.meta()
-        target = open_store(destination)
-        try:
-            if target.exists():
-                raise MemoryStoreError(f"{describe(destination)} already holds a memory; copy "
-                                       "into a new one")  # fmt: skip
-            target.create({k: meta[k] for k in meta if k != "next_key"})
-            copied = 0
-            columns = ", ".join(ENTRY_COLUMNS[1:])
-            for rows in src.store.rows(columns, 0, None, chunk):
-                _verify(rows, source)
-                with target.serialised():
-                    for row in rows:
-                        target.insert(tuple(bytes(v) if isinstance(v, memoryview) else v
-                                            for v in row))  # fmt: skip
-                copied += len(rows)
-            written = sum(len(r) for r in target.rows("x", 0, None, chunk))
-            for back in target.rows(columns, 0, None, chunk):
-                _verify(back, destination)
-            if written != copied:
-                raise MemoryStoreError(f"copied {copied} entries, {describe(destination)} "
-                                       f"holds {written}")  # fmt: skip
-        finally:
-            target.close()
-    return copied
-
-
-def _verify(rows: list[tuple], location: str) -> None:
-    """Rows in ENTRY_COLUMNS order: every checksum must match."""
-    bad = bad_checksums([(row[0], row[2], row[4], row[5], row[12]) for row in rows])
-    if bad:
-        raise MemoryStoreError(f"{describe(location)}: entry {bad[0]} does not match its "
-                               f"checksum ({len(bad)} in this chunk); nothing more is copied")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ddrs.errors import CheckpointError, InputError
-from ddrs.models import ARCH_NAMES, NormalizeLayer, build_model
+from ddrs.models.build import ARCH_NAMES, NormalizeLayer, build_model
 
 FORMAT = "ddrs-checkpoint/1"
 REQUIRED_META = ("arch", "num_classes", "input_shape", "mean", "std")

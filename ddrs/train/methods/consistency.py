@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddrs.checks import integer, number
-from ddrs.train.methods import BatchLoss, Method, noise_like
+from ddrs.train.methods.base import BatchLoss, Method, noise_like
 
 
 def consistency_terms(logits: Tensor) -> tuple[Tensor, Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddrs.train.methods import BatchLoss, Method, noise_like
+from ddrs.train.methods.base import BatchLoss, Method, noise_like
 
 
 class GaussianAugmentation(Method):

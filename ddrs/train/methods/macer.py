@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ddrs.checks import integer, number, positive
 from ddrs.sigma import normal_icdf
-from ddrs.train.methods import BatchLoss, Method, noise_like
+from ddrs.train.methods.base import BatchLoss, Method, noise_like
 
 
 class Macer(Method):

@@ -25,7 +25,7 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 from ddrs.checks import integer, number
 from ddrs.errors import InputError
 from ddrs.sigma import frozen_eval
-from ddrs.train.methods import BatchLoss, Method, noise_like
+from ddrs.train.methods.base import BatchLoss, Method, noise_like
 
 ATTACKS = ("pgd", "ddn")
 DDN_GAMMA = 0.05  # DDN's norm update factor (their --gamma-DDN default)
