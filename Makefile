@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 OUT ?= runs/quickstart
 
-.PHONY: demo test setup lint bench clean
+.PHONY: demo test setup lint bench clean screenshots
 
 $(BIN)/ddrs: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# the page's screenshots in docs/, taken by the browser tests (needs Debian's chromium)
+screenshots: setup
+	DDRS_SCREENSHOTS=docs $(BIN)/python -m pytest -q tests/test_page.py
 
 lint: setup
 	$(BIN)/ruff check ddrs tests benchmarks experiments examples

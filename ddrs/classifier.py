@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
+from ddrs.core.validate import canonical_input
 from ddrs.errors import InputError
 from ddrs.experts import Expert, Experts
 from ddrs.memory import Answer, CertificationMemory
@@ -126,20 +127,35 @@ class DataDependentSmoothClassifier:
 
     def answer_batch(self, x: Tensor, kinds: list[str], keys: list[int]) -> list[Answer]:
         """Answer B queries (x: (B, C, H, W), each "certify" or "predict") as if they came one
-        at a time in this order: the routing and the Monte Carlo sampling run for all of them
-        at once (the noise is keyed, so batching changes nothing), then the memory resolves
-        and stores each answer in turn."""
+        at a time in this order: an exact repeat of a stored input gets its stored answer
+        without sampling; for the others the routing and the Monte Carlo sampling run at once
+        (the noise is keyed, so batching changes nothing), then the memory resolves and stores
+        each answer in turn."""
         if len(kinds) != x.shape[0] or len(keys) != x.shape[0]:
             raise InputError(f"{x.shape[0]} inputs need as many kinds and keys")
         unknown = sorted(set(kinds) - set(QUERY_KINDS))
         if unknown:
             raise InputError(f"unknown query kind(s) {unknown}; use {QUERY_KINDS}")
+        x = torch.stack([canonical_input(xi, self.memory.input_shape) for xi in x])
+        answers: dict[int, Answer] = {}
+        for i in range(x.shape[0]):
+            repeat = self.memory.repeat_answer(x[i])
+            if repeat is not None:
+                answers[i] = replace(repeat, expert=self._expert_of(repeat.sigma))
         mc: dict[int, tuple[int, float, int, float]] = {}  # class, radius, expert, sigma
         for kind in QUERY_KINDS:
-            rows = [i for i, k in enumerate(kinds) if k == kind]
+            rows = [i for i, k in enumerate(kinds) if k == kind and i not in answers]
             if rows:
                 mc.update(zip(rows, self._monte_carlo(kind, x[rows], [keys[i] for i in rows])))
-        return [self._resolve(x[i], *mc[i], keys[i]) for i in range(x.shape[0])]
+        for i in range(x.shape[0]):  # in arrival order: a later query may repeat an earlier
+            if i not in answers:
+                answers[i] = self._resolve(x[i], *mc[i], keys[i])
+        return [answers[i] for i in range(x.shape[0])]
+
+    def _expert_of(self, sigma: float) -> str:
+        """The expert a stored answer came from: the one at its sigma, if only one is."""
+        names = [e.name for e in self.experts if e.sigma == sigma]
+        return names[0] if len(names) == 1 else ""
 
     def _monte_carlo(self, kind: str, x: Tensor, keys: list[int]) -> list[tuple]:
         """(class, radius, expert, sigma) of each input before the memory."""
@@ -167,4 +183,6 @@ class DataDependentSmoothClassifier:
 
     def _resolve(self, x, predict, radius, expert, sigma, key) -> Answer:
         answer = self.memory.resolve_and_store(x, predict, radius, sigma=sigma, idx=key)
+        if answer.repeat:  # of an earlier query of this batch
+            return replace(answer, expert=self._expert_of(answer.sigma))
         return replace(answer, expert=self.experts[expert].name if expert >= 0 else "")

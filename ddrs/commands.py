@@ -17,7 +17,7 @@ import numpy as np
 from ddrs.errors import InputError
 from ddrs.launch import join, launch, starts_workers
 from ddrs.memory import CertificationMemory
-from ddrs.memory.store import describe
+from ddrs.memory.store import shown_location
 from ddrs.report import summary_line
 from ddrs.results import read_table
 from ddrs.runs import (
@@ -106,7 +106,7 @@ def cmd_memory_stats(args) -> None:
     if args.json:
         print(json.dumps(stats, indent=1))
         return
-    print(format_memory_stats(describe(args.memory), stats))
+    print(format_memory_stats(shown_location(args.memory), stats))
 
 
 def format_memory_stats(path: str, stats: dict) -> str:
@@ -167,8 +167,8 @@ def cmd_memory_copy(args) -> None:
     from ddrs.memory import copy_memory
 
     count = copy_memory(args.source, args.destination)
-    print(f"copied {count} entries from {describe(args.source)} to "
-          f"{describe(args.destination)}; every checksum verified")
+    print(f"copied {count} entries from {shown_location(args.source)} to "
+          f"{shown_location(args.destination)}; every checksum verified")
 
 
 def cmd_train(args) -> None:
@@ -232,79 +232,15 @@ def cmd_report(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    run = from_namespace(ServeRun, args)
     try:
-        import uvicorn
-
-        from ddrs.serve import CertificationService, create_app, read_token
+        from ddrs.serve.server import serve
     except ImportError as error:
         raise InputError(
             f"ddrs serve needs FastAPI and uvicorn ({error.name} is missing): "
             "pip install 'ddrs[serve]'"
         ) from None
-    from ddrs.classifier import DataDependentSmoothClassifier, memory_fingerprint
-    from ddrs.data import DatasetInfo, ImageOptions, dataset_info
-    from ddrs.experts import expert_specs, load_experts
-    from ddrs.launch import device_for
-    from ddrs.models import load_model
-    from ddrs.runs import load_router
-    from ddrs.specs import recorded_image_options
-
-    run = from_namespace(ServeRun, args)
-    token = read_token(run.token_file) if run.token_file else None
-    if run.dataset:
-        options = ImageOptions(*recorded_image_options(run.first_source, None, None))
-        info = dataset_info(run.dataset, run.data_root,
-                            options if run.dataset == "imagefolder" else None)
-    else:
-        channels = run.input_shape[0]
-        info = DatasetInfo("custom", run.num_classes, tuple(run.input_shape), (0.0,) * channels,
-                           (1.0,) * channels)  # fmt: skip
-    inputs = {"num_classes": info.num_classes, "input_shape": info.input_shape,
-              "inputs_name": info.name, "device": device_for(run.device)}  # fmt: skip
-    router = None
-    if run.has_experts:
-        model = load_experts(expert_specs(run.expert, run.experts), **inputs)
-        fingerprint = model.fingerprint(info.name, info.input_shape)
-        if run.router:
-            router = load_router(run.router, model, inputs["device"])
-    else:
-        model = load_model(checkpoint=run.checkpoint, model=run.model, **inputs)
-        fingerprint = memory_fingerprint(model, info.name, info.input_shape)
-
-    def make_classifier():
-        memory = CertificationMemory(run.memory, fingerprint, info.input_shape)
-        return DataDependentSmoothClassifier(
-            model, info.num_classes, memory, run.noise_level, n0=run.n0, n=run.n,
-            alpha=run.alpha, batch=run.batch, seed=run.seed, selector=run.selector,
-            search=run.options, router=router, router_n=run.router_n,
-            router_share=run.router_share, route_rule=run.route_rule,
-        )  # fmt: skip
-
-    make_classifier().memory.close()  # a memory of another model or a corrupt one: say so now
-    describe = {
-        "model": fingerprint[:16], "dataset": info.name, "input_shape": list(info.input_shape),
-        "num_classes": info.num_classes, "sigma": run.sigma, "sigma0": run.sigma0,
-        "search": run.selector, "n0": run.n0, "n": run.n, "alpha": run.alpha,
-        "memory": str(run.memory),
-    }  # fmt: skip
-    if run.has_experts:
-        describe.update(experts=model.describe(), route=(
-            f"router (sigma_r {router.sigma:g})" if router else f"selector ({run.route_rule})"))
-    service = CertificationService(make_classifier, info, max_batch=run.max_batch,
-                                   max_wait=run.max_wait, describe=describe)  # fmt: skip
-    app = create_app(service, token=token, max_body_bytes=run.max_body_bytes,
-                     allowed_hosts=run.allowed_hosts, max_pixels=run.max_pixels,
-                     metrics_public=run.metrics_public)
-    auth = "token required" if token else "no token"
-    if token is None and run.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {run.host} without --token-file: anyone who can reach "
-              "it can query the model and grow the memory", flush=True)
-    if run.allowed_host is None and run.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"note: requests are answered for the Host names {', '.join(run.allowed_hosts)}; "
-              "give --allowed-host NAME for the name clients use", flush=True)
-    print(f"ddrs serve: http://{run.host}:{run.port}/  memory {run.memory}  {auth}", flush=True)
-    uvicorn.run(app, host=run.host, port=run.port, log_level=run.log_level,
-                timeout_graceful_shutdown=run.drain_seconds)
+    serve(run)
 
 
 def cmd_quickstart(args) -> None:

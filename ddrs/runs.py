@@ -26,8 +26,8 @@ from ddrs.classifier import memory_fingerprint
 from ddrs.errors import CheckpointError, InputError, ResultsFileError
 from ddrs.experts import Expert, Experts
 from ddrs.launch import ONE_PROCESS, Rank
-from ddrs.memory import CertificationMemory
-from ddrs.memory.store import is_url
+from ddrs.memory import Answer, CertificationMemory
+from ddrs.memory.store import is_url, shown_location
 from ddrs.models import load_checkpoint
 from ddrs.results import (
     CERTIFY_COLUMNS,
@@ -201,11 +201,12 @@ Base = nn.Module | Experts  # one model (a sigma per input), or experts to route
 
 def resolved_row(
     memory: CertificationMemory, x: torch.Tensor, idx: int, label: int, predict: int,
-    radius: float, sigma: float, seconds: float,
+    radius: float, sigma: float, seconds: float, repeat: Answer | None = None,
 ) -> dict:  # fmt: skip
     """A results row (MEMORY_COLUMNS) for a Monte Carlo certificate (predict, radius) of input
-    x: resolved against the memory, which stores the answer."""
-    r = memory.resolve_and_store(x, predict, radius, sigma=sigma, idx=idx)
+    x: resolved against the memory, which stores the answer (`repeat`: the stored answer of an
+    exact repeat, found before sampling)."""
+    r = repeat or memory.resolve_and_store(x, predict, radius, sigma=sigma, idx=idx)
     return {
         "idx": idx, "label": label, "predict": r.predict, "radius": r.radius,
         "correct": int(r.predict == label), "sigma": sigma, "time": seconds,
@@ -242,7 +243,8 @@ class CertifyOutputs:
             self.counts.write({c: part[c] for c in COUNTS_COLUMNS})
         if self.memory is not None:
             row = resolved_row(self.memory, self.load_input(idx), idx, label, part["predict"],
-                               part["radius"], part["sigma"], part["time"])  # fmt: skip
+                               part["radius"], part["sigma"], part["time"],
+                               part.get("repeat"))  # fmt: skip
         else:
             row = {"correct": int(part["predict"] == label)}
         self.results.write({**part, **row})
@@ -264,8 +266,8 @@ def check_results_agree_with_memory(out: str, memory: CertificationMemory) -> No
             found = "no entry" if answer is None else f"class {answer[0]}, radius {answer[1]!r}"
             raise ResultsFileError(
                 f"cannot resume {out}: its row for idx {int(idx)} (class {int(predict)}, radius "
-                f"{float(radius)!r}) is not in memory {memory.path} ({found}); resume with the "
-                "memory this file was written with, or start both afresh"
+                f"{float(radius)!r}) is not in memory {shown_location(memory.path)} ({found}); "
+                "resume with the memory this file was written with, or start both afresh"
             )
 
 
@@ -293,6 +295,23 @@ def _routed_part_row(idx: int, label: int, found: RoutedCertificate, names, n0: 
         "expert": names[found.expert] if found.expert >= 0 else NO_EXPERT,
         "route_radius": found.route_radius, "expert_radius": found.expert_radius,
     }  # fmt: skip
+
+
+def _repeat_row(idx: int, label: int, answer: Answer, elapsed: float, seed: int,
+                experts: Experts, extra: tuple[str, ...]) -> dict:  # fmt: skip
+    """An exact repeat of a stored input: the stored Monte Carlo certificate, no votes (n 0);
+    `repeat` carries the stored answer to the memory's writer."""
+    row = {
+        "idx": idx, "label": label, "predict": answer.mc_predict, "radius": answer.mc_radius,
+        "sigma": answer.sigma, "time": round(elapsed, 4), "selected": -1, "count": 0,
+        "top1": 0, "top2": 0, "n": 0, "n0": 0, "seed": seed, "repeat": answer,
+    }  # fmt: skip
+    if extra:
+        names = [e.name for e in experts if e.sigma == answer.sigma]
+        row["expert"] = names[0] if len(names) == 1 else NO_EXPERT
+        if "route_radius" in extra:
+            row.update(route_radius=0.0, expert_radius=answer.mc_radius)
+    return row
 
 
 def _extra_columns(run, base: Base) -> tuple[str, ...]:
@@ -424,6 +443,16 @@ def certify_dataset(base: Base, dataset, run: CertifyRun, *, rank: Rank = ONE_PR
         inputs.clear()
         inputs.update(zip(group, x))
         t0 = time.perf_counter()
+        repeats = _repeats(x, group) if look_up_repeats else {}
+        rows = [_repeat_row(idx, labels[i], repeats[idx], time.perf_counter() - t0, run.seed,
+                            experts, extra) for i, idx in enumerate(group) if idx in repeats]
+        todo = [i for i, idx in enumerate(group) if idx not in repeats]
+        if todo:
+            rows += sample_rows([group[i] for i in todo], x[todo], [labels[i] for i in todo])
+        return sorted(rows, key=lambda row: group.index(row["idx"]))
+
+    def sample_rows(group: list[int], x: torch.Tensor, labels: list[int]) -> list[dict]:
+        t0 = time.perf_counter()
         if routes is None:
             found = dual.certify_batch(x, n0=run.n0, n=run.n, router_n=run.router_n or run.n,
                                        alpha=run.alpha, router_share=run.router_share,
@@ -443,7 +472,14 @@ def certify_dataset(base: Base, dataset, run: CertifyRun, *, rank: Rank = ONE_PR
                 row["expert"] = experts[k].name
         return rows
 
+    def _repeats(x: torch.Tensor, group: list[int]) -> dict[int, Answer]:
+        found = {idx: memory.repeat_answer(x[i]) for i, idx in enumerate(group)}
+        return {idx: answer for idx, answer in found.items() if answer is not None}
+
     memory: CertificationMemory | None = None
+    # an exact repeat of a stored input is answered from the memory without sampling (one
+    # process: its rows go straight to the memory; a counts file needs every input's votes)
+    look_up_repeats = bool(run.memory) and not rank.enabled and run.counts is None
     try:
         if run.memory and rank.is_main:
             memory = open_memory(run.memory, base, dataset)
@@ -458,8 +494,8 @@ def certify_dataset(base: Base, dataset, run: CertifyRun, *, rank: Rank = ONE_PR
         router_n = run.router_n or run.n if routes is None else 0
         source = RowSource(
             "certify", CERTIFY_PART_COLUMNS + extra, _group_size(run.n, batch), rows_of,
-            samples_of=lambda rows: sum(run.n0 + run.pilot + row["n"] for row in rows)
-            + router_n * len(rows),
+            samples_of=lambda rows: sum(run.n0 + run.pilot + row["n"] + router_n
+                                        for row in rows if "repeat" not in row),
         )  # fmt: skip
         _write_rows(source, out=run.out, settings=settings, selected=run.indices(len(dataset)),
                     open_outputs=open_outputs, progress=run.progress, rank=rank)  # fmt: skip
@@ -584,7 +620,7 @@ def apply_memory(
 
     settings = {
         "command": "memory apply", "results": str(results),
-        "results_sha256": file_digest(results), "memory": memory,
+        "results_sha256": file_digest(results), "memory": shown_location(memory),
         "model": model_fingerprint(model)[:16], "dataset": dataset.info.name,
         "split": dataset.split,
     }  # fmt: skip

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ddrs.checks import check_alpha, integer, number
+from ddrs.core.validate import check_pixels
 from ddrs.errors import InputError
 from ddrs.models import is_convolutional
 from ddrs.sampling import (
@@ -73,13 +74,7 @@ def check_inputs(x: Tensor, sigma, expected_dims: int | None = None) -> Tensor:
         raise InputError(f"inputs must have {expected_dims} dimensions, got shape {tuple(x.shape)}")
     if x.numel() == 0:
         raise InputError("inputs are empty")
-    if not torch.isfinite(x).all():
-        raise InputError("inputs contain NaN or infinite values")
-    if x.min() < 0 or x.max() > 1:
-        raise InputError(
-            f"inputs must be un-normalised images in [0, 1], got values in "
-            f"[{x.min().item():.3g}, {x.max().item():.3g}] (normalisation belongs inside the model)"
-        )
+    check_pixels(x)
     sigma = torch.as_tensor(sigma, dtype=torch.float32).flatten().cpu()
     if sigma.numel() == 1:
         sigma = sigma.expand(x.shape[0]).clone()

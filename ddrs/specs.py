@@ -99,6 +99,7 @@ IMAGE_SIZE_HELP = ("imagefolder: H[,W] of the inputs (default: the images' own s
                    "all share it; a checkpoint's recorded size)")
 CHANNELS_HELP = "imagefolder: 1 (grey) or 3 (default: 1 when every image is grey)"
 DD_SECTION = "data-dependent sigma (Alfarra et al. 2022)"
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 # -- where the model and the inputs come from -----------------------------------------------------
@@ -370,9 +371,9 @@ class CertifyRun(SmoothingRun):
                                  "nor --counts")  # fmt: skip
 
     def settings(self, model: nn.Module | Experts, dataset) -> dict:
-        from ddrs.memory.store import describe
+        from ddrs.memory.store import shown_location
 
-        memory = None if self.memory is None else describe(self.memory)  # no password
+        memory = None if self.memory is None else shown_location(self.memory)  # no password
         settings = {**self.smoothing_settings("certify", model, dataset), "n0": self.n0,
                     "memory": memory}  # fmt: skip
         if self.pilot:
@@ -658,7 +659,10 @@ class ServeRun(SearchSettings, Models):
     batch: int | None = setting(None, "noisy samples per forward pass", type=int)
     seed: int = setting(0, "seed of all Monte Carlo noise")
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...")
-    host: str = setting("127.0.0.1", "address to listen on (loopback only)")
+    host: str = setting(
+        "127.0.0.1", "address to listen on: 127.0.0.1 or ::1 (loopback, the default), or "
+        "0.0.0.0 / :: (every interface: give --token-file)",
+    )  # fmt: skip
     port: int = setting(8000, "port to listen on")
     token_file: str | None = setting(None, "require Authorization: Bearer <the file's token>")
     max_batch: int = setting(32, "queries answered in one engine call (1: off)")
@@ -675,8 +679,17 @@ class ServeRun(SearchSettings, Models):
         repeatable=True,
     )  # fmt: skip
     metrics_public: bool = setting(False, "let /metrics be scraped without the token")
+    header_timeout: float = setting(
+        10.0, "seconds a client may take to send a request's headers (then 408, closed)"
+    )
+    body_timeout: float = setting(
+        60.0, "seconds a client may take to send a request's body (then 408)"
+    )
     drain_seconds: int = setting(60, "on SIGTERM, time given to queries in flight")
-    log_level: str = setting("warning", "uvicorn's access/error log level")
+    log_level: str = setting(
+        "warning", "log level of the server's lines (uvicorn's and the service's)",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         Models.__post_init__(self)
@@ -704,6 +717,8 @@ class ServeRun(SearchSettings, Models):
         integer("--max-body-bytes", self.max_body_bytes)
         integer("--max-pixels", self.max_pixels)
         integer("--drain-seconds", self.drain_seconds, minimum=0)
+        positive("--header-timeout", self.header_timeout)
+        positive("--body-timeout", self.body_timeout)
         if self.selector is not None:
             SearchSettings.__post_init__(self)
 
@@ -734,4 +749,4 @@ class ServeRun(SearchSettings, Models):
     @property
     def allowed_hosts(self) -> list[str]:
         """The Host names answered: --allowed-host, or the bound address and loopback."""
-        return list(self.allowed_host or (self.host, "localhost", "127.0.0.1", "::1"))
+        return list(self.allowed_host or (self.host, *LOOPBACK_NAMES))

@@ -120,7 +120,7 @@ def test_no_conflict_stores_as_is(line):
     assert a == Answer(0, 1.0, 0.5, False, False, 0, 1.0, repeat=False, entry=0)
     assert b == Answer(1, 2.0, 0.5, False, False, 1, 2.0, repeat=False, entry=1)
     again = line.resolve_and_store(point(0), 1, 5.0, sigma=0.9)  # a repeat: a's stored answer
-    assert again == Answer(0, 1.0, 0.5, False, False, 1, 5.0, repeat=True, entry=0)
+    assert again == Answer(0, 1.0, 0.5, False, False, 0, 1.0, repeat=True, entry=0)
     assert line.resolve_and_store(point(10), 1, 3.0, sigma=0.5).radius == 3.0  # same class
     assert len(line) == 3 and line.check(tol=0) == []
 
@@ -171,11 +171,14 @@ def test_exact_repeat_returns_stored_answer(line):
     first = line.resolve_and_store(point(1), 1, 1.0, sigma=0.5)
     again = line.resolve_and_store(point(1), 2, 9.0, sigma=0.7)
     assert (again.predict, again.radius, again.entry) == (first.predict, first.radius, 1)
-    assert again.repeat and not again.changed and (again.mc_predict, again.mc_radius) == (2, 9.0)
+    # the stored answer, its Monte Carlo certificate included, not this query's
+    assert again.repeat and (again.changed, again.mc_predict, again.mc_radius) == (True, 1, 1.0)
     assert len(line) == 2 and line.stats()["repeats"] == 1
-    # -0.0 is not bitwise equal to 0.0: not a repeat, but inside the ball -> class 0
+    # inputs are canonical before the bytes are compared: -0.0 is a repeat of 0.0
     zero = line.resolve_and_store(point(-0.0), 3, 1.0, sigma=0.5)
-    assert not zero.repeat and (zero.predict, zero.radius) == (0, 2.0)
+    assert zero.repeat and (zero.predict, zero.radius, zero.entry) == (0, 2.0, 0)
+    assert line.repeat_answer(point(-0.0)) == zero and line.repeat_answer(point(0.25)) is None
+    assert len(line) == 2 and line.stats()["repeats"] == 3
 
 
 @pytest.mark.parametrize(
@@ -267,9 +270,11 @@ def run_sequence(shape, items, exact: bool) -> CertificationMemory:
         for mem in mems:
             res = mem.resolve_and_store(x, c, r, sigma=0.5)
             assert (res.predict, res.radius, res.repeat) == (new_c, new_r, repeat)
-            fresh = not repeat
-            assert res.changed == (fresh and new_c != c)
-            assert res.shrunk == (fresh and new_c == c and new_r < r)
+            # a fresh answer's Monte Carlo certificate is this query's; a repeat's is the
+            # stored one, and changed/shrunk say what the memory did to it
+            assert repeat or (res.mc_predict, res.mc_radius) == (c, r)
+            assert res.changed == (res.predict != res.mc_predict)
+            assert res.shrunk == (res.predict == res.mc_predict and res.radius < res.mc_radius)
             assert res.entry == (j if repeat else len(ram.x) - 1)
     for mem in mems[1:]:
         mem.close()

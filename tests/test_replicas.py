@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 import torch
-from test_serve import N0, _free_port, as_json, start_server
+from helpers import as_json, free_port, start_server
 
 from ddrs.classifier import DataDependentSmoothClassifier, memory_fingerprint
 from ddrs.data import get_dataset
@@ -23,7 +23,7 @@ from ddrs.memory import CertificationMemory
 from ddrs.models import load_checkpoint
 
 pytestmark = pytest.mark.slow
-N, ALPHA = 4000, 0.01  # start_server's
+N0, N, ALPHA = 20, 4000, 0.01  # start_server's
 
 
 def post(port, x, timeout=120) -> tuple[int, dict]:
@@ -65,7 +65,7 @@ def test_two_replicas_answer_as_one_process_and_survive_a_kill(digits_checkpoint
     inputs = [digits[i][0] for i in range(50)]
     inputs += [inputs[3], inputs[7]]  # exact repeats
     inputs += [(inputs[i] + 0.02).clamp(0, 1) for i in range(6)]  # near-copies: conflicts
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     servers = [start_server(digits_checkpoint, pg_url, port) for port in ports]
     received, lock = [], threading.Lock()
 
@@ -124,7 +124,7 @@ def test_two_replicas_answer_as_one_process_and_survive_a_kill(digits_checkpoint
 def test_a_database_restart_gives_503s_then_service_resumes(digits_checkpoint, postgres,
                                                             pg_url):
     digits = get_dataset("digits", "test")
-    port = _free_port()
+    port = free_port()
     server = start_server(digits_checkpoint, pg_url, port, "--n", "500")
     answered = []
     try:

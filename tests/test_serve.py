@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ import torch
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
+from helpers import TOKEN, as_json, free_port, post, start_server  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ddrs.classifier import DataDependentSmoothClassifier, memory_fingerprint  # noqa: E402
@@ -32,7 +32,6 @@ from ddrs.models import load_checkpoint  # noqa: E402
 from ddrs.serve import CertificationService, create_app  # noqa: E402
 
 N0, N, ALPHA = 20, 300, 0.01
-TOKEN = "s3cret-token-of-the-tests"
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +58,6 @@ def make_service(checkpoint, memory_path, *, sigma0=0.25, selector="certified", 
 
     return CertificationService(make_classifier, info, max_batch=max_batch, max_wait=max_wait,
                                 describe={"dataset": "digits"}), make_classifier
-
-
-def as_json(x: torch.Tensor) -> dict:
-    return {"input": x.tolist()}
 
 
 def png_of(x: torch.Tensor) -> bytes:
@@ -107,7 +102,8 @@ def test_every_endpoint_answers(checkpoint, digits, tmp_path):
         assert "ddrs_request_seconds_count 4.0" in metrics
         assert "ddrs_answers_repeat_total 1.0" in metrics
         page = client.get("/")
-        assert page.status_code == 200 and 'type="file"' in page.text and "/v1/" in page.text
+        assert page.status_code == 200 and 'type="file"' in page.text
+        assert "/v1/" in client.get("/page.js").text and client.get("/page.css").status_code == 200
         assert client.get("/favicon.ico").status_code == 200
     assert entries(tmp_path / "m.sqlite") == 3
 
@@ -208,40 +204,6 @@ def test_answers_survive_a_restart_and_numbering_continues(checkpoint, digits, t
 
 
 # -- a real server process ---------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(checkpoint, memory, port, *extra):
-    command = [sys.executable, "-m", "ddrs", "serve", "--checkpoint", checkpoint, "--dataset",
-               "digits", "--memory", str(memory), "--sigma0", "0.25", "--grid", "5",
-               "--samples", "16", "--n0", "20", "--n", "4000", "--alpha", "0.01", "--device",
-               "cpu", "--port", str(port), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
-                return server
-        except OSError:
-            assert server.poll() is None, server.communicate()[0]
-            time.sleep(0.1)
-    server.kill()
-    raise AssertionError("the server did not start")
-
-
-def post(port, x: torch.Tensor, timeout=60) -> dict:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/certify",
-                                     data=json.dumps(as_json(x)).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
 def load(port, inputs, clients: int, received: list, stop: threading.Event):
     """`clients` threads sending inputs in turn until `stop` or the server goes away."""
 
@@ -262,7 +224,7 @@ def load(port, inputs, clients: int, received: list, stop: threading.Event):
 
 @pytest.mark.slow
 def test_kill_9_under_load_loses_no_answer_that_was_sent(checkpoint, digits, tmp_path):
-    memory, port = tmp_path / "m.sqlite", _free_port()
+    memory, port = tmp_path / "m.sqlite", free_port()
     inputs = [digits[i][0] for i in range(120)]
     server = start_server(checkpoint, memory, port)
     received, stop = [], threading.Event()
@@ -306,7 +268,7 @@ def test_kill_9_under_load_loses_no_answer_that_was_sent(checkpoint, digits, tmp
 
 @pytest.mark.slow
 def test_sigterm_drains_the_queries_in_flight(checkpoint, digits, tmp_path):
-    memory, port = tmp_path / "m.sqlite", _free_port()
+    memory, port = tmp_path / "m.sqlite", free_port()
     server = start_server(checkpoint, memory, port, "--n", "20000")
     received, stop = [], threading.Event()
     threads = load(port, [digits[i][0] for i in range(4)], 4, received, stop)
@@ -368,7 +330,7 @@ def test_a_custom_model_with_a_fixed_sigma_is_served(tmp_path):
         "    torch.manual_seed(0)\n"
         "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))\n"
     )
-    port, memory = _free_port(), tmp_path / "m.sqlite"
+    port, memory = free_port(), tmp_path / "m.sqlite"
     command = [sys.executable, "-m", "ddrs", "serve", "--model", "tinymodel:factory",
                "--input-shape", "3,4,4", "--num-classes", "3", "--memory", str(memory),
                "--sigma", "0.3", "--n0", "20", "--n", "500", "--alpha", "0.01", "--device", "cpu",
@@ -468,7 +430,7 @@ def test_experts_served_equal_the_offline_pipeline(checkpoint, digits, tmp_path)
 
 
 def test_a_real_server_of_experts_answers_with_the_expert(checkpoint, digits, tmp_path):
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "ddrs", "serve", "--expert", f"small={checkpoint}:0.12",
                "--expert", f"large={checkpoint}:0.5", "--dataset", "digits", "--memory",
                str(tmp_path / "m.sqlite"), "--samples", "16", "--n0", "20", "--n", "300",
@@ -623,25 +585,34 @@ def test_a_closed_pipe_is_not_an_error(checkpoint, digits, tmp_path):
 
 
 @pytest.mark.slow
-def test_contract_fuzzing_finds_no_server_error_and_no_undocumented_status(checkpoint,
-                                                                           tmp_path):
-    """schemathesis against the live /openapi.json: a fixed seed, a few hundred cases."""
+@pytest.mark.parametrize("with_token", [False, True], ids=["no token", "token"])
+def test_contract_fuzzing_finds_no_failure_of_any_check(checkpoint, tmp_path, with_token):
+    """schemathesis against the live /openapi.json, every check (ST202 schema-valid requests
+    accepted, ST204 405 with Allow among them), deterministic, a few hundred cases; the image
+    types the contract names get real images (tests/schemathesis_hooks.py)."""
     pytest.importorskip("schemathesis")
-    port = _free_port()
-    server = start_server(checkpoint, tmp_path / "m.sqlite", port, "--n", "200")
+    port = free_port()
+    extra = []
+    if with_token:
+        (tmp_path / "token").write_text(TOKEN)
+        extra = ["--token-file", str(tmp_path / "token")]
+    server = start_server(checkpoint, tmp_path / "m.sqlite", port, "--n", "200", *extra)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks",
+           "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
     try:
         done = subprocess.run(
             [sys.executable, "-m", "schemathesis.cli", "run",
-             f"http://127.0.0.1:{port}/openapi.json", "--checks",
-             "not_a_server_error,status_code_conformance,content_type_conformance,"
-             "response_schema_conformance", "--max-examples", "40",
-             "--generation-deterministic", "-w", "1"],
-            capture_output=True, text=True, timeout=600)
+             f"http://127.0.0.1:{port}/openapi.json", "--checks", "all", "--max-examples",
+             "40", "--generation-deterministic", "-w", "1",
+             *(["-H", f"Authorization: Bearer {TOKEN}"] if with_token else [])],
+            capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     finally:
         server.kill()
         server.communicate()
     report = done.stdout + done.stderr
     assert done.returncode == 0, report[-4000:]
+    assert "failure" not in report.split("SUMMARY")[-1].lower(), report[-3000:]
     generated = int(re.search(r"(\d+) generated", report).group(1))
     assert generated >= 200, report[-2000:]
     assert entries(tmp_path / "m.sqlite") > 0  # valid queries were among them, and answered
@@ -651,7 +622,7 @@ def test_contract_fuzzing_finds_no_server_error_and_no_undocumented_status(check
 def test_health_stays_fast_while_an_upload_decodes(checkpoint, tmp_path):
     """Decoding runs off the event loop: /health answers during a large upload about as fast
     as when idle (a ratio in the same run, generous)."""
-    port = _free_port()
+    port = free_port()
     server = start_server(checkpoint, tmp_path / "m.sqlite", port, "--max-pixels",
                           str(5000 * 5000))
     big = _big_png(5000, 5000)  # 25 M pixels to decode and shrink

@@ -26,6 +26,7 @@ from ddrs.checks import optional_integer, positive
 from ddrs.errors import MemoryStoreError
 from ddrs.memory.index import Index
 from ddrs.memory.rule import (
+    ABSTAIN,
     TOLERANCE,
     Answer,
     as_input,
@@ -38,10 +39,10 @@ from ddrs.memory.store import (
     SCHEMA_VERSION,
     Store,
     bad_checksums,
-    describe,
     entry_checksum,
     is_url,
     new_meta,
+    shown_location,
 )
 from ddrs.memory.tools import intersecting_pairs, memory_stats
 
@@ -89,8 +90,8 @@ class CertificationMemory:
         try:
             if not self.store.exists():
                 if not create:
-                    raise MemoryStoreError(f"{describe(self.path)!r} is an empty database, not "
-                                           "a memory")  # fmt: skip
+                    raise MemoryStoreError(f"{shown_location(self.path)!r} is an empty "
+                                           "database, not a memory")  # fmt: skip
                 self.store.create(new_meta(self.fingerprint, self.input_shape, time.time()))
             self._check_meta(self.store.meta())
         except BaseException:
@@ -103,7 +104,7 @@ class CertificationMemory:
         store = open_store(os.fspath(location), must_exist=True)
         try:
             if not store.exists():
-                raise MemoryStoreError(f"{describe(os.fspath(location))!r} is an empty "
+                raise MemoryStoreError(f"{shown_location(os.fspath(location))!r} is an empty "
                                        "database, not a memory")  # fmt: skip
             meta = store.meta()
         finally:
@@ -112,7 +113,7 @@ class CertificationMemory:
         return cls(location, meta["fingerprint"], shape, create=False, **kwargs)
 
     def _check_meta(self, meta: dict) -> None:
-        where = describe(self.path)
+        where = shown_location(self.path)
         if int(meta.get("schema_version", -1)) != SCHEMA_VERSION:
             raise MemoryStoreError(
                 f"{where!r} has memory schema {meta.get('schema_version')!r}, this version of "
@@ -146,19 +147,35 @@ class CertificationMemory:
             if self.index is not None:
                 repeat = self.index.repeat_of(xf)
                 if repeat is not None:
-                    return self._repeat(repeat, predict, radius)
+                    return self._repeat(int(self.index.order[repeat]))
                 rows = self.index.candidates(xf, predict, radius)
                 found = (self.index.x[rows], self.index.c[rows], self.index.r[rows])
             else:
                 repeat, found = self._scan_store(xf, predict, radius)
                 if repeat is not None:
-                    return self._repeat_row(repeat, predict, radius)
+                    return self._repeat(repeat)
             new_c, new_r, _ = resolve(xf, predict, radius, *found)
             answer = Answer(new_c, new_r, sigma, new_c != predict,
                             new_c == predict and new_r < radius, predict, radius,
                             entry=self._next_order())  # fmt: skip
             self._insert(xf, answer, idx)
             return answer
+
+    def repeat_answer(self, x: Tensor) -> Answer | None:
+        """The stored answer if x is an exact repeat of a stored input, else None; nothing is
+        sampled or stored. Entries never change once committed, so a repeat found here, outside
+        the lock, is the answer `resolve_and_store` would give."""
+        xf = as_input(x, self.input_shape, self.pixel_range)
+        self._catch_up()
+        if self.index is not None:
+            position = self.index.repeat_of(xf)
+            order = None if position is None else int(self.index.order[position])
+        else:
+            order = self._scan_store(xf, ABSTAIN, 0.0)[0]
+        if order is None:
+            return None
+        with self.store.serialised():
+            return self._repeat(order)
 
     def _catch_up(self) -> None:
         """Add the entries committed since the index's last one (by any client), checksums
@@ -179,14 +196,14 @@ class CertificationMemory:
         bad = bad_checksums(rows)
         if bad:
             raise MemoryStoreError(
-                f"certification memory {describe(self.path)!r}: entry {bad[0]} does not match "
-                f"its checksum ({len(bad)} such entries in this chunk): it was changed outside "
-                "ddrs. Restore it from a backup; `ddrs memory check` lists them all"
+                f"certification memory {shown_location(self.path)!r}: entry {bad[0]} does not "
+                f"match its checksum ({len(bad)} such entries in this chunk): it was changed "
+                "outside ddrs. Restore it from a backup; `ddrs memory check` lists them all"
             )
 
     def _scan_store(self, xf: Tensor, predict: int, radius: float):
-        """Without an index: the exact repeat, or the candidates, from a scan of the store
-        (entries of other classes, exact distances)."""
+        """Without an index: the exact repeat's order, or the candidates, from a scan of the
+        store (entries of other classes, exact distances)."""
         kept = []
         for rows in self.store.rows("x, predict, radius, sigma, checksum", 0, None,
                                     self.chunk_size):  # fmt: skip
@@ -195,7 +212,7 @@ class CertificationMemory:
             d = distances(xf, x)
             for j in torch.nonzero(d == 0).flatten().tolist():
                 if torch.equal(x[j].view(torch.int32), xf.view(torch.int32)):
-                    return rows[j], None
+                    return int(order[j]), None
             keep = (c != predict) & (d < r + radius)
             kept.append((x[keep], c[keep], r[keep]))
         if not kept:
@@ -203,17 +220,15 @@ class CertificationMemory:
                           torch.empty(0, dtype=torch.float64))  # fmt: skip
         return None, tuple(torch.cat(parts) for parts in zip(*kept))
 
-    def _repeat(self, pos: int, predict: int, radius: float) -> Answer:
+    def _repeat(self, order: int) -> Answer:
+        """The stored answer of entry `order`, as it was given (its Monte Carlo certificate and
+        what the memory did to it), counted as a repeat (inside `serialised`)."""
         self.store.add_repeat()
-        index = self.index
-        return Answer(int(index.c[pos]), float(index.r[pos]), float(index.sigma[pos]), False,
-                      False, predict, radius, repeat=True, entry=int(index.order[pos]))
-
-    def _repeat_row(self, row: tuple, predict: int, radius: float) -> Answer:
-        self.store.add_repeat()
-        order, _, c, r, sigma, _ = row
-        return Answer(int(c), float(r), float(sigma), False, False, predict, radius,
-                      repeat=True, entry=int(order))
+        rows = next(self.store.rows("predict, radius, sigma, mc_predict, mc_radius, changed, "
+                                    "shrunk", order, order + 1, 1))  # fmt: skip
+        _, c, r, sigma, mc_c, mc_r, changed, shrunk = rows[0]
+        return Answer(int(c), float(r), float(sigma), bool(changed), bool(shrunk), int(mc_c),
+                      float(mc_r), repeat=True, entry=order)  # fmt: skip
 
     def _next_order(self) -> int:
         if self.index is not None:
@@ -233,8 +248,8 @@ class CertificationMemory:
         """Rows (ord, x, predict, radius) -> (x [k, D] float32, c, r, order) tensors."""
         blobs = [bytes(row[1]) for row in rows]
         if any(len(b) != self.dim * 4 for b in blobs):
-            raise MemoryStoreError(f"{describe(self.path)!r} holds an input of the wrong size "
-                                   "(corrupt)")  # fmt: skip
+            raise MemoryStoreError(f"{shown_location(self.path)!r} holds an input of the "
+                                   "wrong size (corrupt)")  # fmt: skip
         x = np.frombuffer(bytearray(b"".join(blobs)), dtype="<f4").reshape(len(rows), self.dim)
         return (
             torch.from_numpy(x.astype(np.float32, copy=False)),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ddrs.errors import MemoryStoreError
 from ddrs.memory.certification import CertificationMemory, open_store
-from ddrs.memory.store import ENTRY_COLUMNS, bad_checksums, describe
+from ddrs.memory.store import ENTRY_COLUMNS, bad_checksums, shown_location
 
 
 def copy_memory(source: str, destination: str, chunk: int = 2048) -> int:
@@ -17,8 +17,8 @@ def copy_memory(source: str, destination: str, chunk: int = 2048) -> int:
         target = open_store(destination)
         try:
             if target.exists():
-                raise MemoryStoreError(f"{describe(destination)} already holds a memory; copy "
-                                       "into a new one")  # fmt: skip
+                raise MemoryStoreError(f"{shown_location(destination)} already holds a memory; "
+                                       "copy into a new one")  # fmt: skip
             target.create({k: meta[k] for k in meta if k != "next_key"})
             copied = 0
             columns = ", ".join(ENTRY_COLUMNS[1:])
@@ -33,7 +33,7 @@ def copy_memory(source: str, destination: str, chunk: int = 2048) -> int:
             for back in target.rows(columns, 0, None, chunk):
                 _verify(back, destination)
             if written != copied:
-                raise MemoryStoreError(f"copied {copied} entries, {describe(destination)} "
+                raise MemoryStoreError(f"copied {copied} entries, {shown_location(destination)} "
                                        f"holds {written}")  # fmt: skip
         finally:
             target.close()
@@ -44,5 +44,5 @@ def _verify(rows: list[tuple], location: str) -> None:
     """Rows in ENTRY_COLUMNS order: every checksum must match."""
     bad = bad_checksums([(row[0], row[2], row[4], row[5], row[12]) for row in rows])
     if bad:
-        raise MemoryStoreError(f"{describe(location)}: entry {bad[0]} does not match its "
+        raise MemoryStoreError(f"{shown_location(location)}: entry {bad[0]} does not match its "
                                f"checksum ({len(bad)} in this chunk); nothing more is copied")

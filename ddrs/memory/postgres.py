@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import psycopg
 
 from ddrs.errors import MemoryStoreError
-from ddrs.memory.store import ENTRY_COLUMNS, META_KEYS, Store, describe, unavailable
+from ddrs.memory.store import ENTRY_COLUMNS, META_KEYS, Store, shown_location, unavailable
 
 LOCK_KEY = 0x64647273  # "ddrs": the advisory lock of the check-and-insert
 _SCHEMA = """
@@ -72,7 +72,7 @@ class PostgresStore(Store):
             raise unavailable(self.location, e) from None
         except psycopg.Error as e:
             raise MemoryStoreError(
-                f"certification memory {describe(self.location)}: {e}".strip()
+                f"certification memory {shown_location(self.location)}: {e}".strip()
             ) from None
 
     def _sql(self, query: str) -> str:
@@ -87,7 +87,7 @@ class PostgresStore(Store):
                 "('ddrs_meta', 'ddrs_entries') AND table_schema = current_schema()"
             ).fetchone()[0]
         if found == 1:
-            raise MemoryStoreError(f"{describe(self.location)} holds a broken memory (one of "
+            raise MemoryStoreError(f"{shown_location(self.location)} holds a broken memory (one of "
                                    "its two tables is missing)")  # fmt: skip
         return found == 2
 
@@ -112,7 +112,7 @@ class PostgresStore(Store):
                 meta[key] = int(meta[key])
         missing = set(META_KEYS) - set(meta)
         if missing:
-            raise MemoryStoreError(f"{describe(self.location)} has an incomplete meta table "
+            raise MemoryStoreError(f"{shown_location(self.location)} has an incomplete meta table "
                                    f"(missing {sorted(missing)})")  # fmt: skip
         return meta
 

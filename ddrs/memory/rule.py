@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from ddrs.checks import number
+from ddrs.core.validate import canonical_input
 from ddrs.errors import InputError
 
 TOLERANCE = 1e-9  # relative overlap allowed by `violations`: overlap <= TOLERANCE*(1 + R_i + R_j)
@@ -61,7 +62,7 @@ class Answer:
     sigma: float  # the sigma that certified `radius` (for a repeat: the stored entry's)
     changed: bool  # the memory changed the Monte Carlo class (x inside another class's ball)
     shrunk: bool  # the memory shrank the Monte Carlo radius
-    mc_predict: int
+    mc_predict: int  # the Monte Carlo certificate (for a repeat: the stored entry's)
     mc_radius: float
     repeat: bool = False  # an exact repeat of a stored input: its stored answer
     entry: int = -1  # the order (0-based) of the entry holding this answer
@@ -80,25 +81,8 @@ def check_certificate(predict: int, radius: float) -> tuple[int, float]:
 def as_input(
     x: Tensor, shape: tuple[int, ...] | None = None, pixel_range: tuple[float, float] | None = None
 ) -> Tensor:
-    """Validate one input and return it flattened as float32 on the CPU (as it is stored)."""
-    if not isinstance(x, Tensor):
-        raise InputError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise InputError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-    if shape is not None and tuple(x.shape) != tuple(shape):
-        raise InputError(f"x has shape {tuple(x.shape)}, the memory expects {tuple(shape)}")
-    x = x.detach().to("cpu", torch.float32).reshape(-1)
-    if not torch.isfinite(x).all():
-        raise InputError("x contains NaN or infinite values")
-    if pixel_range is not None and x.numel():
-        low, high = pixel_range
-        if x.min() < low or x.max() > high:
-            raise InputError(
-                f"x must be an un-normalised image in [{low:g}, {high:g}], got values in "
-                f"[{x.min().item():.3g}, {x.max().item():.3g}] (normalisation belongs inside "
-                "the model)"
-            )
-    return x
+    """One input as it is stored: checked and canonical (core.validate), flattened."""
+    return canonical_input(x, shape, pixel_range).reshape(-1)
 
 
 def distances(x: Tensor, xs: Tensor) -> Tensor:

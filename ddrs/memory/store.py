@@ -19,6 +19,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
+from urllib.parse import urlsplit, urlunsplit
 
 from ddrs.errors import MemoryStoreError
 
@@ -98,14 +99,25 @@ def is_url(location: str) -> bool:
     return str(location).startswith(("postgresql://", "postgres://"))
 
 
-def describe(location: str) -> str:
-    """The location as it may be printed: a URL without its password."""
+def shown_location(location: str) -> str:
+    """A memory's location as it may be shown anywhere (logs, pages, results, errors): a URL
+    without its password, in the user part or in the query (password=, sslpassword=)."""
     location = str(location)
-    if is_url(location) and "@" in location:
-        scheme, rest = location.split("://", 1)
-        credentials, host = rest.rsplit("@", 1)
-        return f"{scheme}://{credentials.split(':', 1)[0]}@{host}"
-    return location
+    if not is_url(location):
+        return location
+    parts = urlsplit(location)
+    netloc = parts.netloc
+    if "@" in netloc:
+        credentials, host = netloc.rsplit("@", 1)
+        netloc = f"{credentials.split(':', 1)[0]}@{host}"
+    query = "&".join(pair for pair in parts.query.split("&") if pair and pair.split("=", 1)[
+        0].lower() not in ("password", "sslpassword"))  # fmt: skip
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _secret_of(location: str) -> str | None:
+    parts = urlsplit(str(location))
+    return parts.password or None if is_url(location) else None
 
 
 class MemoryUnavailable(MemoryStoreError):
@@ -113,7 +125,11 @@ class MemoryUnavailable(MemoryStoreError):
 
 
 def unavailable(location: str, error: Exception) -> MemoryStoreError:
+    detail = str(error)
+    secret = _secret_of(location)
+    if secret:  # drivers do not echo it, but a message must never carry it
+        detail = detail.replace(secret, "***")
     return MemoryUnavailable(
-        f"certification memory {describe(location)}: the database cannot be reached ({error}); "
-        "retry when it is back"
+        f"certification memory {shown_location(location)}: the database cannot be reached "
+        f"({detail}); retry when it is back"
     )

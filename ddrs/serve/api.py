@@ -5,6 +5,16 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+IMAGE_TYPES = ("image/png", "image/jpeg")  # what the contract names; PIL reads more
+
+
+class RequestError(Exception):
+    """A request the service refuses: HTTP `status` and one line for the client."""
+
+    def __init__(self, status: int, message: str, **headers: str):
+        super().__init__(message)
+        self.status, self.headers = status, headers
+
 
 class ErrorBody(BaseModel):
     """Every refusal and failure: one line saying what is wrong and what to do."""
@@ -25,9 +35,12 @@ class AnswerBody(BaseModel):
                           "(the input lies in an earlier answer's ball)")
     shrunk: bool = Field(description="the memory shrank the radius (a ball of another class is "
                          "near)")
-    mc_predict: int = Field(description="the Monte Carlo class before the memory")
-    mc_radius: float = Field(description="the Monte Carlo radius before the memory")
-    repeat: bool = Field(description="an exact repeat of a stored input: its stored answer")
+    mc_predict: int = Field(description="the Monte Carlo class before the memory (for a repeat: "
+                            "the stored one)")
+    mc_radius: float = Field(description="the Monte Carlo radius before the memory (for a "
+                             "repeat: the stored one)")
+    repeat: bool = Field(description="an exact repeat of a stored input: its stored answer, "
+                         "given without sampling")
     entry: int = Field(description="the memory entry holding this answer")
     expert: str = Field(description="the expert that answered (a service of experts), or ''")
 
@@ -51,21 +64,28 @@ class MemoryStatsBody(BaseModel):
     repeats: int
 
 
+MEANING = {
+    400: "bad request (not JSON, not an image, a malformed form, a Host not allowed, nested "
+         "too deeply)",
+    401: "missing or wrong token (Authorization: Bearer <token>)",
+    403: "a cross-origin write without the token",
+    404: "no such path",
+    405: "method not allowed on this path (the Allow header lists those that are)",
+    408: "the request body did not arrive in time (--body-timeout)",
+    413: "body or image too large",
+    415: "unsupported Content-Type (send application/json, image/png, image/jpeg, or multipart)",
+    422: "the input is not a valid query (shape, values, numbers, fields)",
+    500: "the engine failed on this query",
+    503: "the memory's database is unavailable (retry after Retry-After seconds)",
+}  # fmt: skip
+
+
 def errors(*statuses: int) -> dict:
     """The `responses` of an endpoint: each status with the error body and what it means."""
-    meaning = {
-        400: "bad request (not JSON, not an image, a Host not allowed, nested too deeply)",
-        401: "missing or wrong token (Authorization: Bearer <token>)",
-        403: "a cross-origin write without the token",
-        404: "no such path",
-        405: "method not allowed on this path",
-        413: "body or image too large",
-        415: "unsupported Content-Type (send application/json, image/*, or multipart)",
-        422: "the input is not a valid query (shape, values, fields)",
-        500: "the engine or the memory failed on this query",
-        503: "the service is not ready or is stopping",
-    }
-    return {status: {"model": ErrorBody, "description": meaning[status]} for status in statuses}
+    return {status: {"model": ErrorBody, "description": MEANING[status]} for status in statuses}
+
+
+QUERY_ERRORS = (400, 401, 403, 408, 413, 415, 422, 500, 503)
 
 
 def input_schema(shape) -> dict:
@@ -77,20 +97,23 @@ def input_schema(shape) -> dict:
     return {"title": "InputBody", "type": "object", "required": ["input"],
             "additionalProperties": False,
             "properties": {"input": {**item, "description": "the input, numbers in [0, 1] "
-                                     "(un-normalised pixels)"}}}
+                                     "(un-normalised pixels)"}}}  # fmt: skip
 
 
+_IMAGE = {"type": "string", "format": "binary"}
 QUERY_BODY = {
     "requestBody": {
         "required": True,
         "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/InputBody"}},
             "multipart/form-data": {
-                "schema": {"type": "object", "required": ["file"],
-                           "properties": {"file": {"type": "string", "format": "binary"}}},
+                "schema": {"type": "object", "required": ["file"], "additionalProperties": False,
+                           "properties": {"file": {**_IMAGE, "description": "the image"}}},
+                "encoding": {"file": {"contentType": ", ".join(IMAGE_TYPES)}},
             },
-            "image/png": {"schema": {"type": "string", "format": "binary"}},
-            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            **{media: {"schema": _IMAGE} for media in IMAGE_TYPES},
         },
     },
 }
+PREVIEW_RESPONSE = {200: {"content": {"image/png": {"schema": _IMAGE}},
+                          "description": "the input as the model sees it, enlarged"}}

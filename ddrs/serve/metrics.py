@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 METHODS = ("GET", "POST", "HEAD")
+CLIENT_GONE = 499  # the status counted for a client that went away (nginx's convention)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 QUERY_PATHS = ("/v1/certify", "/v1/predict")
 
@@ -52,9 +53,11 @@ class ServiceMetrics:
         self.batches[size] = self.batches.get(size, 0) + size
 
     def answered(self, answer) -> None:
+        if answer.repeat:  # the stored answer again: its changes were counted when stored
+            self.repeats.inc()
+            return
         self.changed.inc(int(answer.changed))
         self.shrunk.inc(int(answer.shrunk))
-        self.repeats.inc(int(answer.repeat))
 
     def text(self, entries: int, in_flight: int) -> bytes:
         self.entries.set(entries)
