@@ -1,3 +1,54 @@
-"""ddrs: certifiably robust classification with data-dependent randomized smoothing."""
+"""ddrs: certifiably robust classification with data-dependent randomized smoothing.
 
-__version__ = "0.1.0"
+The names a user needs, importable from here (`from ddrs import Smooth, certify_dataset`):
+
+- `Smooth`: CERTIFY and PREDICT (Cohen et al., 2019) around any classifier, a sigma per input.
+- `certified_sigma_search`, `sigma_search` (the paper's ascent), `grid_sigma_search`: a sigma
+  per input.
+- `CertificationMemory`, `DataDependentSmoothClassifier`, `memory_fingerprint`: the memory
+  that makes per-input sigmas certifiable, and the online classifier around it.
+- `certify_dataset`, `predict_dataset`, `sigma_dataset` with their run specifications
+  `CertifyRun`, `PredictRun`, `SigmaRun`: whole datasets (ours, a `TensorDataset`, or a pair
+  of tensors), resumable, exactly as the command line runs them.
+- `train`, `TrainConfig`, `load_checkpoint`, `get_dataset`: training and loading.
+"""
+
+from ddrs.classifier import DataDependentSmoothClassifier, memory_fingerprint
+from ddrs.data import get_dataset
+from ddrs.data.tensors import as_dataset
+from ddrs.experts import Expert, Experts
+from ddrs.memory import Answer, CertificationMemory
+from ddrs.models import load_checkpoint
+from ddrs.runs import certify_dataset, predict_dataset, sigma_dataset
+from ddrs.sigma import certified_sigma_search, grid_sigma_search, sigma_search
+from ddrs.smooth import Certificate, Smooth
+from ddrs.specs import CertifyRun, PredictRun, SigmaRun, TrainConfig
+from ddrs.train.loop import train
+
+__version__ = "0.2.0"
+
+__all__ = [
+    "Answer",
+    "Certificate",
+    "CertificationMemory",
+    "CertifyRun",
+    "DataDependentSmoothClassifier",
+    "Expert",
+    "Experts",
+    "PredictRun",
+    "SigmaRun",
+    "Smooth",
+    "TrainConfig",
+    "__version__",
+    "as_dataset",
+    "certified_sigma_search",
+    "certify_dataset",
+    "get_dataset",
+    "grid_sigma_search",
+    "load_checkpoint",
+    "memory_fingerprint",
+    "predict_dataset",
+    "sigma_dataset",
+    "sigma_search",
+    "train",
+]

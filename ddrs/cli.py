@@ -10,6 +10,7 @@ import argparse
 import sys
 from dataclasses import MISSING, fields
 
+from ddrs import __version__
 from ddrs.errors import DDRSError
 from ddrs.specs import (
     CertifyRun,
@@ -84,7 +85,10 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         if isinstance(action, argparse._StoreFalseAction):
             shown = False
         if shown and "%(default)" not in text and action.option_strings:
-            text += " (default: %(default)s)"
+            if isinstance(default, tuple):  # as the option takes it: 0.5,2
+                text += " (default: " + ",".join(f"{v:g}" for v in default) + ")"
+            else:
+                text += " (default: %(default)s)"
         return text
 
 
@@ -105,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Certifiably robust classification with data-dependent "
         "randomized smoothing. Sigmas and radii are L2, in [0, 1] pixel units.",
     )
+    parser.add_argument("--version", action="version", version=f"ddrs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _show_defaults(sub)
 
@@ -173,17 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--memory", default=":memory:", help="SQLite memory (default: a fresh one in RAM)"
     )
-    q.add_argument("--out", required=True)
+    q.add_argument("--out", required=True, help="the resolved results TSV (each row's answer "
+                   "after the memory, and its Monte Carlo one: mc_predict, mc_radius)")
     q.add_argument("--no-progress", dest="progress", action="store_false",
                    help="hide the progress bar")
+    memory_help = "the memory: an SQLite file or a postgresql:// URL"
     q = msub.add_parser("stats", help="entries, classes, changed/shrunk answers, radius histogram")
-    q.add_argument("memory")
+    q.add_argument("memory", help=memory_help)
     q.add_argument("--json", action="store_true", help="print the numbers as JSON")
     q = msub.add_parser("check", help="verify that no two balls of different classes intersect")
-    q.add_argument("memory")
+    q.add_argument("memory", help=memory_help)
     q = msub.add_parser("copy", help="copy a memory to another store (SQLite file or "
                         "postgresql:// URL), every checksum verified")
-    q.add_argument("source", help="the memory to copy")
+    q.add_argument("source", help="the memory to copy: an SQLite file or a postgresql:// URL")
     q.add_argument("destination", help="where to create the copy (must not hold a memory)")
 
     p = sub.add_parser("report", help="tables and plots of certified accuracy from results TSVs")

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ddrs.checks import probability
 from ddrs.errors import InputError
 from ddrs.launch import join, launch, starts_workers
 from ddrs.memory import CertificationMemory
@@ -87,7 +88,7 @@ def cmd_sigma(args, argv: list[str], entry: Entry) -> int | None:
 
 
 def cmd_recertify(args) -> None:
-    recertify(args.counts, args.out, args.alpha)
+    recertify(args.counts, args.out, probability("--alpha", args.alpha))
     print(summary_line(args.out))
     print(f"results: {args.out}")
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddrs.data import get_dataset
+from ddrs.errors import InputError
 from ddrs.experts import Expert, Experts
 from ddrs.models import load_checkpoint
 from ddrs.report import (
@@ -95,6 +96,9 @@ def quickstart(
     """Run the main job; returns every file it wrote. Re-running resumes finished steps."""
     s = QUICK if quick else QuickstartSettings()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a folder (the quickstart writes several "
+                         "files into it)")  # fmt: skip
     started = time.perf_counter()
     test_set = get_dataset("digits", "test")
     count = len(range(0, len(test_set), s.skip))

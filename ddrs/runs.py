@@ -19,10 +19,12 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
 from ddrs.checks import check_alpha
 from ddrs.classifier import memory_fingerprint
+from ddrs.data.tensors import as_dataset
 from ddrs.errors import CheckpointError, InputError, ResultsFileError
 from ddrs.experts import Expert, Experts
 from ddrs.launch import ONE_PROCESS, Rank
@@ -87,6 +89,7 @@ class RowSource:
     group_size: int
     rows_of: Callable[[list[int]], list[dict]]
     samples_of: Callable[[list[dict]], int] | None = None
+    dataset: object = None  # the inputs, for a note on the classes the run covers
 
 
 def _write_rows(
@@ -101,6 +104,9 @@ def _write_rows(
 ) -> None:
     """The selected inputs not yet in the outputs, group by group, each row written as it
     comes (rank 0, in index order), in one process or many (`shard.run_in_index_order`)."""
+    note = note_class_coverage(source.dataset, selected)
+    if note and rank.is_main:
+        print(note, file=sys.stderr)
 
     def compute(todo: list[int], emit: Callable[[dict], None]) -> None:
         label = source.desc if not rank.enabled else f"{source.desc}, rank 0 of {rank.world}"
@@ -132,6 +138,21 @@ def _write_rows(
     finally:
         for outputs in opened:
             outputs.close()
+
+
+def note_class_coverage(dataset, indices: list[int]) -> str | None:
+    """A note when the covered inputs hold far fewer classes than the dataset (a dataset
+    sorted by class, cut by --max): certified accuracy would describe a few classes only."""
+    targets = getattr(dataset, "targets", None)
+    if not targets or not indices:
+        return None
+    covered = len({targets[i] for i in indices})
+    total = len(set(targets))
+    if covered >= 0.5 * min(len(indices), total):
+        return None
+    return (f"note: the {len(indices)} inputs this run covers hold {covered} of the dataset's "
+            f"{total} classes (is it sorted by class?); spread them with --skip instead of "
+            "cutting with --max")
 
 
 def _refuse_strays(indices: list[int], outputs: Outputs, out: str) -> None:
@@ -197,6 +218,18 @@ def _progress(total: int, desc: str, enabled: bool):
 
 # -- certify ----------------------------------------------------------------------------------
 Base = nn.Module | Experts  # one model (a sigma per input), or experts to route among
+
+
+def inputs_of(data, base: Base):
+    """The dataset a run goes over: one of ddrs's, or your tensors (a TensorDataset or a pair
+    (x, y)), whose number of classes is the model's number of outputs (one probe pass)."""
+    if hasattr(data, "info"):
+        return data
+    x = data.tensors[0] if isinstance(data, TensorDataset) else data[0]
+    model = base[0].model if isinstance(base, Experts) else base
+    with torch.inference_mode():
+        outputs = model(torch.as_tensor(x[:1]).float().to(model_device(model)))
+    return as_dataset(data, int(outputs.shape[-1]))
 
 
 def resolved_row(
@@ -423,6 +456,7 @@ def certify_dataset(base: Base, dataset, run: CertifyRun, *, rank: Rank = ONE_PR
     input-specific sample sizes (`Smooth.certify_batch_adaptive`). `rank`: this process's
     place in a sharded run (only rank 0 opens the memory and writes files).
     """
+    dataset = inputs_of(dataset, base)
     settings = run.settings(base, dataset)
     routes = check_files(run, base, dataset, settings)
     experts = as_experts(base)
@@ -494,6 +528,7 @@ def certify_dataset(base: Base, dataset, run: CertifyRun, *, rank: Rank = ONE_PR
         router_n = run.router_n or run.n if routes is None else 0
         source = RowSource(
             "certify", CERTIFY_PART_COLUMNS + extra, _group_size(run.n, batch), rows_of,
+            dataset=dataset,
             samples_of=lambda rows: sum(run.n0 + run.pilot + row["n"] + router_n
                                         for row in rows if "repeat" not in row),
         )  # fmt: skip
@@ -509,6 +544,7 @@ def certify_dataset(base: Base, dataset, run: CertifyRun, *, rank: Rank = ONE_PR
 def predict_dataset(base: Base, dataset, run: PredictRun, *, rank: Rank = ONE_PROCESS) -> str:
     """PREDICT every input `run` covers; rows `idx label predict correct time` (and the
     expert, for experts)."""
+    dataset = inputs_of(dataset, base)
     settings = run.settings(base, dataset)
     routes = check_files(run, base, dataset, settings)
     experts = as_experts(base)
@@ -535,7 +571,7 @@ def predict_dataset(base: Base, dataset, run: PredictRun, *, rank: Rank = ONE_PR
 
     columns = results_columns(run, base)
     batch = certifier.batch_size(run.batch, dataset.info.input_shape)
-    source = RowSource("predict", columns, _group_size(run.n, batch), rows_of)
+    source = RowSource("predict", columns, _group_size(run.n, batch), rows_of, dataset=dataset)
     _write_rows(source, out=run.out, settings=settings, selected=run.indices(len(dataset)),
                 open_outputs=lambda: ResultsWriter(run.out, columns, settings),
                 progress=run.progress, rank=rank)  # fmt: skip
@@ -547,6 +583,7 @@ def sigma_dataset(base: Base, dataset, run: SigmaRun, *, rank: Rank = ONE_PROCES
     sigma sigma0 radius_before radius_after time`: the search's score at sigma0 and at the
     chosen sigma); for experts, an expert (and its sigma) by the certified selector over
     experts (rows `idx expert sigma score time`)."""
+    dataset = inputs_of(dataset, base)
     settings = run.settings(base, dataset)
     check_files(run, base, dataset, settings)
     columns = results_columns(run, base)
@@ -559,7 +596,8 @@ def sigma_dataset(base: Base, dataset, run: SigmaRun, *, rank: Rank = ONE_PROCES
     else:
         rows_of = _sigma_rows(base, dataset, run, batch)
         per_input = options["samples"]
-    source = RowSource("sigma", columns, max(1, min(100, batch // per_input)), rows_of)
+    source = RowSource("sigma", columns, max(1, min(100, batch // per_input)), rows_of,
+                       dataset=dataset)
     _write_rows(source, out=run.out, settings=settings, selected=run.indices(len(dataset)),
                 open_outputs=lambda: ResultsWriter(run.out, columns, settings),
                 progress=run.progress, rank=rank)  # fmt: skip
@@ -654,6 +692,12 @@ def recertify(counts: str, out: str, alpha: float) -> str:
     format (`idx label predict radius correct sigma time`, time 0). The counts do not depend
     on alpha, so this equals a run at that alpha with the same seed and inputs."""
     alpha = check_alpha(alpha)
+    table = read_table(counts)
+    if "count" not in table and "radius" in table:
+        raise ResultsFileError(
+            f"{counts} is a results file; recertify reads the counts file that `ddrs certify "
+            "... --counts FILE` writes beside it (re-run that certify with --counts)"
+        )
     table = read_table(counts, required=COUNTS_COLUMNS)
     rows = []
     for k in range(len(table["idx"])):

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from ddrs.checks import check_alpha, integer, number, optional_integer, positive, probability
+from ddrs.checks import integer, number, optional_integer, positive, probability
 from ddrs.errors import InputError, ResultsFileError
 from ddrs.experts import Experts, expert_specs, load_experts
 from ddrs.results import file_digest, read_sigmas
@@ -292,7 +292,7 @@ class SmoothingRun(DatasetRun):
                 f"--out {self.sigmas}`"
             )
         integer("--n", self.n)
-        check_alpha(self.alpha)
+        probability("--alpha", self.alpha)
 
     def sigma_by_index(self, indices: list[int]) -> dict[int, float] | None:
         """Each covered input's sigma; a sigmas file must hold every one of them. None when
@@ -427,7 +427,10 @@ class SearchSettings:
         None, "lower bound on sigma (default: 1e-3); certified: with --max-sigma, the "
         "candidates span this absolute range instead of sigma0 * spread", type=float,
     )  # fmt: skip
-    max_sigma: float | None = setting(None, "upper bound on sigma", type=float)
+    max_sigma: float | None = setting(
+        None, "upper bound on sigma (default: none); certified: with --min-sigma, the top of "
+        "the candidates' absolute range", type=float,
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.search == "certified" and (self.min_sigma is None) != (self.max_sigma is None):
@@ -468,7 +471,10 @@ class SearchSettings:
 class SigmaRun(SearchSettings, DatasetRun):
     """Choose a sigma for every covered input."""
 
-    out: str = setting(None, "TSV of idx, sigma, score before/after", required=True)
+    out: str = setting(
+        None, "TSV of idx and sigma (one model: radius_before / radius_after, the search's "
+        "score at sigma0 and at the chosen sigma; experts: expert and score)", required=True,
+    )  # fmt: skip
     sigma0: float | None = setting(
         None, "centre of the candidates / ascent start (one model; experts have their own)",
         type=float,
@@ -488,7 +494,7 @@ class SigmaRun(SearchSettings, DatasetRun):
         if self.route_rule not in ("radius", "agree"):
             raise InputError(f"--route-rule must be radius or agree, got {self.route_rule!r}")
         integer("--n", self.n)
-        check_alpha(self.alpha)
+        probability("--alpha", self.alpha)
         SearchSettings.__post_init__(self)
 
     @property
@@ -620,7 +626,7 @@ class RouterLabels:
         optional_integer("--images", self.images)
         integer("--label-samples", self.label_samples)
         integer("--label-n", self.label_n)
-        check_alpha(self.label_alpha)
+        probability("--label-alpha", self.label_alpha)
         if self.exclude is not None and not Path(self.exclude).is_file():
             raise InputError(f"--exclude {self.exclude}: no such file")
 
@@ -656,7 +662,9 @@ class ServeRun(SearchSettings, Models):
     n0: int = setting(100, "selection samples")
     n: int = setting(10_000, "estimation samples per query")
     alpha: float = setting(0.001, "failure probability")
-    batch: int | None = setting(None, "noisy samples per forward pass", type=int)
+    batch: int | None = setting(
+        None, "noisy samples per forward pass (default: automatic)", type=int
+    )
     seed: int = setting(0, "seed of all Monte Carlo noise")
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...")
     host: str = setting(
@@ -710,7 +718,7 @@ class ServeRun(SearchSettings, Models):
             raise InputError("give --dataset, or --input-shape C,H,W and --num-classes K")
         integer("--n0", self.n0)
         integer("--n", self.n)
-        check_alpha(self.alpha)
+        probability("--alpha", self.alpha)
         optional_integer("--batch", self.batch)
         integer("--max-batch", self.max_batch)
         number("--max-wait-ms", self.max_wait_ms, minimum=0)

@@ -1,4 +1,5 @@
-"""Helpers the test modules share: free ports, a `ddrs serve` process, JSON requests."""
+"""Helpers the test modules share: free ports, a `ddrs serve` process, JSON requests, a
+folder of images (ImageFolder layout, sorted by class)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 TOKEN = "s3cret-token-of-the-tests"
+CLASSES = ("circle", "cross", "square")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -60,3 +65,29 @@ def post(port, x: torch.Tensor, timeout=60, path="/v1/certify", headers=None) ->
                                               **(headers or {})})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
+
+
+def pattern_image(kind: int, size: int, rng) -> np.ndarray:
+    """A class-shaped pattern (H, W) in 0..255 with noise: learnable in a few epochs."""
+    yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
+    shapes = [(xx**2 + yy**2) < 0.1, (np.abs(xx) < 0.08) | (np.abs(yy) < 0.08),
+              (np.abs(xx) < 0.3) & (np.abs(yy) < 0.3)]
+    img = shapes[kind] * 200.0 + rng.normal(0, 20, (size, size)) + 30
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def write_folder(root: Path, per_class: dict, sizes=(32, 40)) -> Path:
+    """PNG and JPEG, colour and grey, two sizes."""
+    rng = np.random.default_rng(0)
+    for split, count in per_class.items():
+        for label, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for k in range(count):
+                grey = pattern_image(label, sizes[k % len(sizes)], rng)
+                if k % 2:
+                    Image.fromarray(grey, "L").save(folder / f"{k}.png")
+                else:
+                    colour = np.stack([grey, grey // 2, 255 - grey], axis=2)
+                    Image.fromarray(colour, "RGB").save(folder / f"{k}.jpg", quality=95)
+    return root

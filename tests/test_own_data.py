@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_folder
 from PIL import Image
 
 from ddrs.cli import main
@@ -17,33 +18,6 @@ from ddrs.models import load_checkpoint
 from ddrs.results import read_settings, read_table
 
 ROOT = Path(__file__).resolve().parents[1]
-CLASSES = ("circle", "cross", "square")
-
-
-def _image(kind: int, size: int, rng) -> np.ndarray:
-    """A class-shaped pattern (H, W) in 0..255 with noise: learnable in a few epochs."""
-    yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
-    shapes = [(xx**2 + yy**2) < 0.1, (np.abs(xx) < 0.08) | (np.abs(yy) < 0.08),
-              (np.abs(xx) < 0.3) & (np.abs(yy) < 0.3)]
-    img = shapes[kind] * 200.0 + rng.normal(0, 20, (size, size)) + 30
-    return img.clip(0, 255).astype(np.uint8)
-
-
-def write_folder(root: Path, per_class: dict, sizes=(32, 40)) -> Path:
-    """PNG and JPEG, colour and grey, two sizes."""
-    rng = np.random.default_rng(0)
-    for split, count in per_class.items():
-        for label, name in enumerate(CLASSES):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for k in range(count):
-                grey = _image(label, sizes[k % len(sizes)], rng)
-                if k % 2:
-                    Image.fromarray(grey, "L").save(folder / f"{k}.png")
-                else:
-                    colour = np.stack([grey, grey // 2, 255 - grey], axis=2)
-                    Image.fromarray(colour, "RGB").save(folder / f"{k}.jpg", quality=95)
-    return root
 
 
 def test_an_image_folder_keeps_its_own_size_and_channels(tmp_path):

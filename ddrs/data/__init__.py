@@ -205,8 +205,8 @@ def require_root(root: str | os.PathLike | None, dataset: str) -> Path:
     path = resolve_data_root(root)
     if path is None:
         raise DatasetError(
-            f"{dataset}: no data root given. Pass root=... or set {ROOT_ENV} "
-            "to the directory holding the data; nothing is downloaded."
+            f"{dataset}: no data root given: pass --data-root DIR (in Python: root=DIR) or set "
+            f"{ROOT_ENV}=DIR, the folder holding the data (nothing is downloaded)"
         )
     return path
 

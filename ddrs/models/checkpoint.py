@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import importlib
 import os
+import sys
 import uuid
 import warnings
 from collections import OrderedDict
@@ -130,6 +131,10 @@ def recorded_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
+class CheckpointMismatch(CheckpointError):
+    """A checkpoint that loads, but was trained for other inputs than those it is given."""
+
+
 class InputShapeError(InputError):
     """A model was given inputs of another shape than the one it was trained on."""
 
@@ -194,7 +199,8 @@ def _check_expect(meta: dict[str, Any], expect: Mapping[str, Any], path: Path) -
         if key not in meta:
             raise CheckpointError(f"{path}: checkpoint does not record {key!r} (need {wanted!r})")
         if _plain(meta[key]) != _plain(wanted):
-            raise CheckpointError(f"{path}: checkpoint has {key}={meta[key]!r}, need {wanted!r}")
+            raise CheckpointMismatch(f"{path}: checkpoint has {key}={meta[key]!r}, need "
+                                     f"{wanted!r}")  # fmt: skip
 
 
 def _plain(value: Any) -> Any:
@@ -271,12 +277,22 @@ def load_user_model(spec: str) -> nn.Module:
 
 
 def _import_attr(module_name: str, attr: str) -> Any:
+    """`module:attr`, the module found as `python -m` would: in the current folder first."""
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
-        raise CheckpointError(f"cannot import {module_name!r} (on PYTHONPATH?): {err}") from err
+        raise CheckpointError(
+            f"cannot import {module_name!r} ({err}): put {module_name.split('.')[0]}.py (or "
+            "its package) in the current folder, or add its folder to PYTHONPATH"
+        ) from err
     except Exception as err:
         raise CheckpointError(f"importing {module_name!r} failed: {err!r}") from err
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -338,7 +354,7 @@ def load_model(
         expect = {"num_classes": num_classes, "input_shape": list(shape)}
         try:
             loaded = load_checkpoint(checkpoint, device=device, expect=expect).model
-        except CheckpointError as error:
+        except CheckpointMismatch as error:
             raise CheckpointError(
                 f"{error} — this checkpoint was trained for other inputs than {inputs_name} "
                 f"{shape} inputs in {num_classes} classes; pass the checkpoint trained on them "
