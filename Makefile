@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 OUT ?= runs/quickstart
 
-.PHONY: demo test setup lint bench clean screenshots
+.PHONY: demo test setup lint bench clean screenshots docs
 
 $(BIN)/ddrs: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: setup
 # the page's screenshots in docs/, taken by the browser tests (needs Debian's chromium)
 screenshots: setup
 	DDRS_SCREENSHOTS=docs $(BIN)/python -m pytest -q tests/test_page.py
+
+# the API reference from the docstrings (pdoc), warnings as errors
+docs: setup
+	$(BIN)/python -W error -m pdoc ddrs -o docs/api
 
 lint: setup
 	$(BIN)/ruff check ddrs tests benchmarks experiments examples

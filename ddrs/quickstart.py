@@ -22,6 +22,7 @@ from ddrs.errors import InputError
 from ddrs.experts import Expert, Experts
 from ddrs.models import load_checkpoint
 from ddrs.report import (
+    envelope_comparison,
     envelope_summary,
     format_table,
     load_runs,
@@ -168,6 +169,9 @@ def quickstart(
     summaries = [run_summary(r, radii) for r in runs]
     envelope = envelope_summary(summaries[:3], radii) | {"label": "fixed-sigma envelope"}
     table = format_table(summaries[:3] + [envelope] + summaries[3:], radii, "markdown", False)
+    table += ("\nAgainst the fixed-sigma envelope, in points (inputs only this run certifies "
+              "correctly / only the envelope's run does, two-sided sign test):\n\n"
+              + envelope_comparison(runs[3:], runs[:3], radii[:4]))  # fmt: skip
     (out / "table.md").write_text(table + "\n")
     plot_certified_accuracy(runs, out / "certified_accuracy.png",
                             title="digits: certified accuracy", envelope=runs[:3],

@@ -193,6 +193,36 @@ def sign_test(a: dict[str, np.ndarray], b: dict[str, np.ndarray], radius: float)
     return a_only, b_only, float(binomtest(a_only, a_only + b_only, 0.5).pvalue)
 
 
+SIGNIFICANCE = 0.05
+
+
+def versus_envelope(run: Run, fixed: Sequence[Run], radius: float) -> dict:
+    """`run` against the envelope at `radius`: the fixed run with the best certified accuracy
+    there. The difference in points, and the paired sign test on the inputs both cover."""
+    best = max(fixed, key=lambda f: certified_accuracy(f.table, radius))
+    only_run, only_best, p = sign_test(run.table, best.table, radius)
+    delta = certified_accuracy(run.table, radius) - certified_accuracy(best.table, radius)
+    return {"delta": 100 * delta, "only_run": only_run, "only_envelope": only_best, "p": p,
+            "envelope_run": best.label}  # fmt: skip
+
+
+def envelope_comparison(runs: Sequence[Run], fixed: Sequence[Run], radii: Sequence[float],
+                        level: float = SIGNIFICANCE) -> str:  # fmt: skip
+    """A markdown table: each run against the envelope at each radius, in points, with the
+    sign test; a difference with p >= `level` is marked "not significant"."""
+    lines = ["| run | " + " | ".join("clean" if r == 0 else f"r={r:g}" for r in radii) + " |",
+             "| --- |" + " ---: |" * len(radii)]  # fmt: skip
+    for run in runs:
+        cells = []
+        for r in radii:
+            c = versus_envelope(run, fixed, r)
+            verdict = f"p = {c['p']:.2g}" if c["p"] < level else "not significant"
+            cells.append(f"{c['delta']:+.1f} ({c['only_run']} / {c['only_envelope']}, "
+                         f"{verdict})")  # fmt: skip
+        lines.append(f"| {run.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def envelope_summary(summaries: Sequence[dict], radii: Sequence[float]) -> dict:
     """Best value over runs at each radius (and the best ACR); other entries are None."""
     return {

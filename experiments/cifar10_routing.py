@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from study_common import HelpFormatter
 
 from ddrs.data import get_dataset
 from ddrs.experts import Expert, Experts
@@ -59,32 +60,31 @@ from ddrs.train.router import train_router
 RADII = [0.0, 0.25, 0.5, 0.75, 1.0]
 SIGMAS = (0.12, 0.25, 0.5)
 SETS = ("three", "one")  # three experts; one model (0.25) at three sigmas
-PREVIOUS = "docs/results/cifar10/test/gaussian-dd-lr0.0044.certified.certify.tsv"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data-root", required=True)
-    p.add_argument("--out", default="runs/cifar10_routing")
-    p.add_argument("--steps", default="train,routers,select,certify,report")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--arch", default="cnn_small")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--train-subset", type=int, default=20000)
-    p.add_argument("--val-images", type=int, default=200)
-    p.add_argument("--router-images", type=int, default=5000)
-    p.add_argument("--router-epochs", type=int, default=15)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--data-root", required=True, help="CIFAR-10 (ImageFolder or python batches)")
+    p.add_argument("--out", default="runs/cifar10_routing", help="folder of every file (resumed)")
+    p.add_argument("--steps", default="train,routers,select,certify,report", help="steps to run")
+    p.add_argument("--seed", type=int, default=0, help="seed of training and noise")
+    p.add_argument("--arch", default="cnn_small", help="architecture of experts and routers")
+    p.add_argument("--epochs", type=int, default=10, help="experts' training epochs")
+    p.add_argument("--train-subset", type=int, default=20000, help="experts' training images")
+    p.add_argument("--val-images", type=int, default=200, help="validation images (held out)")
+    p.add_argument("--router-images", type=int, default=5000, help="routers' images (held out)")
+    p.add_argument("--router-epochs", type=int, default=15, help="routers' epochs")
     p.add_argument("--router-sigmas", default="0.25,0.5", help="sigma_r candidates")
-    p.add_argument("--label-samples", type=int, default=64)
+    p.add_argument("--label-samples", type=int, default=64, help="votes per expert for labels")
     p.add_argument("--route-samples", type=int, default=64, help="votes per expert (routing)")
-    p.add_argument("--val-n", type=int, default=1000)
-    p.add_argument("--n0", type=int, default=100)
-    p.add_argument("--n", type=int, default=4000)
-    p.add_argument("--alpha", type=float, default=0.001)
-    p.add_argument("--skip", type=int, default=20)
-    p.add_argument("--max", type=int, default=-1)
-    p.add_argument("--batch", type=int, default=400)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--val-n", type=int, default=1000, help="N of the validation certificates")
+    p.add_argument("--n0", type=int, default=100, help="selection samples")
+    p.add_argument("--n", type=int, default=4000, help="estimation samples")
+    p.add_argument("--alpha", type=float, default=0.001, help="failure probability")
+    p.add_argument("--skip", type=int, default=20, help="every SKIP-th test image (20: 500)")
+    p.add_argument("--max", type=int, default=-1, help="stop before this test index (-1: all)")
+    p.add_argument("--batch", type=int, default=400, help="noisy samples per forward pass")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p.parse_args(argv)
 
 
@@ -289,11 +289,7 @@ def step_report(args, choices: dict) -> None:
     fixed = runs[:3]
     summaries = [run_summary(r, RADII) for r in runs]
     envelope = envelope_summary(summaries[:3], RADII) | {"label": "envelope of the 3 experts"}
-    previous = []
-    if Path(PREVIOUS).exists():
-        previous = load_runs([PREVIOUS], ["previous study: dd-trained, certified selector"])
-    table = format_table(summaries[:3] + [envelope] + summaries[3:]
-                         + [run_summary(r, RADII) for r in previous], RADII, "markdown")
+    table = format_table(summaries[:3] + [envelope] + summaries[3:], RADII, "markdown")
     lines = [table, "", "Sign tests against the envelope's expert at each radius (inputs only "
              "the row certifies / only the expert does, two-sided p):", ""]
     lines.append("| row | " + " | ".join(f"r={r:g}" for r in RADII[:4]) + " |")

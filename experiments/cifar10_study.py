@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from study_common import HelpFormatter
 
 from ddrs.data import get_dataset
 from ddrs.models import load_checkpoint
@@ -62,51 +63,55 @@ SELECTORS = ("certified", "ascent", "grid")  # in the order they are certified
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data-root", required=True, help="CIFAR-10 (ImageFolder or python batches)")
-    p.add_argument("--out", default="runs/cifar10_study")
+    p.add_argument("--out", default="runs/cifar10_study", help="folder of every file (resumed)")
     p.add_argument("--steps", default=",".join(STEPS), help="comma list of " + ",".join(STEPS))
     p.add_argument("--method", default="gaussian", help="training method of every model")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--seed", type=int, default=0, help="seed of training and noise")
     # training (the same for every model)
-    p.add_argument("--arch", default="cnn_small")
+    p.add_argument("--arch", default="cnn_small", help="architecture of every model")
     p.add_argument("--sigma0", type=float, default=0.25, help="dd models' initial sigma")
-    p.add_argument("--fixed-sigmas", default="0.12,0.25,0.5")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--fixed-sigmas", default="0.12,0.25,0.5", help="the fixed-sigma models")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs")
     p.add_argument("--train-subset", type=int, default=20000, help="0: all 50,000")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--lr-step", type=int, default=4)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--batch", type=int, default=128, help="training batch")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate")
+    p.add_argument("--lr-step", type=int, default=4, help="lr x0.1 every this many epochs")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
     # data-dependent training: K 1, n 1; dd-lr candidates: the authors' 1e-4, and the step
     # that gives their drift (440 epochs x K 10 x 1e-4) in 10 epochs x K 1, and a tenth of it
-    p.add_argument("--dd-lrs", default="0.044,0.0044,0.0001")
-    p.add_argument("--dd-iterations", type=int, default=1)
-    p.add_argument("--dd-samples", type=int, default=1)
+    p.add_argument("--dd-lrs", default="0.044,0.0044,0.0001",
+                   help="data-dependent models' dd-lr candidates")
+    p.add_argument("--dd-iterations", type=int, default=1, help="training-time ascent steps K")
+    p.add_argument("--dd-samples", type=int, default=1, help="training-time noise samples n")
     # selection on validation images
-    p.add_argument("--val-images", type=int, default=500)
-    p.add_argument("--val-n", type=int, default=2000, help="N of the validation certificates")
-    p.add_argument("--select-radius", type=float, default=0.5)
+    p.add_argument("--val-images", type=int, default=200,
+                   help="validation images (held out from training)")
+    p.add_argument("--val-n", type=int, default=1000, help="N of the validation certificates")
+    p.add_argument("--select-radius", type=float, default=0.5,
+                   help="choices by certified accuracy at this radius")
     p.add_argument(
         "--spreads",
         default="0.5:2,0.5:4,0.71:1.41",
         help="certified selector's candidate ranges (factors of the model's sigma) to choose from",
     )
     # test-time selectors
-    p.add_argument("--certified-grid", type=int, default=9)
-    p.add_argument("--certified-samples", type=int, default=64)
-    p.add_argument("--grid-samples", type=int, default=8)
-    p.add_argument("--ascent-iterations", type=int, default=100)
-    p.add_argument("--ascent-lr", type=float, default=1e-4)
+    p.add_argument("--certified-grid", type=int, default=9, help="certified selector: candidates")
+    p.add_argument("--certified-samples", type=int, default=64,
+                   help="certified selector: votes each")
+    p.add_argument("--grid-samples", type=int, default=8, help="surrogate grid: samples each")
+    p.add_argument("--ascent-iterations", type=int, default=100, help="paper's ascent: K")
+    p.add_argument("--ascent-lr", type=float, default=1e-4, help="paper's ascent: step")
     # certification (the same for every row)
-    p.add_argument("--n0", type=int, default=100)
-    p.add_argument("--n", type=int, default=10000)
-    p.add_argument("--alpha", type=float, default=0.001)
+    p.add_argument("--n0", type=int, default=100, help="selection samples")
+    p.add_argument("--n", type=int, default=4000, help="estimation samples (the tables: 4,000)")
+    p.add_argument("--alpha", type=float, default=0.001, help="failure probability")
     p.add_argument("--skip", type=int, default=20, help="every SKIP-th test image (20: 500)")
-    p.add_argument("--max", type=int, default=-1)
+    p.add_argument("--max", type=int, default=-1, help="stop before this test index (-1: all)")
     p.add_argument("--cert-batch", type=int, default=400, help="noisy samples per forward pass")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p.parse_args(argv)
 
 

@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from helpers import PostgresMissing, PostgresServer
 from torch import nn
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -58,63 +59,6 @@ def other_digits_checkpoint(digits_checkpoint, tmp_path_factory) -> str:
     return str(path)
 
 
-class PostgresServer:
-    """A PostgreSQL server of the tests' own: initdb into a temporary folder, on a free port,
-    run as the `postgres` user when the tests run as root (PostgreSQL refuses root)."""
-
-    def __init__(self, folder):
-        import getpass
-        import glob
-        import shutil
-        import socket
-
-        found = shutil.which("initdb") or next(iter(sorted(glob.glob(
-            "/usr/lib/postgresql/*/bin/initdb"), reverse=True)), None)
-        if found is None:
-            pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
-        self.bin = os.path.dirname(os.path.realpath(found))
-        if not os.path.exists(os.path.join(self.bin, "pg_ctl")):
-            self.bin = os.path.dirname(found)
-        self.folder = folder
-        self.data = os.path.join(folder, "data")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.as_user = []
-        if os.geteuid() == 0:
-            import pwd
-
-            user = pwd.getpwnam("postgres")
-            os.chown(folder, user.pw_uid, user.pw_gid)
-            self.as_user = ["runuser", "-u", "postgres", "--"]
-        self.user = "postgres" if self.as_user else getpass.getuser()
-        self._run("initdb", "-D", self.data, "-A", "trust", "-U", "ddrs", "--no-sync")
-        self.url = f"postgresql://ddrs@127.0.0.1:{self.port}/postgres"
-        self.start()
-
-    def _run(self, tool, *args):
-        import subprocess
-
-        command = [*self.as_user, os.path.join(self.bin, tool), *args]
-        done = subprocess.run(command, capture_output=True, text=True, cwd=self.folder)
-        assert done.returncode == 0, done.stdout + done.stderr
-
-    def start(self):
-        self._run("pg_ctl", "-D", self.data, "-w", "-l", os.path.join(self.folder, "log"), "-o",
-                  f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder}", "start")
-
-    def stop(self, mode="fast"):
-        self._run("pg_ctl", "-D", self.data, "-w", "-m", mode, "stop")
-
-    def fresh_database(self, name):
-        import psycopg
-
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-            conn.execute(f'CREATE DATABASE "{name}"')
-        return self.url.rsplit("/", 1)[0] + f"/{name}"
-
-
 @pytest.fixture(scope="session")
 def postgres():
     import shutil
@@ -123,7 +67,10 @@ def postgres():
     pytest.importorskip("psycopg", reason="pip install 'ddrs[postgres]'")
     folder = tempfile.mkdtemp(prefix="ddrs-pg-")  # not under pytest's folders: the server's
     try:                                          # user must reach it
-        server = PostgresServer(folder)
+        try:
+            server = PostgresServer(folder)
+        except PostgresMissing as missing:
+            pytest.skip(str(missing))
         yield server
         server.stop("immediate")
     finally:

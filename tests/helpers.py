@@ -91,3 +91,110 @@ def write_folder(root: Path, per_class: dict, sizes=(32, 40)) -> Path:
                     colour = np.stack([grey, grey // 2, 255 - grey], axis=2)
                     Image.fromarray(colour, "RGB").save(folder / f"{k}.jpg", quality=95)
     return root
+
+
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                 "truck")
+
+
+def cifar_batches(per_class: dict[str, int], seed: int = 0) -> dict[str, tuple]:
+    """A small CIFAR-10 in its python-batches form ({file name: (data uint8 (N, 3072),
+    labels)}): each class a colour with noise, so that a model learns something in an epoch.
+    The training images fill data_batch_1..5 in turn."""
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(30, 226, (len(CIFAR_CLASSES), 3))
+
+    def images(count: int):
+        labels = np.repeat(np.arange(len(CIFAR_CLASSES)), count)
+        rng.shuffle(labels)
+        noise = rng.normal(0, 40, (len(labels), 3, 32, 32))
+        data = (colours[labels][:, :, None, None] + noise).clip(0, 255).astype(np.uint8)
+        return data.reshape(len(labels), 3072), [int(y) for y in labels]
+
+    train_data, train_labels = images(per_class["train"])
+    files = {f"data_batch_{k + 1}": (part, list(labels)) for k, (part, labels) in enumerate(
+        zip(np.array_split(train_data, 5), np.array_split(np.array(train_labels), 5)))}
+    files["test_batch"] = images(per_class["test"])
+    return files
+
+
+def write_cifar_archive(path: Path, per_class: dict[str, int], seed: int = 0) -> Path:
+    """`cifar-10-python.tar.gz` as the CIFAR-10 site serves it (cifar-10-batches-py/...),
+    holding `cifar_batches(per_class)`."""
+    import io
+    import pickle
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as archive:
+        def add(name: str, payload: dict) -> None:
+            data = pickle.dumps(payload)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+        for name, (data, labels) in cifar_batches(per_class, seed).items():
+            add(name, {b"data": data, b"labels": [int(v) for v in labels],
+                       b"batch_label": name.encode()})
+        add("batches.meta", {b"label_names": [c.encode() for c in CIFAR_CLASSES]})
+    return path
+
+
+class PostgresMissing(Exception):
+    """No PostgreSQL server binaries on this machine."""
+
+
+class PostgresServer:
+    """A PostgreSQL server of the tests' own: initdb into a temporary folder, on a free port,
+    run as the `postgres` user when the tests run as root (PostgreSQL refuses root)."""
+
+    def __init__(self, folder):
+        import getpass
+        import glob
+        import shutil
+        import socket
+
+        found = shutil.which("initdb") or next(iter(sorted(glob.glob(
+            "/usr/lib/postgresql/*/bin/initdb"), reverse=True)), None)
+        if found is None:
+            raise PostgresMissing("PostgreSQL is not installed (apt-get install postgresql)")
+        self.bin = os.path.dirname(os.path.realpath(found))
+        if not os.path.exists(os.path.join(self.bin, "pg_ctl")):
+            self.bin = os.path.dirname(found)
+        self.folder = folder
+        self.data = os.path.join(folder, "data")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.as_user = []
+        if os.geteuid() == 0:
+            import pwd
+
+            user = pwd.getpwnam("postgres")
+            os.chown(folder, user.pw_uid, user.pw_gid)
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        self.user = "postgres" if self.as_user else getpass.getuser()
+        self._run("initdb", "-D", self.data, "-A", "trust", "-U", "ddrs", "--no-sync")
+        self.url = f"postgresql://ddrs@127.0.0.1:{self.port}/postgres"
+        self.start()
+
+    def _run(self, tool, *args):
+        import subprocess
+
+        command = [*self.as_user, os.path.join(self.bin, tool), *args]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=self.folder)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    def start(self):
+        self._run("pg_ctl", "-D", self.data, "-w", "-l", os.path.join(self.folder, "log"), "-o",
+                  f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder}", "start")
+
+    def stop(self, mode="fast"):
+        self._run("pg_ctl", "-D", self.data, "-w", "-m", mode, "stop")
+
+    def fresh_database(self, name):
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url.rsplit("/", 1)[0] + f"/{name}"

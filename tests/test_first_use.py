@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,3 +154,22 @@ def test_help_gives_every_option_a_text_and_its_default(capsys):
     sigma = help_of("sigma")
     assert "(default: 0.5,2)" in sigma and "(0.5, 2.0)" not in sigma
     assert "radius_before" in sigma and "top of the candidates' absolute range" in sigma
+
+
+def test_the_api_reference_builds_without_warnings(tmp_path):
+    pytest.importorskip("pdoc")
+    done = subprocess.run([sys.executable, "-W", "error", "-m", "pdoc", "ddrs", "-o",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "Warning" not in done.stderr, done.stderr[-3000:]
+    page = (tmp_path / "ddrs.html").read_text()
+    import ddrs
+
+    for name in ddrs.__all__:
+        assert name in page, name
+
+
+def test_the_citation_file_names_this_version():
+    import ddrs
+
+    text = (Path(__file__).resolve().parents[1] / "CITATION.cff").read_text()
+    assert f'version: "{ddrs.__version__}"' in text and "Data Dependent Randomized" in text
