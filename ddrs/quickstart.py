@@ -30,6 +30,7 @@ from ddrs.report import (
     plot_experts,
     plot_sigma_histogram,
     run_summary,
+    significant_claims,
 )
 from ddrs.results import row_count
 from ddrs.runs import certify_dataset, sigma_dataset
@@ -171,7 +172,8 @@ def quickstart(
     table = format_table(summaries[:3] + [envelope] + summaries[3:], radii, "markdown", False)
     table += ("\nAgainst the fixed-sigma envelope, in points (inputs only this run certifies "
               "correctly / only the envelope's run does, two-sided sign test):\n\n"
-              + envelope_comparison(runs[3:], runs[:3], radii[:4]))  # fmt: skip
+              + envelope_comparison(runs[3:], runs[:3], radii[:4]) + "\n"
+              + significant_claims(runs[3:], runs[:3], radii[:4]) + "\n")  # fmt: skip
     (out / "table.md").write_text(table + "\n")
     plot_certified_accuracy(runs, out / "certified_accuracy.png",
                             title="digits: certified accuracy", envelope=runs[:3],

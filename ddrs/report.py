@@ -223,6 +223,27 @@ def envelope_comparison(runs: Sequence[Run], fixed: Sequence[Run], radii: Sequen
     return "\n".join(lines) + "\n"
 
 
+def significant_claims(runs: Sequence[Run], fixed: Sequence[Run], radii: Sequence[float],
+                       level: float = SIGNIFICANCE) -> str:  # fmt: skip
+    """The differences to the envelope that the sign test finds significant, in words: the
+    only ones a reader should take as results (the others may change with the CPU)."""
+    claims = []
+    for run in runs:
+        above, below = [], []
+        for r in radii:
+            c = versus_envelope(run, fixed, r)
+            if c["p"] < level:
+                where = "clean" if r == 0 else f"r={r:g}"
+                (above if c["delta"] > 0 else below).append(f"{where} ({c['delta']:+.1f})")
+        if above:
+            claims.append(f"{run.label} above the envelope at {', '.join(above)}")
+        if below:
+            claims.append(f"{run.label} below it at {', '.join(below)}")
+    found = "; ".join(claims) if claims else "none"
+    return (f"Significant at p < {level:g} (two-sided sign test): {found}. Every other "
+            "difference is not significant.")
+
+
 def envelope_summary(summaries: Sequence[dict], radii: Sequence[float]) -> dict:
     """Best value over runs at each radius (and the best ACR); other entries are None."""
     return {

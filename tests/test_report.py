@@ -373,3 +373,36 @@ def test_expert_plot_colours_each_sigma_alike_in_every_panel_and_marks_router_ab
     assert "| router abstained 50%, c 50% |" in table
     (tmp_path / "plain.tsv").write_text(OURS)
     assert not report.plot_experts(report.load_runs([tmp_path / "plain.tsv"]), tmp_path / "x.png")
+
+
+def _run(label: str, correct, radius) -> "Run":
+    from ddrs.report import Run
+
+    n = len(correct)
+    table = {"idx": np.arange(n), "label": np.zeros(n, int), "predict": np.zeros(n, int),
+             "correct": np.asarray(correct), "radius": np.asarray(radius, float)}
+    return Run(label, Path(label), table)
+
+
+def test_the_envelope_comparison_uses_the_best_fixed_run_per_radius_and_a_sign_test():
+    from ddrs.report import envelope_comparison, significant_claims, versus_envelope
+
+    n = 40
+    small = _run("small", [1] * n, [0.3] * n)  # right everywhere, radius 0.3
+    large = _run("large", [1] * 20 + [0] * 20, [0.9] * n)  # half right, radius 0.9
+    better = _run("better", [1] * n, [0.3] * 20 + [0.9] * 20)
+    c = versus_envelope(better, [small, large], 0.5)  # the envelope at 0.5 is "large"
+    assert c["envelope_run"] == "large" and (c["only_run"], c["only_envelope"]) == (20, 20)
+    assert c["delta"] == 0.0 and c["p"] == 1.0  # 20 / 20: no evidence either way
+    c = versus_envelope(better, [small, large], 0.25)  # "small" at 0.25: both all right
+    assert c["envelope_run"] == "small" and c["delta"] == 0.0
+    worse = _run("worse", [1] * 10 + [0] * 30, [0.3] * n)
+    c = versus_envelope(worse, [small, large], 0.0)
+    assert (c["only_run"], c["only_envelope"]) == (0, 30) and c["delta"] == -75.0
+    assert c["p"] == pytest.approx(2 * 0.5**30)  # the two-sided binomial test, exactly
+    table = envelope_comparison([better, worse], [small, large], [0.0, 0.5])
+    assert "| worse | -75.0 (0 / 30, p = 1.9e-09) | -50.0 (0 / 20, p = 1.9e-06) |" in table
+    assert "| better | +0.0 (0 / 0, not significant) | +0.0 (20 / 20, not significant) |" in table
+    claims = significant_claims([better, worse], [small, large], [0.0, 0.5])
+    assert "worse below it at clean (-75.0), r=0.5 (-50.0)" in claims
+    assert "better" not in claims
