@@ -10,7 +10,8 @@ The names a user needs, importable from here (`from ddrs import Smooth, certify_
 - `certify_dataset`, `predict_dataset`, `sigma_dataset` with their run specifications
   `CertifyRun`, `PredictRun`, `SigmaRun`: whole datasets (ours, a `TensorDataset`, or a pair
   of tensors), resumable, exactly as the command line runs them.
-- `train`, `TrainConfig`, `load_checkpoint`, `get_dataset`: training and loading.
+- `train_model` (`ddrs.train.loop.train`), `TrainConfig`, `load_checkpoint`, `get_dataset`:
+  training and loading.
 """
 
 from ddrs.classifier import DataDependentSmoothClassifier, memory_fingerprint
@@ -23,7 +24,7 @@ from ddrs.runs import certify_dataset, predict_dataset, sigma_dataset
 from ddrs.sigma import certified_sigma_search, grid_sigma_search, sigma_search
 from ddrs.smooth import Certificate, Smooth
 from ddrs.specs import CertifyRun, PredictRun, SigmaRun, TrainConfig
-from ddrs.train.loop import train
+from ddrs.train.loop import train as train_model
 
 __version__ = "0.2.0"
 
@@ -50,5 +51,5 @@ __all__ = [
     "predict_dataset",
     "sigma_dataset",
     "sigma_search",
-    "train",
+    "train_model",
 ]

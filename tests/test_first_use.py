@@ -101,14 +101,14 @@ def test_recertify_of_a_results_file_names_the_counts_file(digits_checkpoint, tm
 
 
 def test_a_model_module_in_the_current_folder_is_found(tmp_path, monkeypatch, capsys):
-    (tmp_path / "mymodel.py").write_text(
+    (tmp_path / "first_use_model.py").write_text(
         "from torch import nn\n\ndef make():\n"
         "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     out = tmp_path / "c.tsv"
-    assert main(["certify", "--model", "mymodel:make", "--dataset", "digits", "--sigma", "0.25",
-                 "--n0", "10", "--n", "50", "--max", "2", "--out", str(out),
+    assert main(["certify", "--model", "first_use_model:make", "--dataset", "digits",
+                 "--sigma", "0.25", "--n0", "10", "--n", "50", "--max", "2", "--out", str(out),
                  "--no-progress"]) == 0  # fmt: skip
     assert out.exists()
     capsys.readouterr()

@@ -375,7 +375,7 @@ def test_expert_plot_colours_each_sigma_alike_in_every_panel_and_marks_router_ab
     assert not report.plot_experts(report.load_runs([tmp_path / "plain.tsv"]), tmp_path / "x.png")
 
 
-def _run(label: str, correct, radius) -> "Run":
+def _run(label: str, correct, radius):
     from ddrs.report import Run
 
     n = len(correct)
