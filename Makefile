@@ -33,7 +33,7 @@ docs: setup
 	$(BIN)/python -W error -m pdoc ddrs -o docs/api
 
 lint: setup
-	$(BIN)/ruff check ddrs tests benchmarks experiments examples
+	$(BIN)/ruff check ddrs tests benchmarks experiments examples conftest.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
