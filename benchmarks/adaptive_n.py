@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from common import print_machine, save_json, table
 
+from ddrs.core.smooth import Smooth
 from ddrs.data import get_dataset
 from ddrs.models import load_checkpoint
 from ddrs.report import average_certified_radius, certified_accuracy
-from ddrs.smooth import Smooth
 
 RADII = (0.25, 0.5, 0.75)
 

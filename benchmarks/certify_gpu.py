@@ -26,10 +26,10 @@ import torch
 from certify_throughput import CohenSmooth
 from common import print_machine, save_json, table
 
+from ddrs.core.sampling import auto_batch_size
+from ddrs.core.smooth import Smooth
 from ddrs.data.cifar import INFO as CIFAR
 from ddrs.models import build_model
-from ddrs.sampling import auto_batch_size
-from ddrs.smooth import Smooth
 
 SIGMA, ALPHA, N0 = 0.25, 0.001, 100
 MODELS = {  # arch: (input shape, N used for the timing, inputs)

@@ -45,11 +45,11 @@ from common import (
 )
 from scipy.stats import beta, norm
 
-import ddrs.sampling
-import ddrs.smooth
+import ddrs.core.sampling
+import ddrs.core.smooth
+from ddrs.core.smooth import Smooth
 from ddrs.data.cifar import INFO as CIFAR
 from ddrs.models import build_model
-from ddrs.smooth import Smooth
 
 SHAPE = (3, 32, 32)
 NUM_CLASSES = 10
@@ -118,12 +118,12 @@ def reference_certify(model, xs, n0, n, batch):
 @contextmanager
 def without_channels_last():
     """ddrs with channels_last switched off (both places that decide it)."""
-    saved = ddrs.sampling.is_convolutional, ddrs.smooth.is_convolutional
-    ddrs.sampling.is_convolutional = ddrs.smooth.is_convolutional = lambda model: False
+    saved = ddrs.core.sampling.is_convolutional, ddrs.core.smooth.is_convolutional
+    ddrs.core.sampling.is_convolutional = ddrs.core.smooth.is_convolutional = lambda model: False
     try:
         yield
     finally:
-        ddrs.sampling.is_convolutional, ddrs.smooth.is_convolutional = saved
+        ddrs.core.sampling.is_convolutional, ddrs.core.smooth.is_convolutional = saved
 
 
 def ddrs_certify(smooth: Smooth, xs, n0, n, batch, channels_last=True):

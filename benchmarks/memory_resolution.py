@@ -36,7 +36,6 @@ from common import print_machine, save_json, table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import PostgresServer  # noqa: E402
-
 from ddrs.data import get_dataset  # noqa: E402
 from ddrs.memory import CertificationMemory  # noqa: E402
 from ddrs.memory.index import Index  # noqa: E402

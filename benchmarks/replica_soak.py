@@ -26,10 +26,10 @@ from pathlib import Path
 from common import print_machine, table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import PostgresServer  # noqa: E402
 from test_replicas import post_to_either, stored_answers  # noqa: E402
 from test_serve import _free_port, start_server  # noqa: E402
 
+from conftest import PostgresServer  # noqa: E402
 from ddrs.data import get_dataset  # noqa: E402
 from ddrs.specs import TrainConfig  # noqa: E402
 from ddrs.train.loop import train  # noqa: E402

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from common import interleaved, median, print_machine, save_json, table
 
+from ddrs.core.experts import Expert, Experts
+from ddrs.core.route import DualSmoothing, ExpertCertifier, route_by_certified_radius
+from ddrs.core.smooth import Smooth
 from ddrs.data import get_dataset
-from ddrs.experts import Expert, Experts
 from ddrs.models import load_checkpoint
-from ddrs.route import DualSmoothing, ExpertCertifier, route_by_certified_radius
 from ddrs.runs import load_router
-from ddrs.smooth import Smooth
 from ddrs.specs import TrainConfig
 from ddrs.train.loop import train
 from ddrs.train.router import train_router

@@ -47,17 +47,17 @@ from common import (
     table,
 )
 
-from ddrs.data import get_dataset
-from ddrs.models import load_checkpoint
-from ddrs.report import average_certified_radius, certified_accuracy
-from ddrs.sigma import (
+from ddrs.core.sigma import (
     certified_sigma_search,
-    frozen_eval,
     grid_sigma_search,
     sigma_search,
     surrogate_radius,
 )
-from ddrs.smooth import Smooth
+from ddrs.core.smooth import Smooth
+from ddrs.core.torchutil import frozen_eval
+from ddrs.data import get_dataset
+from ddrs.models import load_checkpoint
+from ddrs.report import average_certified_radius, certified_accuracy
 from ddrs.train.loop import TrainConfig, train
 
 SIGMA0 = 0.25

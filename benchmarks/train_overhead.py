@@ -38,9 +38,9 @@ from common import (
 )
 
 import ddrs.train.loop as loop
+from ddrs.core.sigma import grid_sigma_search
+from ddrs.core.smooth import Smooth
 from ddrs.report import average_certified_radius, certified_accuracy
-from ddrs.sigma import grid_sigma_search
-from ddrs.smooth import Smooth
 from ddrs.train.loop import TrainConfig, Trainer
 from ddrs.train.methods import method_names
 

@@ -14,15 +14,16 @@ The names a user needs, importable from here (`from ddrs import Smooth, certify_
   training and loading.
 """
 
-from ddrs.classifier import DataDependentSmoothClassifier, memory_fingerprint
+from ddrs.classifier import DataDependentSmoothClassifier
+from ddrs.core.experts import Expert, Experts
+from ddrs.core.sigma import certified_sigma_search, grid_sigma_search, sigma_search
+from ddrs.core.smooth import Certificate, Smooth
 from ddrs.data import get_dataset
 from ddrs.data.tensors import as_dataset
-from ddrs.experts import Expert, Experts
 from ddrs.memory import Answer, CertificationMemory
 from ddrs.models import load_checkpoint
+from ddrs.models.identity import memory_fingerprint
 from ddrs.runs import certify_dataset, predict_dataset, sigma_dataset
-from ddrs.sigma import certified_sigma_search, grid_sigma_search, sigma_search
-from ddrs.smooth import Certificate, Smooth
 from ddrs.specs import CertifyRun, PredictRun, SigmaRun, TrainConfig
 from ddrs.train.loop import train as train_model
 

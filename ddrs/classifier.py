@@ -14,33 +14,24 @@ Each query x is answered by
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
-from ddrs.core.validate import canonical_input
-from ddrs.errors import InputError
-from ddrs.experts import Expert, Experts
-from ddrs.memory import Answer, CertificationMemory
-from ddrs.models import model_fingerprint
-from ddrs.route import (
+from ddrs.core.experts import Expert, Experts
+from ddrs.core.route import (
     ROUTE_RULES,
     DualSmoothing,
     ExpertCertifier,
     Router,
     route_by_certified_radius,
 )
-from ddrs.sampling import CPU_BATCH
-from ddrs.sigma import DEFAULT_SAMPLES, SEARCHES, check_search_options
-
-
-def memory_fingerprint(model: nn.Module, dataset: str, input_shape) -> str:
-    """Identity of 'this model with this preprocessing', which a memory belongs to."""
-    text = f"{model_fingerprint(model)}|{dataset}|{tuple(input_shape)}"
-    return hashlib.sha256(text.encode()).hexdigest()
-
+from ddrs.core.sampling import CPU_BATCH
+from ddrs.core.sigma import DEFAULT_SAMPLES, SEARCHES, check_search_options
+from ddrs.core.validate import canonical_input
+from ddrs.errors import InputError
+from ddrs.memory import Answer, CertificationMemory
 
 QUERY_KINDS = ("certify", "predict")
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ddrs.checks import probability
+from ddrs.core.checks import probability
 from ddrs.errors import InputError
 from ddrs.launch import join, launch, starts_workers
 from ddrs.memory import CertificationMemory
@@ -181,8 +181,8 @@ def cmd_train(args) -> None:
 
 def cmd_train_router(args) -> None:
     from ddrs.data import get_dataset
-    from ddrs.experts import expert_specs, load_experts
     from ddrs.launch import device_for
+    from ddrs.models.experts import expert_specs, load_experts
     from ddrs.train.router import held_out_indices, train_router
 
     config = from_namespace(TrainConfig, args, method_settings=parse_settings(args.method_settings))

@@ -25,7 +25,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ddrs.checks import integer
+from ddrs.core.checks import integer
 from ddrs.errors import DDRSError, InputError
 
 # a worker may wait for the slowest one for as long as a long certification takes

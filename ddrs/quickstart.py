@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ddrs.core.experts import Expert, Experts
 from ddrs.data import get_dataset
 from ddrs.errors import InputError
-from ddrs.experts import Expert, Experts
 from ddrs.models import load_checkpoint
 from ddrs.report import (
     envelope_comparison,

@@ -22,15 +22,26 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from ddrs.checks import check_alpha
-from ddrs.classifier import memory_fingerprint
+from ddrs.core.checks import check_alpha
+from ddrs.core.experts import Expert, Experts
+from ddrs.core.route import (
+    DualSmoothing,
+    ExpertCertifier,
+    RoutedCertificate,
+    Router,
+    route_by_certified_radius,
+)
+from ddrs.core.sampling import auto_batch_size
+from ddrs.core.sigma import SEARCHES
+from ddrs.core.smooth import certificate_from_counts
+from ddrs.core.torchutil import model_device
 from ddrs.data.tensors import as_dataset
 from ddrs.errors import CheckpointError, InputError, ResultsFileError
-from ddrs.experts import Expert, Experts
 from ddrs.launch import ONE_PROCESS, Rank
 from ddrs.memory import Answer, CertificationMemory
 from ddrs.memory.store import is_url, shown_location
 from ddrs.models import load_checkpoint
+from ddrs.models.identity import memory_fingerprint
 from ddrs.results import (
     CERTIFY_COLUMNS,
     CERTIFY_PART_COLUMNS,
@@ -48,17 +59,7 @@ from ddrs.results import (
     read_table,
     row_count,
 )
-from ddrs.route import (
-    DualSmoothing,
-    ExpertCertifier,
-    RoutedCertificate,
-    Router,
-    route_by_certified_radius,
-)
-from ddrs.sampling import auto_batch_size, model_device
 from ddrs.shard import run_in_index_order
-from ddrs.sigma import SEARCHES
-from ddrs.smooth import certificate_from_counts
 from ddrs.specs import CertifyRun, PredictRun, SigmaRun
 
 # 16 instead of 4 changed nothing measurable on CPU (docs/PERFORMANCE.md section 6), and a
@@ -422,7 +423,7 @@ def open_memory(path: str, base: Base, dataset) -> CertificationMemory:
         print(f"note: {path} is an empty file; starting a new memory in it")
     shape = dataset.info.input_shape
     if isinstance(base, Experts):
-        fingerprint = base.fingerprint(dataset.info.name, shape)
+        fingerprint = memory_fingerprint(base, dataset.info.name, shape)
     else:
         fingerprint = memory_fingerprint(base, dataset.info.name, shape)
     return CertificationMemory(path, fingerprint, shape)

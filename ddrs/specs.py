@@ -17,11 +17,18 @@ from typing import Any
 
 from torch import nn
 
-from ddrs.checks import integer, number, optional_integer, positive, probability
+from ddrs.core.checks import integer, number, optional_integer, positive, probability
+from ddrs.core.experts import Experts
+from ddrs.core.sigma import (
+    DEFAULT_CLAMP,
+    DEFAULT_GRID,
+    DEFAULT_SAMPLES,
+    MIN_SIGMA,
+    check_search_options,
+)
 from ddrs.errors import InputError, ResultsFileError
-from ddrs.experts import Experts, expert_specs, load_experts
+from ddrs.models.experts import expert_specs, load_experts
 from ddrs.results import file_digest, read_sigmas
-from ddrs.sigma import DEFAULT_CLAMP, DEFAULT_GRID, DEFAULT_SAMPLES, MIN_SIGMA, check_search_options
 
 
 def setting(default: Any = None, help: str = "", **cli: Any) -> Any:
@@ -232,11 +239,11 @@ class DatasetRun:
         return list(range(0, stop, self.skip))
 
     def base_settings(self, command: str, model: nn.Module | Experts, dataset) -> dict:
-        from ddrs.models import model_fingerprint
+        from ddrs.models import memory_fingerprint, model_fingerprint
 
         if isinstance(model, Experts):
             shape = dataset.info.input_shape
-            identity = {"model": model.fingerprint(dataset.info.name, shape)[:16],
+            identity = {"model": memory_fingerprint(model, dataset.info.name, shape)[:16],
                         "experts": model.describe()}  # fmt: skip
         else:
             identity = {"model": model_fingerprint(model)[:16]}

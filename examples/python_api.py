@@ -13,14 +13,15 @@ from pathlib import Path
 
 import torch
 
-from ddrs.classifier import DataDependentSmoothClassifier, memory_fingerprint
+from ddrs.classifier import DataDependentSmoothClassifier
+from ddrs.core.sigma import certified_sigma_search
+from ddrs.core.smooth import Smooth
 from ddrs.data import get_dataset
 from ddrs.memory import CertificationMemory
 from ddrs.models import load_checkpoint
+from ddrs.models.identity import memory_fingerprint
 from ddrs.report import summary_line
 from ddrs.runs import certify_dataset
-from ddrs.sigma import certified_sigma_search
-from ddrs.smooth import Smooth
 from ddrs.specs import CertifyRun
 from ddrs.train.loop import TrainConfig, train
 

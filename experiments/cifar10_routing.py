@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 from study_common import HelpFormatter
 
+from ddrs.core.experts import Expert, Experts
 from ddrs.data import get_dataset
-from ddrs.experts import Expert, Experts
 from ddrs.models import load_checkpoint
 from ddrs.report import (
     envelope_summary,

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from study_common import HelpFormatter
 
+from ddrs.core.sampling import sample_counts
 from ddrs.data import get_dataset
 from ddrs.models import load_checkpoint
 from ddrs.report import (
@@ -52,7 +53,6 @@ from ddrs.report import (
 )
 from ddrs.results import read_table
 from ddrs.runs import certify_dataset, sigma_dataset
-from ddrs.sampling import sample_counts
 from ddrs.specs import CertifyRun, SigmaRun
 from ddrs.train.loop import TrainConfig, train, training_subset
 

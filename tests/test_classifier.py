@@ -4,10 +4,11 @@ memory apply in index order) on the same inputs, seeds and order."""
 import pytest
 import torch
 
-from ddrs.classifier import DataDependentSmoothClassifier, memory_fingerprint
+from ddrs.classifier import DataDependentSmoothClassifier
 from ddrs.data import get_dataset
 from ddrs.memory import CertificationMemory
 from ddrs.models import load_checkpoint
+from ddrs.models.identity import memory_fingerprint
 from ddrs.results import read_table
 from ddrs.runs import certify_dataset, sigma_dataset
 from ddrs.specs import CertifyRun, SigmaRun

@@ -4,10 +4,11 @@ import pytest
 import torch
 from torch import nn
 
+from ddrs.core.noise import NOISE_BLOCK, STREAM_ESTIMATION, noise_for
+from ddrs.core.sampling import sample_counts
+from ddrs.core.smooth import ABSTAIN, Smooth
 from ddrs.errors import InputError
 from ddrs.models import build_model
-from ddrs.sampling import NOISE_BLOCK, STREAM_ESTIMATION, noise_for, sample_counts
-from ddrs.smooth import ABSTAIN, Smooth
 
 
 @pytest.fixture

@@ -120,7 +120,7 @@ def test_corrected_run_after_a_rejected_one_uses_the_same_out(checkpoint, tmp_pa
 def test_numpy_scalars_are_accepted_like_python_numbers():
     import numpy as np
 
-    from ddrs.smooth import Smooth
+    from ddrs.core.smooth import Smooth
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))

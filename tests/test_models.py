@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
+from ddrs.core.torchutil import is_convolutional
 from ddrs.errors import CheckpointError, InputError
 from ddrs.models import (
     ARCH_NAMES,
     NormalizeLayer,
     build_model,
-    is_convolutional,
     load_checkpoint,
     load_user_model,
     model_fingerprint,

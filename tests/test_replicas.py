@@ -17,10 +17,11 @@ import pytest
 import torch
 from helpers import as_json, free_port, start_server
 
-from ddrs.classifier import DataDependentSmoothClassifier, memory_fingerprint
+from ddrs.classifier import DataDependentSmoothClassifier
 from ddrs.data import get_dataset
 from ddrs.memory import CertificationMemory
 from ddrs.models import load_checkpoint
+from ddrs.models.identity import memory_fingerprint
 
 pytestmark = pytest.mark.slow
 N0, N, ALPHA = 20, 4000, 0.01  # start_server's

@@ -4,11 +4,11 @@ selector over experts, and the results independent of batching."""
 import numpy as np
 import pytest
 import torch
-from conftest import LinearBinary
 
-from ddrs.experts import Expert, Experts
-from ddrs.route import DualSmoothing, Router, route_by_certified_radius
-from ddrs.smooth import ABSTAIN
+from conftest import LinearBinary
+from ddrs.core.experts import Expert, Experts
+from ddrs.core.route import DualSmoothing, Router, route_by_certified_radius
+from ddrs.core.smooth import ABSTAIN
 
 
 def _hyperplane(seed: int):

@@ -25,10 +25,11 @@ from fastapi.testclient import TestClient  # noqa: E402
 from helpers import TOKEN, as_json, free_port, post, start_server  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ddrs.classifier import DataDependentSmoothClassifier, memory_fingerprint  # noqa: E402
+from ddrs.classifier import DataDependentSmoothClassifier
 from ddrs.data import dataset_info, get_dataset  # noqa: E402
 from ddrs.memory import CertificationMemory  # noqa: E402
 from ddrs.models import load_checkpoint  # noqa: E402
+from ddrs.models.identity import memory_fingerprint
 from ddrs.serve import CertificationService, create_app  # noqa: E402
 
 N0, N, ALPHA = 20, 300, 0.01
@@ -395,7 +396,7 @@ def test_an_engine_failure_is_a_500_and_the_service_goes_on(digits, tmp_path):
 def test_experts_served_equal_the_offline_pipeline(checkpoint, digits, tmp_path):
     """Queries answered by the service with experts, in arrival order, are the offline
     pipeline's answers: `ddrs sigma --expert` routes, certify with them, then the memory."""
-    from ddrs.experts import Expert, Experts
+    from ddrs.core.experts import Expert, Experts
     from ddrs.results import read_table
     from ddrs.runs import certify_dataset, sigma_dataset
     from ddrs.specs import CertifyRun, SigmaRun
@@ -406,7 +407,7 @@ def test_experts_served_equal_the_offline_pipeline(checkpoint, digits, tmp_path)
 
     def make_classifier():
         memory = CertificationMemory(tmp_path / "served.sqlite",
-                                     experts.fingerprint("digits", info.input_shape),
+                                     memory_fingerprint(experts, "digits", info.input_shape),
                                      info.input_shape)
         return DataDependentSmoothClassifier(experts, 10, memory, n0=N0, n=N, alpha=ALPHA,
                                              search={"samples": 16})

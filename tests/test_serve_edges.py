@@ -21,10 +21,11 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 from helpers import TOKEN, as_json, free_port, start_server, url_of  # noqa: E402
 
-from ddrs.classifier import DataDependentSmoothClassifier, memory_fingerprint  # noqa: E402
+from ddrs.classifier import DataDependentSmoothClassifier
 from ddrs.data import dataset_info, get_dataset  # noqa: E402
 from ddrs.memory import CertificationMemory  # noqa: E402
 from ddrs.models import load_checkpoint  # noqa: E402
+from ddrs.models.identity import memory_fingerprint
 from ddrs.serve import CertificationService, create_app  # noqa: E402
 
 N0, N, ALPHA = 20, 300, 0.01

@@ -78,7 +78,7 @@ def test_predict_in_three_workers_equals_one_process(checkpoint, tmp_path):
 def test_routing_among_experts_in_two_workers_equals_one_process(checkpoint, tmp_path):
     """Routes (`sigma --expert`), certification through them with a memory, and dual
     smoothing: each equal to one process when split over two workers."""
-    from ddrs.experts import Expert, Experts
+    from ddrs.core.experts import Expert, Experts
     from ddrs.models import load_checkpoint
     from ddrs.specs import TrainConfig
     from ddrs.train.router import train_router

@@ -3,20 +3,20 @@
 import numpy as np
 import pytest
 import torch
-from conftest import LinearBinary
 from scipy.stats import norm
 from torch import nn
 
-from ddrs.errors import InputError
-from ddrs.models import build_model
-from ddrs.sigma import (
+from conftest import LinearBinary
+from ddrs.core.sigma import (
     certified_sigma_search,
     grid_sigma_search,
     optimize_sigma,
     sigma_search,
     surrogate_radius,
 )
-from ddrs.stats import clopper_pearson_lower, predicted_certified_radius
+from ddrs.core.stats import clopper_pearson_lower, predicted_certified_radius
+from ddrs.errors import InputError
+from ddrs.models import build_model
 
 
 def _confident_linear(margin: float) -> tuple[LinearBinary, torch.Tensor]:

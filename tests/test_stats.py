@@ -6,9 +6,9 @@ import pytest
 import torch
 from scipy.stats import beta, binom, binomtest, norm
 
+from ddrs.core.smooth import ABSTAIN, Smooth
+from ddrs.core.stats import clopper_pearson_lower, radius_from_p_lower, two_sided_binomial_pvalue
 from ddrs.errors import InputError
-from ddrs.smooth import ABSTAIN, Smooth
-from ddrs.stats import clopper_pearson_lower, radius_from_p_lower, two_sided_binomial_pvalue
 
 
 @pytest.mark.parametrize(
@@ -100,7 +100,7 @@ def test_predict_returns_the_smoothed_class_or_abstains(linear_model):
 
 
 def test_input_specific_sample_size_ladder():
-    from ddrs.stats import input_specific_sample_size as size
+    from ddrs.core.stats import input_specific_sample_size as size
 
     assert size(0.5, 0.25, 10_000, 0.001, 0.01) == 0  # predicted to abstain: no samples
     assert size(0.999, 0.25, 10_000, 0.001, 0.0) == 10_000  # no tolerance: the full N
@@ -108,7 +108,7 @@ def test_input_specific_sample_size_ladder():
     assert sizes == sorted(sizes, reverse=True) and sizes[0] == 100_000
     assert sizes[-1] == 100_000 // 2**9  # the ladder stops at n_min = 100: 195
     # the chosen size's predicted radius is within the tolerance of the full one
-    from ddrs.stats import predicted_certified_radius as radius
+    from ddrs.core.stats import predicted_certified_radius as radius
 
     m = size(0.95, 0.25, 100_000, 0.001, 0.02)
     assert radius(0.95, 0.25, m, 0.001) >= radius(0.95, 0.25, 100_000, 0.001) - 0.02

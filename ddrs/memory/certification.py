@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ddrs.checks import optional_integer, positive
+from ddrs.core.checks import optional_integer, positive
 from ddrs.errors import MemoryStoreError
 from ddrs.memory.index import Index
 from ddrs.memory.rule import (

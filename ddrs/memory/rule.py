@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ddrs.checks import number
+from ddrs.core.checks import number
 from ddrs.core.validate import canonical_input
 from ddrs.errors import InputError
 

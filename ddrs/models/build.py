@@ -83,11 +83,3 @@ def build_model(
         raise InputError(f"mean/std have {normalize.mean.numel()} channels, input has {shape[0]}")
     net = _make_net(arch, int(num_classes), tuple(int(s) for s in shape))
     return nn.Sequential(normalize, net)
-
-
-def is_convolutional(model: nn.Module) -> bool:
-    """True if any Conv2d is inside (TorchScript modules report their original class name)."""
-    return any(
-        isinstance(m, nn.Conv2d) or getattr(m, "original_name", None) == "Conv2d"
-        for m in model.modules()
-    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import os
 import sys
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from ddrs.errors import CheckpointError, InputError
-from ddrs.models.build import ARCH_NAMES, NormalizeLayer, build_model
+from ddrs.models.build import ARCH_NAMES, build_model
 
 FORMAT = "ddrs-checkpoint/1"
 REQUIRED_META = ("arch", "num_classes", "input_shape", "mean", "std")
@@ -314,24 +313,6 @@ def _load_torchscript(path: Path) -> nn.Module:
     except Exception as err:
         raise CheckpointError(f"{path} is not a TorchScript model: {err}") from err
     return model.eval()
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """sha256 over sorted state dict (names, dtypes, shapes, bytes) and the normalisation, if any.
-
-    Identifies "this model + its preprocessing", e.g. to tie a certification memory to a model.
-    """
-    model = _unwrap(model)
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}\n".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
-    first = model[0] if isinstance(model, nn.Sequential) and len(model) else None
-    if isinstance(first, NormalizeLayer):
-        mean, std = first.mean.flatten().tolist(), first.std.flatten().tolist()
-        digest.update(f"normalize|{mean}|{std}".encode())
-    return digest.hexdigest()
 
 
 def load_model(

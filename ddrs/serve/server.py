@@ -17,14 +17,15 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ddrs.classifier import DataDependentSmoothClassifier, memory_fingerprint
+from ddrs.classifier import DataDependentSmoothClassifier
 from ddrs.data import DatasetInfo, ImageOptions, dataset_info
 from ddrs.errors import InputError
-from ddrs.experts import expert_specs, load_experts
 from ddrs.launch import device_for
 from ddrs.memory import CertificationMemory
 from ddrs.memory.store import shown_location
 from ddrs.models import load_model
+from ddrs.models.experts import expert_specs, load_experts
+from ddrs.models.identity import memory_fingerprint
 from ddrs.serve.app import create_app
 from ddrs.serve.security import read_token, url_host
 from ddrs.serve.service import CertificationService
@@ -124,7 +125,7 @@ def serve(run: ServeRun) -> None:
     router = None
     if run.has_experts:
         model = load_experts(expert_specs(run.expert, run.experts), **inputs)
-        fingerprint = model.fingerprint(info.name, info.input_shape)
+        fingerprint = memory_fingerprint(model, info.name, info.input_shape)
         if run.router:
             router = load_router(run.router, model, inputs["device"])
     else:

@@ -21,12 +21,12 @@ from torch.utils.data import DataLoader, RandomSampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from ddrs.core.noise import STREAM_TRAINING, block_seed
+from ddrs.core.sigma import sigma_search
 from ddrs.data import get_dataset
 from ddrs.errors import CheckpointError, InputError, TrainingError
 from ddrs.launch import device_for, join, leave
 from ddrs.models import build_model, load_checkpoint, save_checkpoint
-from ddrs.sampling import block_seed
-from ddrs.sigma import sigma_search
 from ddrs.specs import TrainConfig
 from ddrs.train.distributed import all_reduce_sum, merge_sigma_buffer
 from ddrs.train.methods import Method, build_method
@@ -208,7 +208,7 @@ class Trainer:
                 iterations=c.dd_iterations,
                 lr=c.dd_lr,
                 samples=c.dd_samples,
-                seed=block_seed(c.seed, 99, epoch, 0),
+                seed=block_seed(c.seed, STREAM_TRAINING, epoch, 0),
                 keys=idx.tolist(),
                 batch=max(DD_SEARCH_BATCH, c.dd_samples),
                 measure=False,

@@ -1,4 +1,4 @@
-"""A router for dual smoothing (`ddrs.route`): which expert should answer each input.
+"""A router for dual smoothing (`ddrs.core.route`): which expert should answer each input.
 
 Labels come from the experts themselves, on training images none of them trained on. For an
 image x with label y, each expert j votes on `samples` noisy copies x + s_j e (the selection
@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddrs.core.experts import Experts
+from ddrs.core.route import expert_scores
 from ddrs.data import DatasetInfo, get_dataset
 from ddrs.errors import InputError
-from ddrs.experts import Experts
 from ddrs.models import load_checkpoint
 from ddrs.results import ResultsWriter, read_table
-from ddrs.route import expert_scores
 from ddrs.specs import TrainConfig
 from ddrs.train.loop import train, training_subset
 

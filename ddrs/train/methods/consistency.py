@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddrs.checks import integer, number
+from ddrs.core.checks import integer, number
 from ddrs.train.methods.base import BatchLoss, Method, noise_like
 
 

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddrs.checks import integer, number, positive
-from ddrs.sigma import normal_icdf
+from ddrs.core.checks import integer, number, positive
+from ddrs.core.stats import normal_icdf
 from ddrs.train.methods.base import BatchLoss, Method, noise_like
 
 

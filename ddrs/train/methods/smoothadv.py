@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-from ddrs.checks import integer, number
+from ddrs.core.checks import integer, number
+from ddrs.core.torchutil import frozen_eval
 from ddrs.errors import InputError
-from ddrs.sigma import frozen_eval
 from ddrs.train.methods.base import BatchLoss, Method, noise_like
 
 ATTACKS = ("pgd", "ddn")

@@ -4,91 +4,20 @@ One routine, `sample_counts`, serves CERTIFY, PREDICT and every tool on top of t
 evaluates f(x_i + sigma_i * e) for many inputs at once, each with its own sigma (pixel
 units, inputs in [0, 1], noise added before the model's normalisation layer).
 
-Reproducibility: the noise of input i is a pure function of (seed, stream, key_i, block),
-where `key_i` is a caller-chosen integer (the dataset index in the CLI) and a block is
-`NOISE_BLOCK` consecutive samples of that input. Counts are therefore identical whatever
-`batch` is, whichever other inputs share a call, and when a run is resumed half-way.
-Different streams (selection, estimation, prediction, sigma search) and different keys give
-independent noise.
+Reproducibility: the noise is keyed (noise.py), so counts are identical whatever `batch`
+is, whichever other inputs share a call, and when a run is resumed half-way.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ddrs.errors import InputError
-from ddrs.models import is_convolutional
-
-NOISE_BLOCK = 64
-STREAM_SELECTION = 0
-STREAM_ESTIMATION = 1
-STREAM_PREDICTION = 2
-STREAM_SIGMA_SEARCH = 3
-STREAM_TRAINING = 4
-STREAM_PILOT = 5
-
-_MASK64 = (1 << 64) - 1
-
-
-def _mix64(z: int) -> int:
-    """splitmix64 finaliser: decorrelates nearby integers before they seed a generator."""
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def block_seed(seed: int, stream: int, key: int, block: int) -> int:
-    """The generator seed of one noise block (a 63-bit integer)."""
-    z = _mix64(seed & _MASK64)
-    for part in (stream, key, block):
-        z = _mix64(z ^ (part & _MASK64))
-    return z >> 1
-
-
-class NoiseSource:
-    """Standard normal noise addressed by (key, sample index), generated block by block."""
-
-    def __init__(self, seed: int, stream: int, device: torch.device | str = "cpu"):
-        self.seed, self.stream = int(seed), int(stream)
-        self.generator = torch.Generator(device=device)
-        self.device = torch.device(device)
-
-    def block(self, key: int, block: int, shape: Sequence[int]) -> Tensor:
-        self.generator.manual_seed(block_seed(self.seed, self.stream, key, block))
-        return torch.randn(NOISE_BLOCK, *shape, generator=self.generator, device=self.device)
-
-    def fill(self, out: Tensor, key: int, start: int, stop: int) -> None:
-        """Write the noise of samples [start, stop) of input `key` into `out` (stop-start rows)."""
-        shape = out.shape[1:]
-        pos = 0
-        for b in range(start // NOISE_BLOCK, (stop - 1) // NOISE_BLOCK + 1):
-            lo = max(start, b * NOISE_BLOCK) - b * NOISE_BLOCK
-            hi = min(stop, (b + 1) * NOISE_BLOCK) - b * NOISE_BLOCK
-            if hi - lo == NOISE_BLOCK:  # a whole block: generate it in place
-                self.generator.manual_seed(block_seed(self.seed, self.stream, key, b))
-                torch.randn(
-                    NOISE_BLOCK, *shape, generator=self.generator, out=out[pos : pos + NOISE_BLOCK]
-                )
-            else:
-                out[pos : pos + hi - lo] = self.block(key, b, shape)[lo:hi]
-            pos += hi - lo
-
-
-def noise_for(
-    keys: Sequence[int], num: int, shape: Sequence[int], seed: int, stream: int, device
-) -> Tensor:
-    """All `num` noise samples of each key, shape (len(keys), num, *shape). For small jobs."""
-    source = NoiseSource(seed, stream, device)
-    out = torch.empty(len(keys), num, *shape, device=device)
-    for i, key in enumerate(keys):
-        source.fill(out[i], int(key), 0, num)
-    return out
+from ddrs.core.noise import STREAM_ESTIMATION, NoiseSource
+from ddrs.core.torchutil import autocast_context, eval_mode, is_convolutional, model_device
 
 
 def _chunks(num_inputs: int, num: int, batch: int):
@@ -112,40 +41,8 @@ def _chunks(num_inputs: int, num: int, batch: int):
         yield segments
 
 
-def model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
-AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 CPU_BATCH = 256  # default on CPU where nothing is measured (batches of 64-400 beat 1000)
 CPU_BATCH_CANDIDATES = (64, 128, 256)
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside; every module's own train/eval flag restored exactly afterwards."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
-
-
-def autocast_context(device: torch.device, amp: str | None):
-    """fp16/bf16 autocast on CUDA (changes f's arithmetic, not the statistics' soundness)."""
-    if amp is None:
-        return nullcontext()
-    if amp not in AUTOCAST_DTYPES:
-        raise InputError(f"amp must be one of {sorted(AUTOCAST_DTYPES)}, got {amp!r}")
-    if device.type != "cuda":
-        raise InputError("--amp needs a CUDA device (on CPUs without bf16 it is much slower)")
-    return torch.autocast("cuda", dtype=AUTOCAST_DTYPES[amp])
 
 
 def _fastest_cpu_batch(model: nn.Module, input_shape: Sequence[int]) -> int:

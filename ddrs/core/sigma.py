@@ -23,19 +23,19 @@ The resulting classifier (sigma depends on x) is made certifiable by the memory 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ddrs.checks import check_alpha, integer, number, positive
+from ddrs.core.checks import check_alpha, integer, number, positive
+from ddrs.core.noise import STREAM_SIGMA_SEARCH, block_seed
+from ddrs.core.smooth import check_inputs
+from ddrs.core.stats import normal_icdf, predicted_certified_radius
+from ddrs.core.torchutil import frozen_eval, model_device
 from ddrs.errors import InputError
-from ddrs.sampling import STREAM_SIGMA_SEARCH, block_seed, eval_mode, model_device
-from ddrs.smooth import check_inputs
-from ddrs.stats import predicted_certified_radius
 
 MIN_SIGMA = 1e-3  # lower bound on any optimised sigma (pixel units): keeps s > 0
 DEFAULT_CLAMP = (0.02, 0.98)
@@ -50,11 +50,6 @@ class SigmaSearch:
     radius_after: Tensor
 
 
-def normal_icdf(p: Tensor) -> Tensor:
-    """Phi^-1, differentiable."""
-    return math.sqrt(2.0) * torch.erfinv(2.0 * p - 1.0)
-
-
 def surrogate_radius(
     model: nn.Module, x: Tensor, sigma: Tensor, noise: Tensor, clamp=DEFAULT_CLAMP
 ) -> Tensor:
@@ -65,20 +60,6 @@ def surrogate_radius(
     psi = torch.softmax(model(noisy), dim=1).view(batch, n, -1).mean(dim=1)
     top2 = psi.topk(2, dim=1).values.clamp(*clamp)
     return sigma / 2 * (normal_icdf(top2[:, 0]) - normal_icdf(top2[:, 1]))
-
-
-@contextmanager
-def frozen_eval(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no parameter gradients inside; every module's mode and flag restored."""
-    flags = {p: p.requires_grad for p in model.parameters()}
-    with eval_mode(model):
-        for p in flags:
-            p.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for p, flag in flags.items():
-                p.requires_grad_(flag)
 
 
 class PerInputNoise:

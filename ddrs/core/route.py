@@ -33,16 +33,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ddrs.checks import check_alpha, integer, probability
+from ddrs.core.checks import check_alpha, integer, probability
+from ddrs.core.experts import Expert
+from ddrs.core.noise import STREAM_ROUTER, block_seed
+from ddrs.core.sigma import PerInputNoise, hard_votes
+from ddrs.core.smooth import ABSTAIN, Certificate, Smooth, check_inputs
+from ddrs.core.stats import predicted_certified_radius
+from ddrs.core.torchutil import frozen_eval, model_device
 from ddrs.errors import InputError
-from ddrs.experts import Expert
-from ddrs.sampling import block_seed, model_device
-from ddrs.sigma import PerInputNoise, frozen_eval, hard_votes
-from ddrs.smooth import ABSTAIN, Certificate, Smooth, check_inputs
-from ddrs.stats import predicted_certified_radius
 
 ROUTE_RULES = ("radius", "agree")
-STREAM_ROUTER = 6  # the router's CERTIFY draws its noise from its own seed
 
 
 @dataclass(frozen=True)

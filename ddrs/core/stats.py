@@ -5,10 +5,14 @@ All bounds are exact (Clopper-Pearson), as in Cohen, Rosenfeld & Kolter (2019).
 
 from __future__ import annotations
 
-import numpy as np
-from scipy.stats import beta, binomtest, norm
+import math
 
-from ddrs.checks import check_alpha
+import numpy as np
+import torch
+from scipy.stats import beta, binomtest, norm
+from torch import Tensor
+
+from ddrs.core.checks import check_alpha
 from ddrs.errors import InputError
 
 
@@ -80,3 +84,8 @@ def input_specific_sample_size(
             break
         best = m
     return best
+
+
+def normal_icdf(p: Tensor) -> Tensor:
+    """Phi^-1, differentiable."""
+    return math.sqrt(2.0) * torch.erfinv(2.0 * p - 1.0)

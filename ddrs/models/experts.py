@@ -1,5 +1,4 @@
-"""Experts: a set of (model, sigma) pairs, e.g. models trained at sigma 0.12, 0.25 and 0.5,
-each smoothed at its own sigma, or one model at several sigmas.
+"""How experts (core/experts.py) are given and loaded.
 
 An expert is given on the command line as `--expert SOURCE:SIGMA` (or `NAME=SOURCE:SIGMA`),
 SOURCE a checkpoint or your own model (package.module:factory, TorchScript file), or in an
@@ -10,15 +9,15 @@ each model's probe forward pass on the inputs' shape and class count (`models.lo
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
-from ddrs.checks import positive
+from ddrs.core.checks import positive
+from ddrs.core.experts import Expert, Experts
 from ddrs.errors import InputError
-from ddrs.models import load_model, model_fingerprint
+from ddrs.models.checkpoint import load_model
 
 
 @dataclass(frozen=True)
@@ -28,53 +27,6 @@ class ExpertSpec:
     name: str
     source: str  # a checkpoint path, or package.module:factory, or a TorchScript file
     sigma: float
-
-
-@dataclass(frozen=True)
-class Expert:
-    """A base classifier smoothed at its own sigma."""
-
-    name: str
-    source: str
-    sigma: float
-    model: nn.Module
-
-
-@dataclass(frozen=True)
-class Experts:
-    """A set of experts, in the order given (which a router's classes follow)."""
-
-    members: tuple[Expert, ...]
-
-    def __len__(self) -> int:
-        return len(self.members)
-
-    def __iter__(self):
-        return iter(self.members)
-
-    def __getitem__(self, k: int) -> Expert:
-        return self.members[k]
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(e.name for e in self.members)
-
-    def index(self, name: str) -> int:
-        """The position of the expert called `name`."""
-        if name not in self.names:
-            raise InputError(f"no expert is called {name!r}; the experts are {list(self.names)}")
-        return self.names.index(name)
-
-    def describe(self) -> list[list]:
-        """[[name, sigma], ...], for settings and service descriptions."""
-        return [[e.name, e.sigma] for e in self.members]
-
-    def fingerprint(self, dataset: str, input_shape) -> str:
-        """Identity of 'these experts at these sigmas on these inputs', which a memory belongs
-        to (the memory of routed answers is not the memory of any one model)."""
-        parts = [f"{e.name}|{model_fingerprint(e.model)}|{e.sigma!r}" for e in self.members]
-        text = "experts|" + "|".join(parts) + f"|{dataset}|{tuple(input_shape)}"
-        return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _default_name(source: str, sigma: float) -> str:

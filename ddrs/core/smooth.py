@@ -14,24 +14,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ddrs.checks import check_alpha, integer, number
-from ddrs.core.validate import check_pixels
-from ddrs.errors import InputError
-from ddrs.models import is_convolutional
-from ddrs.sampling import (
-    STREAM_ESTIMATION,
-    STREAM_PILOT,
-    STREAM_PREDICTION,
-    STREAM_SELECTION,
-    auto_batch_size,
-    sample_counts,
-)
-from ddrs.stats import (
+from ddrs.core.checks import check_alpha, integer, number
+from ddrs.core.noise import STREAM_ESTIMATION, STREAM_PILOT, STREAM_PREDICTION, STREAM_SELECTION
+from ddrs.core.sampling import auto_batch_size, sample_counts
+from ddrs.core.stats import (
     clopper_pearson_lower,
     input_specific_sample_size,
     radius_from_p_lower,
     two_sided_binomial_pvalue,
 )
+from ddrs.core.torchutil import is_convolutional
+from ddrs.core.validate import check_pixels
+from ddrs.errors import InputError
 
 ABSTAIN = -1
 
