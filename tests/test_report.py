@@ -317,9 +317,10 @@ def test_sigma_histogram_marks_sigma0_and_counts_in_whole_inputs(tmp_path, monke
     import matplotlib.pyplot as plt
 
     from ddrs import report
+    from ddrs.report import plots
 
     seen = {}
-    real_save = report._save_atomically
+    real_save = plots._save_atomically
 
     def capture(fig, path):
         ax = fig.axes[0]
@@ -327,7 +328,7 @@ def test_sigma_histogram_marks_sigma0_and_counts_in_whole_inputs(tmp_path, monke
         seen["labels"] = [t.get_text() for t in ax.get_legend().get_texts()]
         real_save(fig, path)
 
-    monkeypatch.setattr(report, "_save_atomically", capture)
+    monkeypatch.setattr(plots, "_save_atomically", capture)
     run = tmp_path / "dd.tsv"
     lines = ["idx\tlabel\tpredict\tradius\tcorrect\tsigma\ttime"]
     lines += [f"{i}\t1\t1\t0.4\t1\t{0.2 + 0.1 * (i % 3)}\t0.1" for i in range(5)]
@@ -345,6 +346,7 @@ def test_expert_plot_colours_each_sigma_alike_in_every_panel_and_marks_router_ab
     from matplotlib.colors import to_hex
 
     from ddrs import report
+    from ddrs.report import plots
 
     seen = []
 
@@ -355,7 +357,7 @@ def test_expert_plot_colours_each_sigma_alike_in_every_panel_and_marks_router_ab
                        if len(c.get_offsets()) and c.get_facecolor().size]  # filled markers
             seen.append((labels, colours))
 
-    monkeypatch.setattr(report, "_save_atomically", capture)
+    monkeypatch.setattr(plots, "_save_atomically", capture)
     header = "idx\tlabel\tpredict\tradius\tcorrect\tsigma\ttime\texpert"
     routed = [header] + [f"{i}\t1\t1\t0.3\t1\t{s}\t0.1\t{e}"
                          for i, (e, s) in enumerate([("a", 0.12), ("b", 0.25), ("c", 0.5)])]
