@@ -20,7 +20,7 @@ from common import interleaved, median, print_machine, save_json, table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_own_data import write_folder  # noqa: E402
 
-from ddrs.specs import TrainConfig  # noqa: E402
+from ddrs.train.config import TrainConfig
 from ddrs.train.loop import Trainer  # noqa: E402
 
 

@@ -31,7 +31,7 @@ from test_serve import _free_port, start_server  # noqa: E402
 
 from conftest import PostgresServer  # noqa: E402
 from ddrs.data import get_dataset  # noqa: E402
-from ddrs.specs import TrainConfig  # noqa: E402
+from ddrs.train.config import TrainConfig
 from ddrs.train.loop import train  # noqa: E402
 
 

@@ -27,8 +27,8 @@ from ddrs.core.route import DualSmoothing, ExpertCertifier, route_by_certified_r
 from ddrs.core.smooth import Smooth
 from ddrs.data import get_dataset
 from ddrs.models import load_checkpoint
-from ddrs.runs import load_router
-from ddrs.specs import TrainConfig
+from ddrs.runs.source import load_router
+from ddrs.train.config import TrainConfig
 from ddrs.train.loop import train
 from ddrs.train.router import train_router
 

@@ -23,8 +23,15 @@ from ddrs.data.tensors import as_dataset
 from ddrs.memory import Answer, CertificationMemory
 from ddrs.models import load_checkpoint
 from ddrs.models.identity import memory_fingerprint
-from ddrs.runs import certify_dataset, predict_dataset, sigma_dataset
-from ddrs.specs import CertifyRun, PredictRun, SigmaRun, TrainConfig
+from ddrs.runs import (
+    CertifyRun,
+    PredictRun,
+    SigmaRun,
+    certify_dataset,
+    predict_dataset,
+    sigma_dataset,
+)
+from ddrs.train.config import TrainConfig
 from ddrs.train.loop import train as train_model
 
 __version__ = "0.2.0"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
-from ddrs.core.experts import Expert, Experts
+from ddrs.core.experts import Experts, as_experts
 from ddrs.core.route import (
     ROUTE_RULES,
     DualSmoothing,
@@ -29,6 +29,7 @@ from ddrs.core.route import (
 )
 from ddrs.core.sampling import CPU_BATCH
 from ddrs.core.sigma import DEFAULT_SAMPLES, SEARCHES, check_search_options
+from ddrs.core.smooth import DEFAULTS
 from ddrs.core.validate import canonical_input
 from ddrs.errors import InputError
 from ddrs.memory import Answer, CertificationMemory
@@ -52,43 +53,45 @@ class DataDependentSmoothClassifier:
     num_classes: int
     memory: CertificationMemory
     sigma0: float | None = None
-    n0: int = 100
-    n: int = 100_000
-    alpha: float = 0.001
+    n0: int = DEFAULTS.n0
+    n: int = DEFAULTS.n
+    alpha: float = DEFAULTS.alpha
     batch: int | None = None  # samples per forward pass; None: automatic
     seed: int = 0
     selector: str | None = "certified"
     search: dict = field(default_factory=dict)  # the selector's options (sigma.SEARCHES)
     router: Router | None = None
-    router_n: int | None = None
+    router_n: int | None = None  # the router's N; None: n
     router_share: float = 0.5
-    route_rule: str = "radius"
+    route_rule: str = ROUTE_RULES[0]
+    amp: str | None = None  # CUDA: autocast every base classifier (experts and router)
+    compile: bool = False  # torch.compile every base classifier
 
     def __post_init__(self):
-        if isinstance(self.model, Experts):
-            if self.route_rule not in ROUTE_RULES:
-                raise InputError(f"unknown route rule {self.route_rule!r}; use {ROUTE_RULES}")
-            self.experts = self.model
-        else:
-            if self.router is not None:
-                raise InputError("a router routes among experts; give Experts as the model")
+        self.experts = as_experts(self.model)
+        if self.route_rule not in ROUTE_RULES:
+            raise InputError(f"unknown route rule {self.route_rule!r}; use {ROUTE_RULES}")
+        if self.router is not None and self.experts.is_model:
+            raise InputError("a router routes among experts; give Experts as the model")
+        if self.experts.is_model:
             if self.selector == "certified":  # score candidates at the N and alpha used below
                 self.search = {"n": self.n, "alpha": self.alpha} | self.search
             elif self.selector == "ascent" and not self.search:  # the authors' settings
                 self.search = {"iterations": 100, "lr": 1e-4, "samples": 1}
             if self.selector is not None:
                 check_search_options(self.selector, self.search)
-            self.experts = Experts((Expert("", "", float("nan"), self.model),))
-        self.certifier = ExpertCertifier(self.experts, self.num_classes, seed=self.seed)
+        engine = {"seed": self.seed, "amp": self.amp, "compile": self.compile}
+        self.certifier = ExpertCertifier(self.experts, self.num_classes, **engine)
         self.dual = None
         if self.router is not None:
-            self.dual = DualSmoothing(self.router, self.experts, self.num_classes, seed=self.seed)
+            self.dual = DualSmoothing(self.router, self.experts, self.num_classes, **engine)
+            self.router_n = self.router_n or self.n
 
     def routes_for(self, x: Tensor, keys: list[int]) -> tuple[list[int], Tensor]:
         """Each input's expert (index) and sigma (B,): with experts, the certified selector
         over them; with one model, the selector's sigma (or sigma0 without one)."""
         batch = self.batch or CPU_BATCH
-        if isinstance(self.model, Experts):
+        if not self.experts.is_model:
             samples = self.search.get("samples", DEFAULT_SAMPLES["certified"])
             found = route_by_certified_radius(
                 self.experts, x, samples=samples, n=self.n, alpha=self.alpha,
@@ -97,16 +100,9 @@ class DataDependentSmoothClassifier:
             return found.expert.tolist(), found.sigma
         if self.selector is None:
             return [0] * x.shape[0], torch.full((x.shape[0],), float(self.sigma0))
-        found = SEARCHES[self.selector](self.model, x, self.sigma0, seed=self.seed, keys=keys,
-                                        batch=batch, **self.search)  # fmt: skip
+        found = SEARCHES[self.selector](self.experts[0].model, x, self.sigma0, seed=self.seed,
+                                        keys=keys, batch=batch, **self.search)  # fmt: skip
         return [0] * x.shape[0], found.sigma.detach().float().cpu()
-
-    def sigmas_for(self, x: Tensor, keys: list[int]) -> Tensor:
-        """Each input's sigma (B,)."""
-        return self.routes_for(x, keys)[1]
-
-    def sigma_for(self, x: Tensor, key: int) -> float:
-        return float(self.sigmas_for(x.unsqueeze(0), [key])[0])
 
     def certify(self, x: Tensor, key: int = 0) -> Answer:
         """Certify x (C, H, W); `key` names its noise streams (e.g. its dataset index)."""
@@ -153,11 +149,11 @@ class DataDependentSmoothClassifier:
         if self.dual is not None:
             if kind == "certify":
                 found = self.dual.certify_batch(
-                    x, n0=self.n0, n=self.n, router_n=self.router_n or self.n, alpha=self.alpha,
+                    x, n0=self.n0, n=self.n, router_n=self.router_n, alpha=self.alpha,
                     router_share=self.router_share, batch=self.batch, keys=keys,
                 )  # fmt: skip
                 return [(c.predict, c.radius, c.expert, c.sigma) for c in found]
-            found = self.dual.predict_batch(x, n=self.n, router_n=self.router_n or self.n,
+            found = self.dual.predict_batch(x, n=self.n, router_n=self.router_n,
                                             alpha=self.alpha, router_share=self.router_share,
                                             batch=self.batch, keys=keys)  # fmt: skip
             return [(c, 0.0, k, s) for c, k, s in found]

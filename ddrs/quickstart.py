@@ -33,8 +33,8 @@ from ddrs.report import (
     significant_claims,
 )
 from ddrs.results import row_count
-from ddrs.runs import certify_dataset, sigma_dataset
-from ddrs.specs import CertifyRun, SigmaRun, TrainConfig
+from ddrs.runs import CertifyRun, SigmaRun, certify_dataset, sigma_dataset
+from ddrs.train.config import TrainConfig
 from ddrs.train.loop import train
 from ddrs.train.router import held_out_indices, train_router
 

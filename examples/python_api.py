@@ -21,8 +21,7 @@ from ddrs.memory import CertificationMemory
 from ddrs.models import load_checkpoint
 from ddrs.models.identity import memory_fingerprint
 from ddrs.report import summary_line
-from ddrs.runs import certify_dataset
-from ddrs.specs import CertifyRun
+from ddrs.runs import CertifyRun, certify_dataset
 from ddrs.train.loop import TrainConfig, train
 
 

@@ -52,8 +52,8 @@ from ddrs.report import (
     sign_test,
 )
 from ddrs.results import read_table
-from ddrs.runs import certify_dataset, sigma_dataset
-from ddrs.specs import CertifyRun, SigmaRun, TrainConfig
+from ddrs.runs import CertifyRun, SigmaRun, certify_dataset, sigma_dataset
+from ddrs.train.config import TrainConfig
 from ddrs.train.loop import train, training_subset
 from ddrs.train.router import train_router
 

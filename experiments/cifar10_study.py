@@ -52,8 +52,7 @@ from ddrs.report import (
     run_summary,
 )
 from ddrs.results import read_table
-from ddrs.runs import certify_dataset, sigma_dataset
-from ddrs.specs import CertifyRun, SigmaRun
+from ddrs.runs import CertifyRun, SigmaRun, certify_dataset, sigma_dataset
 from ddrs.train.loop import TrainConfig, train, training_subset
 
 STEPS = ("train", "select", "certify", "noise", "report")

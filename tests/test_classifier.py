@@ -10,8 +10,7 @@ from ddrs.memory import CertificationMemory
 from ddrs.models import load_checkpoint
 from ddrs.models.identity import memory_fingerprint
 from ddrs.results import read_table
-from ddrs.runs import certify_dataset, sigma_dataset
-from ddrs.specs import CertifyRun, SigmaRun
+from ddrs.runs import CertifyRun, SigmaRun, certify_dataset, sigma_dataset
 
 SEARCH_OPTIONS = {
     "ascent": {"iterations": 4, "lr": 1e-2, "samples": 2},

@@ -290,9 +290,9 @@ def test_resume_refuses_another_selection(checkpoint, tmp_path, capsys):
 
 
 def test_output_to_a_file_gets_plain_progress_lines(checkpoint, tmp_path, monkeypatch, capsys):
-    import ddrs.runs
+    from ddrs.runs import progress
 
-    monkeypatch.setattr(ddrs.runs, "PLAIN_PROGRESS_SECONDS", 0.0)  # a line per group
+    monkeypatch.setattr(progress, "PLAIN_SECONDS", 0.0)  # a line per group
     args = certify_args(checkpoint, tmp_path / "r.tsv", "--sigma", "0.25", "--max", "4")
     args.remove("--no-progress")
     assert main(args) == 0

@@ -124,7 +124,7 @@ def test_an_own_model_on_arrays_is_probed_with_the_data_shape(tmp_path, monkeypa
 
 
 def test_the_chance_warning_waits_while_accuracy_rises(tmp_path):
-    from ddrs.specs import TrainConfig
+    from ddrs.train.config import TrainConfig
     from ddrs.train.loop import Trainer
 
     trainer = Trainer(TrainConfig(dataset="digits", arch="cnn", epochs=1, eval_max=None,

@@ -398,8 +398,7 @@ def test_experts_served_equal_the_offline_pipeline(checkpoint, digits, tmp_path)
     pipeline's answers: `ddrs sigma --expert` routes, certify with them, then the memory."""
     from ddrs.core.experts import Expert, Experts
     from ddrs.results import read_table
-    from ddrs.runs import certify_dataset, sigma_dataset
-    from ddrs.specs import CertifyRun, SigmaRun
+    from ddrs.runs import CertifyRun, SigmaRun, certify_dataset, sigma_dataset
 
     model = load_checkpoint(checkpoint).model
     experts = Experts(tuple(Expert(f"at{s:g}", checkpoint, s, model) for s in (0.12, 0.25, 0.5)))

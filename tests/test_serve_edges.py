@@ -313,8 +313,7 @@ def test_minus_zero_is_a_repeat_answered_without_sampling(digits_checkpoint, dig
 def test_the_command_line_answers_repeats_from_the_memory_without_sampling(digits_checkpoint,
                                                                           digits, tmp_path):
     from ddrs.results import read_table
-    from ddrs.runs import certify_dataset
-    from ddrs.specs import CertifyRun
+    from ddrs.runs import CertifyRun, certify_dataset
 
     model = Counting(load_checkpoint(digits_checkpoint).model)
     memory = str(tmp_path / "m.sqlite")

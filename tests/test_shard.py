@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from ddrs.cli import main
 from ddrs.results import read_table
-from ddrs.shard import part_path, parts_dir
+from ddrs.runs.shard import part_path, parts_dir
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [
@@ -80,7 +80,7 @@ def test_routing_among_experts_in_two_workers_equals_one_process(checkpoint, tmp
     smoothing: each equal to one process when split over two workers."""
     from ddrs.core.experts import Expert, Experts
     from ddrs.models import load_checkpoint
-    from ddrs.specs import TrainConfig
+    from ddrs.train.config import TrainConfig
     from ddrs.train.router import train_router
 
     model = load_checkpoint(checkpoint).model

@@ -9,17 +9,11 @@ from ddrs.cli import build_parser, main
 from ddrs.data import get_dataset
 from ddrs.errors import InputError, ResultsFileError
 from ddrs.models import load_checkpoint
+from ddrs.options import from_namespace
 from ddrs.results import settings_path
-from ddrs.runs import certify_dataset
-from ddrs.specs import (
-    CertifyRun,
-    ModelSource,
-    PredictRun,
-    ServeRun,
-    SigmaRun,
-    TrainConfig,
-    from_namespace,
-)
+from ddrs.runs import CertifyRun, ModelSource, PredictRun, SigmaRun, certify_dataset
+from ddrs.serve.spec import ServeRun
+from ddrs.train.config import TrainConfig
 
 MINIMAL = {
     CertifyRun: (["certify", "--sigma", "0.25"], {"sigma": 0.25}),

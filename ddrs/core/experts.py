@@ -61,3 +61,8 @@ class Experts:
     def describe(self) -> list[list]:
         """[[name, sigma], ...], for settings and service descriptions."""
         return [[e.name, e.sigma] for e in self.members]
+
+
+def as_experts(model: nn.Module | Experts) -> Experts:
+    """Experts as they are; one model as the one expert of every input."""
+    return model if isinstance(model, Experts) else Experts.of_model(model)

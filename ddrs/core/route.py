@@ -37,7 +37,7 @@ from ddrs.core.checks import check_alpha, integer, probability
 from ddrs.core.experts import Expert
 from ddrs.core.noise import STREAM_ROUTER, block_seed
 from ddrs.core.sigma import PerInputNoise, hard_votes
-from ddrs.core.smooth import ABSTAIN, Certificate, Smooth, check_inputs
+from ddrs.core.smooth import ABSTAIN, DEFAULTS, Certificate, Smooth, check_inputs
 from ddrs.core.stats import predicted_certified_radius
 from ddrs.core.torchutil import frozen_eval, model_device
 from ddrs.errors import InputError
@@ -99,8 +99,8 @@ def expert_scores(
 
 
 def route_by_certified_radius(
-    experts: Sequence[Expert], x: Tensor, *, samples: int = 64, n: int = 100_000,
-    alpha: float = 0.001, rule: str = "radius", seed: int = 0,
+    experts: Sequence[Expert], x: Tensor, *, samples: int = 64, n: int = DEFAULTS.n,
+    alpha: float = DEFAULTS.alpha, rule: str = ROUTE_RULES[0], seed: int = 0,
     keys: Sequence[int] | None = None, batch: int = 256,
 ) -> Routing:  # fmt: skip
     """The certified selector over experts (see the module's docstring); `n`, `alpha`: those
@@ -217,7 +217,7 @@ class DualSmoothing:
     a class; the answer holds on the smaller ball (see the module's docstring)."""
 
     def __init__(self, router: Router, experts: Sequence[Expert], num_classes: int, *,
-                 seed: int = 0, amp: str | None = None):  # fmt: skip
+                 seed: int = 0, amp: str | None = None, compile: bool = False):  # fmt: skip
         names = tuple(e.name for e in experts)
         if tuple(router.expert_names) != names:
             raise InputError(
@@ -225,8 +225,10 @@ class DualSmoothing:
                 f"order; got {list(names)} (give the same experts, in its order)"
             )
         self.router, self.experts = router, list(experts)
-        self.route_smooth = Smooth(router.model, len(names), seed=router_seed(seed), amp=amp)
-        self.certifier = ExpertCertifier(experts, num_classes, seed=seed, amp=amp)
+        self.route_smooth = Smooth(router.model, len(names), seed=router_seed(seed), amp=amp,
+                                   compile=compile)  # fmt: skip
+        self.certifier = ExpertCertifier(experts, num_classes, seed=seed, amp=amp,
+                                         compile=compile)  # fmt: skip
 
     def batch_size(self, batch: int | None, input_shape) -> int:
         return self.certifier.batch_size(batch, input_shape)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ddrs.core.checks import check_alpha, integer, number, positive
 from ddrs.core.noise import STREAM_SIGMA_SEARCH, block_seed
-from ddrs.core.smooth import check_inputs
+from ddrs.core.smooth import DEFAULTS, check_inputs
 from ddrs.core.stats import normal_icdf, predicted_certified_radius
 from ddrs.core.torchutil import frozen_eval, model_device
 from ddrs.errors import InputError
@@ -288,8 +288,8 @@ def certified_sigma_search(
     spread: tuple[float, float] = (0.5, 2.0),
     sigma_range: tuple[float, float] | None = None,
     samples: int = 64,
-    n: int = 100_000,
-    alpha: float = 0.001,
+    n: int = DEFAULTS.n,
+    alpha: float = DEFAULTS.alpha,
     seed: int = 0,
     keys: Sequence[int] | None = None,
     batch: int = 256,
@@ -361,8 +361,8 @@ def check_search_options(search: str, options: dict) -> None:
             o.get("spread", (0.5, 2.0)),
             o.get("sigma_range"),
             o["samples"],
-            o.get("n", 100_000),
-            o.get("alpha", 0.001),
+            o.get("n", DEFAULTS.n),
+            o.get("alpha", DEFAULTS.alpha),
         )
         return
     _check_search_args(

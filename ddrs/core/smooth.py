@@ -31,6 +31,20 @@ ABSTAIN = -1
 
 
 @dataclass(frozen=True)
+class CertifySettings:
+    """CERTIFY's and PREDICT's sample sizes and failure probability, with the field's usual
+    values (Cohen et al.'s CIFAR-10 and ImageNet runs): N0 100, N 100,000, alpha 0.001. The one
+    home of these defaults: every signature and every command line option takes them here."""
+
+    n0: int = 100
+    n: int = 100_000
+    alpha: float = 0.001
+
+
+DEFAULTS = CertifySettings()
+
+
+@dataclass(frozen=True)
 class Certificate:
     """CERTIFY's answer for one input: class (or ABSTAIN) and certified L2 radius."""
 

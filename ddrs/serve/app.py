@@ -31,6 +31,7 @@ from torch import Tensor
 from ddrs.classifier import Answer
 from ddrs.data import DatasetInfo
 from ddrs.memory import MemoryUnavailable
+from ddrs.options import default_of
 from ddrs.serve import inputs
 from ddrs.serve.api import (
     PREVIEW_RESPONSE,
@@ -54,7 +55,7 @@ from ddrs.serve.security import (
     secure_headers,
 )
 from ddrs.serve.service import CertificationService, EngineError, Unavailable
-from ddrs.specs import ServeRun, default_of
+from ddrs.serve.spec import ServeRun
 
 OPEN_PATHS = {"/", "/page.js", "/page.css", "/health", "/favicon.ico", "/openapi.json"}
 PAGE_PATHS = {"/", "/page.js", "/page.css"}

@@ -23,14 +23,13 @@ from ddrs.errors import InputError
 from ddrs.launch import device_for
 from ddrs.memory import CertificationMemory
 from ddrs.memory.store import shown_location
-from ddrs.models import load_model
-from ddrs.models.experts import expert_specs, load_experts
 from ddrs.models.identity import memory_fingerprint
+from ddrs.runs.source import load_router, recorded_image_options
 from ddrs.serve.app import create_app
 from ddrs.serve.security import read_token, url_host
 from ddrs.serve.service import CertificationService
-from ddrs.specs import LOOPBACK_NAMES as LOOPBACK
-from ddrs.specs import ServeRun, recorded_image_options
+from ddrs.serve.spec import LOOPBACK_NAMES as LOOPBACK
+from ddrs.serve.spec import ServeRun
 
 
 class HeaderTimeout(H11Protocol):
@@ -115,30 +114,22 @@ def _log_lines(level: str) -> None:
 
 def serve(run: ServeRun) -> None:
     """Load, check, and serve until stopped (SIGTERM drains the queries in flight)."""
-    from ddrs.runs import load_router
-
     token = read_token(run.token_file) if run.token_file else None
     check_port_free(run.host, run.port)
     info = _inputs(run)
-    inputs = {"num_classes": info.num_classes, "input_shape": info.input_shape,
-              "inputs_name": info.name, "device": device_for(run.device)}  # fmt: skip
-    router = None
-    if run.has_experts:
-        model = load_experts(expert_specs(run.expert, run.experts), **inputs)
-        fingerprint = memory_fingerprint(model, info.name, info.input_shape)
-        if run.router:
-            router = load_router(run.router, model, inputs["device"])
-    else:
-        model = load_model(checkpoint=run.checkpoint, model=run.model, **inputs)
-        fingerprint = memory_fingerprint(model, info.name, info.input_shape)
+    device = device_for(run.device)
+    experts = run.load_for(info.num_classes, info.input_shape, info.name, device)
+    fingerprint = memory_fingerprint(experts, info.name, info.input_shape)
+    router = load_router(run.router, experts, device) if run.router else None
 
     def make_classifier():
         memory = CertificationMemory(run.memory, fingerprint, info.input_shape)
         return DataDependentSmoothClassifier(
-            model, info.num_classes, memory, run.noise_level, n0=run.n0, n=run.n,
+            experts, info.num_classes, memory, run.noise_level, n0=run.n0, n=run.n,
             alpha=run.alpha, batch=run.batch, seed=run.seed, selector=run.selector,
             search=run.options, router=router, router_n=run.router_n,
-            router_share=run.router_share, route_rule=run.route_rule,
+            router_share=run.router_share, route_rule=run.route_rule, amp=run.amp,
+            compile=run.compile,
         )  # fmt: skip
 
     make_classifier().memory.close()  # a memory of another model or a corrupt one: say so now
@@ -148,8 +139,8 @@ def serve(run: ServeRun) -> None:
         "num_classes": info.num_classes, "sigma": run.sigma, "sigma0": run.sigma0,
         "search": run.selector, "n0": run.n0, "n": run.n, "alpha": run.alpha, "memory": memory,
     }  # fmt: skip
-    if run.has_experts:
-        describe.update(experts=model.describe(), route=(
+    if not experts.is_model:
+        describe.update(experts=experts.describe(), route=(
             f"router (sigma_r {router.sigma:g})" if router else f"selector ({run.route_rule})"))
     describe = {key: value for key, value in describe.items() if value is not None}
     service = CertificationService(make_classifier, info, max_batch=run.max_batch,

@@ -21,8 +21,9 @@ from torch import Tensor
 from ddrs.classifier import Answer, DataDependentSmoothClassifier
 from ddrs.data import DatasetInfo
 from ddrs.memory import MemoryUnavailable
+from ddrs.options import default_of
 from ddrs.serve.metrics import ServiceMetrics
-from ddrs.specs import ServeRun, default_of
+from ddrs.serve.spec import ServeRun
 
 PATHS = {"/", "/page.js", "/page.css", "/health", "/favicon.ico", "/v1/certify", "/v1/predict",
          "/v1/preview", "/v1/memory/stats", "/metrics", "/openapi.json"}  # fmt: skip

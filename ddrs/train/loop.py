@@ -27,7 +27,7 @@ from ddrs.data import get_dataset
 from ddrs.errors import CheckpointError, InputError, TrainingError
 from ddrs.launch import device_for, join, leave
 from ddrs.models import build_model, load_checkpoint, save_checkpoint
-from ddrs.specs import TrainConfig
+from ddrs.train.config import TrainConfig
 from ddrs.train.distributed import all_reduce_sum, merge_sigma_buffer
 from ddrs.train.methods import Method, build_method
 

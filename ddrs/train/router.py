@@ -28,11 +28,12 @@ import torch
 
 from ddrs.core.experts import Experts
 from ddrs.core.route import expert_scores
+from ddrs.core.smooth import DEFAULTS
 from ddrs.data import DatasetInfo, get_dataset
 from ddrs.errors import InputError
 from ddrs.models import load_checkpoint
 from ddrs.results import ResultsWriter, read_table
-from ddrs.specs import TrainConfig
+from ddrs.train.config import TrainConfig
 from ddrs.train.loop import train, training_subset
 
 LABEL_COLUMNS = ("idx", "label", "route", "expert", "right", "score")
@@ -76,7 +77,7 @@ def label_routes(share_of_label: np.ndarray, top: np.ndarray, score: np.ndarray,
 
 def router_labels(
     experts: Experts, dataset, indices: Sequence[int], out: str | Path, *, samples: int = 64,
-    n: int = 100_000, alpha: float = 0.001, seed: int = 0, batch: int = 256,
+    n: int = DEFAULTS.n, alpha: float = DEFAULTS.alpha, seed: int = 0, batch: int = 256,
     group: int = 64,
 ) -> dict[int, int]:  # fmt: skip
     """{dataset index: expert index}; written to `out` (LABEL_COLUMNS) as it goes, and
@@ -125,7 +126,8 @@ class RoutedImages:
 
 def train_router(
     experts: Experts, config: TrainConfig, indices: Sequence[int] | None = None, *,
-    samples: int = 64, n: int = 100_000, alpha: float = 0.001, eval_share: float = 0.1,
+    samples: int = 64, n: int = DEFAULTS.n, alpha: float = DEFAULTS.alpha,
+    eval_share: float = 0.1,
     batch: int = 256, labels: str | Path | None = None,
 ) -> Path:  # fmt: skip
     """Label `indices` of the training split (default: every image no expert trained on) and

@@ -1,31 +1,23 @@
-"""The `ddrs` command line: argument parsing only; every command calls library functions.
-
-The options of training, certify / predict / sigma and serve are the fields of their run
-specifications (`ddrs.specs`): names, defaults and help come from there.
-"""
+"""The parser of the `ddrs` command line: the options of training, certify / predict / sigma
+and serve are the fields of their run specifications: names, defaults and help come from
+there (`add_spec`)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import MISSING, fields
 
 from ddrs import __version__
-from ddrs.errors import DDRSError
-from ddrs.specs import (
-    CertifyRun,
-    ModelSource,
-    PredictRun,
-    RouterLabels,
-    ServeRun,
-    SigmaRun,
-    TrainConfig,
-)
+from ddrs.cli.converters import CONVERTERS
+from ddrs.runs import CertifyRun, ModelSource, PredictRun, SigmaRun
+from ddrs.serve.spec import ServeRun
+from ddrs.train.config import RouterLabels, TrainConfig
 
 
 def add_spec(parser: argparse.ArgumentParser, spec: type) -> None:
-    """One option per field of `spec` (a dataclass of ddrs.specs), from its metadata: the
-    flag (--FIELD-NAME unless `flag`), `aliases`, `type` (else the default's), `choices`,
+    """One option per field of `spec` (a run specification), from its metadata: the flag
+    (--FIELD-NAME unless `flag`), `aliases`, `type` (else the default's; a name is one of
+    converters.py's), `choices`,
     `required`, `repeatable`, `group` (a required choice of one among the fields sharing it),
     `section` (a heading in --help); bool fields are switches."""
     groups: dict[str, argparse._ActionsContainer] = {}
@@ -43,7 +35,8 @@ def add_spec(parser: argparse.ArgumentParser, spec: type) -> None:
         elif meta.get("repeatable"):
             options.update(action="append", default=None)
         else:
-            options.update(default=default, type=meta.get("type", type(default)))
+            kind = meta.get("type", type(default))
+            options.update(default=default, type=CONVERTERS.get(kind, kind))
             if default is None and "type" not in meta:
                 options["type"] = str
             for key in ("choices", "metavar"):
@@ -223,40 +216,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="hide progress bars")
     return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    from ddrs import commands
-    from ddrs.launch import leave, quiet_on_interrupt
-
-    try:
-        code = commands.run(args, argv, entry=main) or 0
-        sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
-        return code
-    except DDRSError as error:
-        if not getattr(error, "quiet", False):  # a sharded run's other ranks stay quiet
-            print(f"ddrs: error: {error}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # the reader went away (`ddrs ... | head`): nothing to report
-        _quiet_stdout()
-        return 0
-    except KeyboardInterrupt:
-        if not quiet_on_interrupt():
-            print(
-                "ddrs: interrupted; results written so far are kept (re-run to resume)",
-                file=sys.stderr,
-            )
-        return 130
-    finally:
-        leave()
-
-
-def _quiet_stdout() -> None:
-    """Point stdout at /dev/null, so that the interpreter's final flush of a closed pipe
-    raises nothing at exit."""
-    import os
-
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())

@@ -1,7 +1,8 @@
 """What each CLI command does, in terms of library calls (the CLI itself only parses).
 
 `COMMANDS` maps each command to its function; each builds its run specification
-(`ddrs.specs`) from the arguments, loads the model once (`ModelSource.load`), and calls the
+(runs/, train/config.py, serve/spec.py) from the arguments, loads the model once
+(`ModelSource.load`), and calls the
 library. `entry` is the command line's own main, which the launcher runs in each worker of a
 sharded run.
 """
@@ -19,26 +20,22 @@ from ddrs.errors import InputError
 from ddrs.launch import join, launch, starts_workers
 from ddrs.memory import CertificationMemory
 from ddrs.memory.store import shown_location
+from ddrs.options import from_namespace
 from ddrs.report import summary_line
 from ddrs.results import read_table
 from ddrs.runs import (
+    CertifyRun,
+    ModelSource,
+    PredictRun,
+    SigmaRun,
     apply_memory,
     certify_dataset,
-    check_files,
     predict_dataset,
     recertify,
     sigma_dataset,
 )
-from ddrs.specs import (
-    CertifyRun,
-    ModelSource,
-    PredictRun,
-    RouterLabels,
-    ServeRun,
-    SigmaRun,
-    TrainConfig,
-    from_namespace,
-)
+from ddrs.serve.spec import ServeRun
+from ddrs.train.config import RouterLabels, TrainConfig
 
 Entry = Callable[[list[str]], int]
 
@@ -50,7 +47,7 @@ def _dataset_run(args, argv: list[str], entry: Entry, spec: type, run_dataset) -
     run = from_namespace(spec, args)
     model, dataset = from_namespace(ModelSource, args).load()
     if starts_workers(args.nproc_per_node, args.device):
-        check_files(run, model, dataset)
+        run.check(model, dataset)
         return launch(entry, argv, args.nproc_per_node)
     rank = join()
     run_dataset(model, dataset, run, rank=rank)
@@ -183,6 +180,7 @@ def cmd_train_router(args) -> None:
     from ddrs.data import get_dataset
     from ddrs.launch import device_for
     from ddrs.models.experts import expert_specs, load_experts
+    from ddrs.train.loop import spread_indices
     from ddrs.train.router import held_out_indices, train_router
 
     config = from_namespace(TrainConfig, args, method_settings=parse_settings(args.method_settings))
@@ -197,8 +195,8 @@ def cmd_train_router(args) -> None:
     if labels.exclude:
         left_out = set(read_table(labels.exclude)["idx"].tolist())
         indices = [i for i in indices if i not in left_out]
-    if labels.images is not None and labels.images < len(indices):
-        indices = [indices[k * len(indices) // labels.images] for k in range(labels.images)]
+    if labels.images is not None:
+        indices = [indices[k] for k in spread_indices(len(indices), labels.images)]
     print(f"router: {len(indices)} held-out images, experts {', '.join(experts.names)}")
     path = train_router(experts, config, indices, samples=labels.label_samples, n=labels.label_n,
                         alpha=labels.label_alpha)  # fmt: skip
