@@ -15,6 +15,7 @@ from test_memory import Ram
 from ddrs.cli import main
 from ddrs.errors import MemoryStoreError
 from ddrs.memory import CertificationMemory, copy_memory
+from ddrs.memory.store import ENTRY_COLUMNS
 
 SHAPE = (3, 4, 4)
 
@@ -109,9 +110,8 @@ def test_three_writer_processes_on_postgres_keep_the_invariant(pg_url):
 
 def _entries(location: str) -> list[tuple]:
     with CertificationMemory.open_existing(location) as memory:
-        return [row for rows in memory.store.rows(
-            "idx, x, sqnorm, predict, radius, sigma, mc_predict, mc_radius, changed, shrunk, "
-            "created, checksum", 0, None, 1000) for row in rows]
+        return [row for rows in memory.store.rows(ENTRY_COLUMNS[1:], 0, None, 1000)
+                for row in rows]
 
 
 def test_copy_sqlite_to_postgres_and_back_is_exact(pg_url, tmp_path):

@@ -18,12 +18,12 @@ import os
 import time
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from ddrs.core.checks import optional_integer, positive
 from ddrs.errors import MemoryStoreError
+from ddrs.memory.codec import CHECKED, decode, entry_row, verify
 from ddrs.memory.index import Index
 from ddrs.memory.rule import (
     ABSTAIN,
@@ -32,6 +32,7 @@ from ddrs.memory.rule import (
     as_input,
     check_certificate,
     distances,
+    find_repeat,
     resolve,
 )
 from ddrs.memory.sqlite import SQLiteStore
@@ -39,7 +40,6 @@ from ddrs.memory.store import (
     SCHEMA_VERSION,
     Store,
     bad_checksums,
-    entry_checksum,
     is_url,
     new_meta,
     shown_location,
@@ -182,38 +182,27 @@ class CertificationMemory:
         verified; drop the index if it outgrows its budget."""
         if self.index is None:
             return
-        for rows in self.store.rows("x, predict, radius, sigma, checksum",
-                                    self.index.last_order + 1, None, self.chunk_size):
+        for rows in self.store.rows((*CHECKED, "sigma"), self.index.last_order + 1, None,
+                                    self.chunk_size):  # fmt: skip
             if self.index.nbytes(self.index.n + len(rows)) > self.cache_bytes:
                 self.index = None  # too large for RAM: scan the store instead
                 return
-            self._verify([(o, x, c, r, k) for o, x, c, r, s, k in rows])
-            x, c, r, order = self._decode([(o, x, c, r) for o, x, c, r, s, k in rows])
-            sigma = torch.tensor([row[4] for row in rows], dtype=torch.float64)
+            verify(rows, self.path)
+            x, c, r, order = decode(rows, self.dim, self.path)
+            sigma = torch.tensor([row[5] for row in rows], dtype=torch.float64)
             self.index.append(x, c, r, sigma, order)
-
-    def _verify(self, rows: list[tuple]) -> None:
-        bad = bad_checksums(rows)
-        if bad:
-            raise MemoryStoreError(
-                f"certification memory {shown_location(self.path)!r}: entry {bad[0]} does not "
-                f"match its checksum ({len(bad)} such entries in this chunk): it was changed "
-                "outside ddrs. Restore it from a backup; `ddrs memory check` lists them all"
-            )
 
     def _scan_store(self, xf: Tensor, predict: int, radius: float):
         """Without an index: the exact repeat's order, or the candidates, from a scan of the
         store (entries of other classes, exact distances)."""
         kept = []
-        for rows in self.store.rows("x, predict, radius, sigma, checksum", 0, None,
-                                    self.chunk_size):  # fmt: skip
-            self._verify([(o, x, c, r, k) for o, x, c, r, s, k in rows])
-            x, c, r, order = self._decode([(o, x, c, r) for o, x, c, r, s, k in rows])
-            d = distances(xf, x)
-            for j in torch.nonzero(d == 0).flatten().tolist():
-                if torch.equal(x[j].view(torch.int32), xf.view(torch.int32)):
-                    return int(order[j]), None
-            keep = (c != predict) & (d < r + radius)
+        for rows in self.store.rows(CHECKED, 0, None, self.chunk_size):
+            verify(rows, self.path)
+            x, c, r, order = decode(rows, self.dim, self.path)
+            repeat = find_repeat(xf, x)
+            if repeat is not None:
+                return int(order[repeat]), None
+            keep = (c != predict) & (distances(xf, x) < r + radius)
             kept.append((x[keep], c[keep], r[keep]))
         if not kept:
             return None, (torch.empty(0, self.dim), torch.empty(0, dtype=torch.long),
@@ -224,8 +213,8 @@ class CertificationMemory:
         """The stored answer of entry `order`, as it was given (its Monte Carlo certificate and
         what the memory did to it), counted as a repeat (inside `serialised`)."""
         self.store.add_repeat()
-        rows = next(self.store.rows("predict, radius, sigma, mc_predict, mc_radius, changed, "
-                                    "shrunk", order, order + 1, 1))  # fmt: skip
+        rows = next(self.store.rows(("predict", "radius", "sigma", "mc_predict", "mc_radius",
+                                     "changed", "shrunk"), order, order + 1, 1))  # fmt: skip
         _, c, r, sigma, mc_c, mc_r, changed, shrunk = rows[0]
         return Answer(int(c), float(r), float(sigma), bool(changed), bool(shrunk), int(mc_c),
                       float(mc_r), repeat=True, entry=order)  # fmt: skip
@@ -233,44 +222,24 @@ class CertificationMemory:
     def _next_order(self) -> int:
         if self.index is not None:
             return self.index.last_order + 1
-        return int(self.store.scalar("SELECT COALESCE(MAX(ord) + 1, 0) FROM entries"))
+        return self.store.next_order()
 
     def _insert(self, xf: Tensor, answer: Answer, idx: int | None) -> None:
-        x_bytes = xf.numpy().astype("<f4", copy=False).tobytes()
-        self.store.insert((
-            answer.entry, None if idx is None else int(idx), x_bytes,
-            float(xf.double().square().sum()), answer.predict, answer.radius, answer.sigma,
-            answer.mc_predict, answer.mc_radius, int(answer.changed), int(answer.shrunk),
-            time.time(), entry_checksum(answer.entry, x_bytes, answer.predict, answer.radius),
-        ))  # fmt: skip
-
-    def _decode(self, rows: list[tuple]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Rows (ord, x, predict, radius) -> (x [k, D] float32, c, r, order) tensors."""
-        blobs = [bytes(row[1]) for row in rows]
-        if any(len(b) != self.dim * 4 for b in blobs):
-            raise MemoryStoreError(f"{shown_location(self.path)!r} holds an input of the "
-                                   "wrong size (corrupt)")  # fmt: skip
-        x = np.frombuffer(bytearray(b"".join(blobs)), dtype="<f4").reshape(len(rows), self.dim)
-        return (
-            torch.from_numpy(x.astype(np.float32, copy=False)),
-            torch.tensor([row[2] for row in rows], dtype=torch.long),
-            torch.tensor([row[3] for row in rows], dtype=torch.float64),
-            torch.tensor([row[0] for row in rows], dtype=torch.long),
-        )
+        self.store.insert(entry_row(xf, answer, idx))
 
     # -- reading
 
     def __len__(self) -> int:
-        return int(self.store.scalar("SELECT COUNT(*) FROM entries"))
+        return self.store.count()
 
     def entries(
         self, chunk_size: int | None = None
     ) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]]:
         """Chunks (x [k, *shape] float32, c, r, sigma, order, idx) in insertion order; c and
         order int64, r and sigma float64, idx int64 with -1 where none was given."""
-        for rows in self.store.rows("x, predict, radius, sigma, idx", 0, None,
+        for rows in self.store.rows(("x", "predict", "radius", "sigma", "idx"), 0, None,
                                     chunk_size or self.chunk_size):  # fmt: skip
-            x, c, r, order = self._decode(rows)
+            x, c, r, order = decode(rows, self.dim, self.path)
             sigma = torch.tensor([row[4] for row in rows], dtype=torch.float64)
             idx = torch.tensor([-1 if row[5] is None else row[5] for row in rows]).long()
             yield x.reshape(len(rows), *self.input_shape), c, r, sigma, order, idx
@@ -284,13 +253,15 @@ class CertificationMemory:
     def corrupt_entries(self) -> list[int]:
         """Orders of the entries whose stored content no longer matches their checksum."""
         bad: list[int] = []
-        for rows in self.store.rows("x, predict, radius, checksum", 0, None, self.chunk_size):
+        for rows in self.store.rows(CHECKED, 0, None, self.chunk_size):
             bad += bad_checksums(rows)
         return bad
 
-    def next_idx(self) -> int:
-        """One more than the largest stored idx (0 for none)."""
-        return int(self.store.scalar("SELECT COALESCE(MAX(idx) + 1, 0) FROM entries"))
+    def chunks(self, start: int = 0, stop: int | None = None, size: int | None = None):
+        """Decoded chunks (x [k, D], c, r, order) of the entries start <= order < stop."""
+        for rows in self.store.rows(("x", "predict", "radius"), start, stop,
+                                    size or self.chunk_size):  # fmt: skip
+            yield decode(rows, self.dim, self.path)
 
     def allocate_keys(self, count: int) -> list[int]:
         """Query numbers (noise keys) that no other client of this memory gets."""
@@ -298,14 +269,7 @@ class CertificationMemory:
 
     def answers_by_idx(self) -> dict[int, tuple[int, float]]:
         """{idx: (predict, radius)} of the entries stored with a dataset index."""
-        rows = self.store.all_rows("SELECT idx, predict, radius FROM entries "
-                                   "WHERE idx IS NOT NULL")  # fmt: skip
-        return {int(i): (int(c), float(r)) for i, c, r in rows}
-
-    @property
-    def is_shared(self) -> bool:
-        """A database several processes or machines may write (PostgreSQL)."""
-        return is_url(self.path)
+        return {int(i): (int(c), float(r)) for i, c, r in self.store.answers_by_idx()}
 
     # -- lifetime
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from ddrs.errors import MemoryStoreError
 from ddrs.memory.certification import CertificationMemory, open_store
-from ddrs.memory.store import ENTRY_COLUMNS, bad_checksums, shown_location
+from ddrs.memory.codec import Entry, verify
+from ddrs.memory.store import ENTRY_COLUMNS, shown_location
+
+
+def _checked(entry: Entry) -> tuple:
+    """An entry as `codec.verify` reads it: (ord, x, predict, radius, checksum)."""
+    return entry.ord, entry.x, entry.predict, entry.radius, entry.checksum
 
 
 def copy_memory(source: str, destination: str, chunk: int = 2048) -> int:
@@ -21,28 +27,20 @@ def copy_memory(source: str, destination: str, chunk: int = 2048) -> int:
                                        "copy into a new one")  # fmt: skip
             target.create({k: meta[k] for k in meta if k != "next_key"})
             copied = 0
-            columns = ", ".join(ENTRY_COLUMNS[1:])
-            for rows in src.store.rows(columns, 0, None, chunk):
-                _verify(rows, source)
+            for rows in src.store.rows(ENTRY_COLUMNS[1:], 0, None, chunk):
+                entries = [Entry(*row) for row in rows]
+                verify([_checked(e) for e in entries], source)
                 with target.serialised():
-                    for row in rows:
-                        target.insert(tuple(bytes(v) if isinstance(v, memoryview) else v
-                                            for v in row))  # fmt: skip
+                    for entry in entries:
+                        target.insert(entry)
                 copied += len(rows)
-            written = sum(len(r) for r in target.rows("x", 0, None, chunk))
-            for back in target.rows(columns, 0, None, chunk):
-                _verify(back, destination)
+            written = 0
+            for back in target.rows(ENTRY_COLUMNS[1:], 0, None, chunk):
+                verify([_checked(Entry(*row)) for row in back], destination)
+                written += len(back)
             if written != copied:
                 raise MemoryStoreError(f"copied {copied} entries, {shown_location(destination)} "
                                        f"holds {written}")  # fmt: skip
         finally:
             target.close()
     return copied
-
-
-def _verify(rows: list[tuple], location: str) -> None:
-    """Rows in ENTRY_COLUMNS order: every checksum must match."""
-    bad = bad_checksums([(row[0], row[2], row[4], row[5], row[12]) for row in rows])
-    if bad:
-        raise MemoryStoreError(f"{shown_location(location)}: entry {bad[0]} does not match its "
-                               f"checksum ({len(bad)} in this chunk); nothing more is copied")

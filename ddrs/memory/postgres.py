@@ -21,7 +21,14 @@ from contextlib import contextmanager
 import psycopg
 
 from ddrs.errors import MemoryStoreError
-from ddrs.memory.store import ENTRY_COLUMNS, META_KEYS, Store, shown_location, unavailable
+from ddrs.memory.store import (
+    ENTRY_COLUMNS,
+    META_KEYS,
+    Store,
+    column_list,
+    shown_location,
+    unavailable,
+)
 
 LOCK_KEY = 0x64647273  # "ddrs": the advisory lock of the check-and-insert
 _SCHEMA = """
@@ -122,8 +129,10 @@ class PostgresStore(Store):
             self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
             yield
 
-    def rows(self, columns: str, start: int, stop: int | None, chunk: int) -> Iterator[list]:
+    def rows(self, columns: tuple[str, ...], start: int, stop: int | None,
+             chunk: int) -> Iterator[list]:  # fmt: skip
         stop = (1 << 62) if stop is None else stop
+        columns = column_list(columns)
         while True:
             with self.errors():
                 rows = self._connect().execute(
@@ -144,11 +153,11 @@ class PostgresStore(Store):
         self.conn.execute("UPDATE ddrs_meta SET value = (value::bigint + 1)::text "
                           "WHERE key = 'repeats'")  # fmt: skip
 
-    def scalar(self, query: str) -> object:
+    def _scalar(self, query: str) -> object:
         with self.errors():
             return self._connect().execute(self._sql(query)).fetchone()[0]
 
-    def all_rows(self, query: str) -> list[tuple]:
+    def _all(self, query: str) -> list[tuple]:
         with self.errors():
             return self._connect().execute(self._sql(query)).fetchall()
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from ddrs.errors import MemoryStoreError
-from ddrs.memory.store import ENTRY_COLUMNS, META_KEYS, Store, entry_checksum
+from ddrs.memory.store import ENTRY_COLUMNS, META_KEYS, Store, column_list, entry_checksum
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value NOT NULL);
@@ -111,7 +111,7 @@ class SQLiteStore(Store):
         if dict(self.conn.execute("SELECT key, value FROM meta")).get("schema_version") != 1:
             return  # another process upgraded it meanwhile
         self.conn.execute("ALTER TABLE entries ADD COLUMN checksum TEXT NOT NULL DEFAULT ''")
-        for rows in self.rows("x, predict, radius", 0, None, 4096):
+        for rows in self.rows(("x", "predict", "radius"), 0, None, 4096):
             self.conn.executemany(
                 "UPDATE entries SET checksum = ? WHERE ord = ?",
                 [(entry_checksum(o, x, c, r), o) for o, x, c, r in rows],
@@ -129,8 +129,10 @@ class SQLiteStore(Store):
                 raise
             self.conn.execute("COMMIT")
 
-    def rows(self, columns: str, start: int, stop: int | None, chunk: int) -> Iterator[list]:
+    def rows(self, columns: tuple[str, ...], start: int, stop: int | None,
+             chunk: int) -> Iterator[list]:  # fmt: skip
         stop = (1 << 62) if stop is None else stop
+        columns = column_list(columns)
         while True:
             with self.errors():
                 rows = self.conn.execute(
@@ -150,11 +152,11 @@ class SQLiteStore(Store):
     def add_repeat(self) -> None:
         self.conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'repeats'")
 
-    def scalar(self, query: str) -> object:
+    def _scalar(self, query: str) -> object:
         with self.errors():
             return self.conn.execute(query).fetchone()[0]
 
-    def all_rows(self, query: str) -> list[tuple]:
+    def _all(self, query: str) -> list[tuple]:
         with self.errors():
             return self.conn.execute(query).fetchall()
 
@@ -162,7 +164,7 @@ class SQLiteStore(Store):
         """Numbers after the largest stored idx, counted on in this process (one serving
         process per SQLite memory)."""
         if self.next_key is None:
-            self.next_key = int(self.scalar("SELECT COALESCE(MAX(idx) + 1, 0) FROM entries"))
+            self.next_key = int(self._scalar("SELECT COALESCE(MAX(idx) + 1, 0) FROM entries"))
         keys = list(range(self.next_key, self.next_key + count))
         self.next_key += count
         return keys

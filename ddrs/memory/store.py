@@ -68,8 +68,10 @@ class Store:
         durably at the end, rolled back on an error."""
         raise NotImplementedError
 
-    def rows(self, columns: str, start: int, stop: int | None, chunk: int) -> Iterator[list]:
-        """Pages of (ord, *columns) rows with start <= ord < stop, in order."""
+    def rows(self, columns: tuple[str, ...], start: int, stop: int | None,
+             chunk: int) -> Iterator[list]:  # fmt: skip
+        """Pages of (ord, *columns) rows with start <= ord < stop, in order; `columns` are
+        names of ENTRY_COLUMNS."""
         raise NotImplementedError
 
     def insert(self, row: tuple) -> None:
@@ -80,12 +82,34 @@ class Store:
         """Count an exact repeat answered from the memory; inside `serialised`."""
         raise NotImplementedError
 
-    def scalar(self, query: str) -> object:
-        """The one value a read-only query returns (COUNT, MAX, ...)."""
+    def _scalar(self, query: str) -> object:
+        """The one value of a read-only query of the shared SQL below (tables `entries`,
+        `meta`), in this store's dialect."""
         raise NotImplementedError
 
-    def all_rows(self, query: str) -> list[tuple]:
+    def _all(self, query: str) -> list[tuple]:
         raise NotImplementedError
+
+    # -- what the memory and its tools read, by name
+    def count(self) -> int:
+        """The number of entries."""
+        return int(self._scalar("SELECT COUNT(*) FROM entries"))
+
+    def next_order(self) -> int:
+        """The order the next entry gets (one more than the last)."""
+        return int(self._scalar("SELECT COALESCE(MAX(ord) + 1, 0) FROM entries"))
+
+    def repeats(self) -> int:
+        """Exact repeats answered from the memory so far."""
+        return int(self._scalar("SELECT value FROM meta WHERE key = 'repeats'"))
+
+    def outcomes(self) -> list[tuple]:
+        """(predict, radius, sigma, changed, shrunk) of every entry."""
+        return self._all("SELECT predict, radius, sigma, changed, shrunk FROM entries")
+
+    def answers_by_idx(self) -> list[tuple]:
+        """(idx, predict, radius) of the entries stored with a dataset index."""
+        return self._all("SELECT idx, predict, radius FROM entries WHERE idx IS NOT NULL")
 
     def allocate_keys(self, count: int) -> list[int]:
         """`count` query numbers (noise keys) no other client of this store gets."""
@@ -93,6 +117,14 @@ class Store:
 
     def close(self) -> None:
         raise NotImplementedError
+
+
+def column_list(columns: tuple[str, ...]) -> str:
+    """The SQL list of entry columns, every name checked against ENTRY_COLUMNS."""
+    unknown = [c for c in columns if c not in ENTRY_COLUMNS]
+    if unknown:
+        raise ValueError(f"not entry columns: {unknown}")
+    return ", ".join(columns)
 
 
 def is_url(location: str) -> bool:

@@ -12,8 +12,8 @@ CHECK_BLOCK = 1024  # pairwise block side in `check`: a few [block, block] float
 
 def memory_stats(memory, bins: int = 10) -> dict:
     """Summary counts; the radius histogram is over the non-abstained entries."""
-    rows = memory.store.all_rows("SELECT predict, radius, sigma, changed, shrunk FROM entries")
-    repeats = int(memory.store.scalar("SELECT value FROM meta WHERE key = 'repeats'"))
+    rows = memory.store.outcomes()
+    repeats = memory.store.repeats()
     table = np.array(rows, dtype=np.float64).reshape(-1, 5)
     c, r, sigma, changed, shrunk = table.T
     classes, counts = np.unique(c[c >= 0].astype(np.int64), return_counts=True)
@@ -42,10 +42,9 @@ def intersecting_pairs(memory, tol: float = TOLERANCE) -> list[tuple]:
     more than tol * (1 + R_i + R_j), overlap = R_i + R_j - d_ij. Blockwise: at most two
     blocks of inputs in RAM at a time; O(N^2 D) flops."""
     block = min(memory.chunk_size, CHECK_BLOCK)
-    stop = int(memory.store.scalar("SELECT COALESCE(MAX(ord) + 1, 0) FROM entries"))
+    stop = memory.store.next_order()
     bad: list[tuple] = []
-    for rows_a in memory.store.rows("x, predict, radius", 0, stop, block):
-        a = memory._decode(rows_a)
-        for rows_b in memory.store.rows("x, predict, radius", int(a[3][0]), stop, block):
-            bad += violations(a, memory._decode(rows_b), tol)
+    for a in memory.chunks(0, stop, block):
+        for b in memory.chunks(int(a[3][0]), stop, block):
+            bad += violations(a, b, tol)
     return sorted(bad)
