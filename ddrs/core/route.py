@@ -36,7 +36,7 @@ from torch import Tensor
 from ddrs.core.checks import check_alpha, integer, probability
 from ddrs.core.experts import Expert
 from ddrs.core.noise import STREAM_ROUTER, block_seed
-from ddrs.core.sigma import PerInputNoise, hard_votes
+from ddrs.core.sigma import hard_votes, input_chunks
 from ddrs.core.smooth import ABSTAIN, DEFAULTS, Certificate, Smooth, check_inputs
 from ddrs.core.stats import predicted_certified_radius
 from ddrs.core.torchutil import frozen_eval, model_device
@@ -78,10 +78,8 @@ def expert_scores(
     for j, e in enumerate(experts):
         by_model.setdefault(id(e.model), []).append(j)
     device = model_device(experts[0].model)
-    step = max(1, batch // (samples * width))
-    for lo in range(0, count, step):
-        xs = x[lo : lo + step].to(device, torch.float32)
-        noise = PerInputNoise(keys[lo : lo + step], seed, device).draw(samples, xs.shape[1:])
+    for lo, xs, chunk_noise in input_chunks(x, keys, samples * width, batch, seed, device):
+        noise = chunk_noise.draw(samples, xs.shape[1:])
         for columns in by_model.values():
             model = experts[columns[0]].model
             candidates = torch.tensor(sigmas[columns], dtype=torch.float32, device=device)

@@ -23,7 +23,7 @@ The resulting classifier (sigma depends on x) is made certifiable by the memory 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,6 +98,18 @@ def _search_keys(x: Tensor, keys: Sequence[int] | None) -> list[int]:
     return keys
 
 
+def input_chunks(x: Tensor, keys: Sequence[int], per_input: int, batch: int, seed: int,
+                 device) -> Iterator[tuple[int, Tensor, PerInputNoise]]:  # fmt: skip
+    """The skeleton every search shares: the inputs `batch // per_input` at a time (a forward
+    pass of at most `batch` samples when each input needs `per_input`), each chunk on the
+    model's device with its inputs' noise (keyed, so the result does not depend on `batch`).
+    Yields (first position, chunk, noise)."""
+    step = max(1, batch // per_input)
+    for lo in range(0, x.shape[0], step):
+        yield lo, x[lo : lo + step].to(device, torch.float32), PerInputNoise(
+            keys[lo : lo + step], seed, device)  # fmt: skip
+
+
 def _joined(parts: list[SigmaSearch]) -> SigmaSearch:
     """The per-chunk results of a search as one, on the CPU."""
     return SigmaSearch(
@@ -158,13 +170,10 @@ def sigma_search(
     device = model_device(model)
     keys = _search_keys(x, keys)
     high = math.inf if max_sigma is None else max_sigma
-    step = max(1, batch // samples)
     parts = []
     with frozen_eval(model):
-        for lo in range(0, x.shape[0], step):
-            xs = x[lo : lo + step].to(device, torch.float32)
-            noise = PerInputNoise(keys[lo : lo + step], seed, device)
-            s0 = sigma0[lo : lo + step].to(device).clamp(min_sigma, high)
+        for lo, xs, noise in input_chunks(x, keys, samples, batch, seed, device):
+            s0 = sigma0[lo : lo + len(xs)].to(device).clamp(min_sigma, high)
             parts.append(
                 _ascend(
                     model, xs, s0, noise, iterations, lr, samples, clamp, min_sigma, high, measure
@@ -211,14 +220,12 @@ def grid_sigma_search(
     factors = torch.logspace(math.log10(spread[0]), math.log10(spread[1]), grid, device=device)
     factors = torch.cat([torch.ones(1, device=device), factors])  # sigma0 itself competes too
     grid = factors.numel()
-    step = max(1, batch // (samples * grid))
     parts = []
     with frozen_eval(model), torch.no_grad():
-        for lo in range(0, x.shape[0], step):
-            xs = x[lo : lo + step].to(device, torch.float32)
+        for lo, xs, chunk_noise in input_chunks(x, keys, samples * grid, batch, seed, device):
             count = xs.shape[0]
-            noise = PerInputNoise(keys[lo : lo + step], seed, device).draw(samples, xs.shape[1:])
-            s0 = sigma0[lo : lo + step].to(device)
+            noise = chunk_noise.draw(samples, xs.shape[1:])
+            s0 = sigma0[lo : lo + count].to(device)
             candidates = (s0[:, None] * factors[None, :]).clamp(min_sigma, high)  # (B, G)
             scores = surrogate_radius(
                 model,
@@ -318,19 +325,17 @@ def certified_sigma_search(
     keys = _search_keys(x, keys)
     candidates = _candidates(sigma0, grid, spread, sigma_range)
     nearest = (candidates.log() - sigma0.log()[:, None]).abs().argmin(dim=1)
-    step = max(1, batch // (samples * grid))
     parts = []
     with frozen_eval(model), torch.inference_mode():
-        for lo in range(0, x.shape[0], step):
-            xs = x[lo : lo + step].to(device, torch.float32)
-            noise = PerInputNoise(keys[lo : lo + step], seed, device).draw(samples, xs.shape[1:])
-            sigmas = candidates[lo : lo + step]
+        for lo, xs, chunk_noise in input_chunks(x, keys, samples * grid, batch, seed, device):
+            noise = chunk_noise.draw(samples, xs.shape[1:])
+            sigmas = candidates[lo : lo + len(xs)]
             votes = hard_votes(model, xs, sigmas.to(device), noise, batch)
             frequency = (votes.max(dim=2).values / samples).cpu()
             scores = predicted_certified_radius(frequency.numpy(), sigmas.numpy(), n, alpha)
             best = np.argmax(scores, axis=1)  # the first maximum: ties go to the smaller sigma
             rows = np.arange(len(best))
-            before = scores[rows, nearest[lo : lo + step].numpy()]
+            before = scores[rows, nearest[lo : lo + len(xs)].numpy()]
             parts.append(
                 SigmaSearch(
                     sigmas[rows, best],
