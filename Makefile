@@ -7,7 +7,8 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 OUT ?= runs/quickstart
 
-.PHONY: demo test setup lint bench clean screenshots docs
+.PHONY: demo test test-fast setup lint format clean screenshots docs
+SOURCES := ddrs tests benchmarks experiments examples conftest.py
 
 $(BIN)/ddrs: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,10 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# the edit-test loop: everything but the end-to-end runs (marked slow) and the README's blocks
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
 # the page's screenshots in docs/, taken by the browser tests (needs Debian's chromium)
 screenshots: setup
 	DDRS_SCREENSHOTS=docs $(BIN)/python -m pytest -q tests/test_page.py
@@ -32,8 +37,14 @@ screenshots: setup
 docs: setup
 	$(BIN)/python -W error -m pdoc ddrs -o docs/api
 
+# one formatter (ruff format) and one linter; CI runs `make lint` after the tests
 lint: setup
-	$(BIN)/ruff check ddrs tests benchmarks experiments examples conftest.py
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/ruff format --check $(SOURCES)
+
+format: setup
+	$(BIN)/ruff format $(SOURCES)
+	$(BIN)/ruff check --fix $(SOURCES)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

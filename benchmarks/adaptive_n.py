@@ -30,11 +30,17 @@ RADII = (0.25, 0.5, 0.75)
 
 def summary(certs, labels) -> dict:
     predict = np.array([c.predict for c in certs])
-    tab = {"idx": np.arange(len(certs)), "radius": np.array([c.radius for c in certs]),
-           "predict": predict, "correct": (predict == labels).astype(int)}
-    return {"clean": certified_accuracy(tab, 0.0),
-            **{f"r={r}": certified_accuracy(tab, r) for r in RADII},
-            "ACR": average_certified_radius(tab)}
+    tab = {
+        "idx": np.arange(len(certs)),
+        "radius": np.array([c.radius for c in certs]),
+        "predict": predict,
+        "correct": (predict == labels).astype(int),
+    }
+    return {
+        "clean": certified_accuracy(tab, 0.0),
+        **{f"r={r}": certified_accuracy(tab, r) for r in RADII},
+        "ACR": average_certified_radius(tab),
+    }
 
 
 def sync(device: torch.device) -> None:
@@ -64,9 +70,16 @@ def main() -> None:
     else:
         from sigma_search import trained_model
 
-        model = trained_model(argparse.Namespace(
-            checkpoint=None, dataset="digits", arch="cnn", epochs=30, train_subset=None,
-            data_root=None)).to(device)
+        model = trained_model(
+            argparse.Namespace(
+                checkpoint=None,
+                dataset="digits",
+                arch="cnn",
+                epochs=30,
+                train_subset=None,
+                data_root=None,
+            )
+        ).to(device)
     test = get_dataset(args.dataset, "test", args.data_root, augment=False)
     count = min(len(test), args.inputs)
     keys = np.linspace(0, len(test) - 1, count).round().astype(int).tolist()
@@ -80,28 +93,66 @@ def main() -> None:
             sync(device)
             start = time.perf_counter()
             if kind == "fixed N":
-                certs = smooth.certify_batch(x, args.sigma, 100, n, args.alpha, args.batch,
-                                             keys=keys)
+                certs = smooth.certify_batch(
+                    x, args.sigma, 100, n, args.alpha, args.batch, keys=keys
+                )
                 samples = count * (100 + n)
             else:
-                certs = smooth.certify_batch_adaptive(x, args.sigma, 100, n, args.alpha,
-                                                      args.pilot, args.tolerance, args.batch,
-                                                      keys=keys)
+                certs = smooth.certify_batch_adaptive(
+                    x,
+                    args.sigma,
+                    100,
+                    n,
+                    args.alpha,
+                    args.pilot,
+                    args.tolerance,
+                    args.batch,
+                    keys=keys,
+                )
                 samples = sum(100 + args.pilot + c.n for c in certs)
             sync(device)
             seconds = time.perf_counter() - start
-            entry = {"n": n, "kind": kind, "samples": samples, "seconds": seconds,
-                     "early_abstain": sum(c.n == 0 for c in certs) if kind != "fixed N" else 0,
-                     **summary(certs, labels)}
+            entry = {
+                "n": n,
+                "kind": kind,
+                "samples": samples,
+                "seconds": seconds,
+                "early_abstain": sum(c.n == 0 for c in certs) if kind != "fixed N" else 0,
+                **summary(certs, labels),
+            }
             results["runs"].append(entry)
             print(entry, flush=True)
-            rows.append([f"{n:,}", kind, f"{samples / count:,.0f}", f"{seconds:.1f}",
-                         entry["early_abstain"], f"{entry['clean']:.3f}",
-                         *(f"{entry[f'r={r}']:.3f}" for r in RADII), f"{entry['ACR']:.4f}"])
-    print(f"\n## {count} {args.dataset} test inputs, sigma {args.sigma}, alpha {args.alpha}, "
-          f"pilot {args.pilot}, tolerance {args.tolerance}")
-    print(table(["N", "method", "samples / input", "wall s", "abstained on pilot", "clean",
-                 *(f"r={r}" for r in RADII), "ACR"], rows))
+            rows.append(
+                [
+                    f"{n:,}",
+                    kind,
+                    f"{samples / count:,.0f}",
+                    f"{seconds:.1f}",
+                    entry["early_abstain"],
+                    f"{entry['clean']:.3f}",
+                    *(f"{entry[f'r={r}']:.3f}" for r in RADII),
+                    f"{entry['ACR']:.4f}",
+                ]
+            )
+    print(
+        f"\n## {count} {args.dataset} test inputs, sigma {args.sigma}, alpha {args.alpha}, "
+        f"pilot {args.pilot}, tolerance {args.tolerance}"
+    )
+    print(
+        table(
+            [
+                "N",
+                "method",
+                "samples / input",
+                "wall s",
+                "abstained on pilot",
+                "clean",
+                *(f"r={r}" for r in RADII),
+                "ACR",
+            ],
+            rows,
+        )
+    )
     save_json(args.json, results)
 
 

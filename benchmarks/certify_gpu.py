@@ -64,8 +64,9 @@ def measure(arch: str, amp: str | None, device: torch.device, scale: float) -> d
     n = max(1, int(n * scale))
     classes = 1000 if arch == "resnet50" else 10
     torch.manual_seed(0)
-    mean, std = (CIFAR.mean, CIFAR.std) if classes == 10 else ((0.485, 0.456, 0.406),
-                                                              (0.229, 0.224, 0.225))
+    mean, std = (
+        (CIFAR.mean, CIFAR.std) if classes == 10 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    )
     model = build_model(arch, classes, shape, mean, std).to(device).eval()
     xs = torch.rand(inputs, *shape, device=device)
     with autocast(amp):
@@ -77,7 +78,8 @@ def measure(arch: str, amp: str | None, device: torch.device, scale: float) -> d
     b = timed(lambda: smooth.certify_batch(xs, SIGMA, N0, n, ALPHA, batch, keys=keys))
 
     noisy = (xs[:1] + SIGMA * torch.randn(batch, *shape, device=device)).contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
     steps = -(-total // batch)
 
     def bare():
@@ -90,16 +92,27 @@ def measure(arch: str, amp: str | None, device: torch.device, scale: float) -> d
     cohen = CohenSmooth(reference, classes, SIGMA)
     a = {}
     for ref_batch in (400, batch):
+
         def run_a(bs=ref_batch):
             with autocast(amp):
                 for x in xs:
                     cohen.certify(x, N0, n, ALPHA, bs)
+
         a[ref_batch] = timed(run_a)
     return {
-        "arch": arch, "amp": amp or "fp32", "inputs": inputs, "n": n, "batch": batch,
-        "rate_a400": total / a[400], "rate_a": total / a[batch], "rate_b": total / b,
-        "rate_c": total / c, "a400_over_b": a[400] / b, "a_over_b": a[batch] / b,
-        "b_over_c": b / c, "seconds_per_image_100k": (N0 + 100_000) * b / total,
+        "arch": arch,
+        "amp": amp or "fp32",
+        "inputs": inputs,
+        "n": n,
+        "batch": batch,
+        "rate_a400": total / a[400],
+        "rate_a": total / a[batch],
+        "rate_b": total / b,
+        "rate_c": total / c,
+        "a400_over_b": a[400] / b,
+        "a_over_b": a[batch] / b,
+        "b_over_c": b / c,
+        "seconds_per_image_100k": (N0 + 100_000) * b / total,
         "seconds": {"a400": a[400], "a": a[batch], "b": b, "c": c},
     }
 
@@ -115,8 +128,7 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("certify_gpu: no CUDA device (--device cpu for a dry run)")
     device = torch.device(args.device)
-    machine = print_machine("CERTIFY on a GPU: reference (a) vs ddrs (b) vs bare forward (c)",
-                            args)
+    machine = print_machine("CERTIFY on a GPU: reference (a) vs ddrs (b) vs bare forward (c)", args)
     machine["gpu"] = torch.cuda.get_device_name(0) if device.type == "cuda" else "none (CPU)"
     print(f"GPU: {machine['gpu']}", flush=True)
     rows = []
@@ -126,14 +138,41 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     print("\n## CERTIFY on " + machine["gpu"])
-    print(table(
-        ["model", "precision", "inputs x (N0+N)", "batch", "(a) batch 400 samples/s",
-         "(a) same batch", "(b) ddrs", "(c) bare forward", "(a400)/(b) time",
-         "(a)/(b) time", "(b)/(c) time", "s / image at N=100,000"],
-        [[r["arch"], r["amp"], f"{r['inputs']} x {N0 + r['n']:,}", r["batch"],
-          f"{r['rate_a400']:,.0f}", f"{r['rate_a']:,.0f}", f"{r['rate_b']:,.0f}",
-          f"{r['rate_c']:,.0f}", f"{r['a400_over_b']:.2f}", f"{r['a_over_b']:.2f}",
-          f"{r['b_over_c']:.2f}", f"{r['seconds_per_image_100k']:.3f}"] for r in rows]))
+    print(
+        table(
+            [
+                "model",
+                "precision",
+                "inputs x (N0+N)",
+                "batch",
+                "(a) batch 400 samples/s",
+                "(a) same batch",
+                "(b) ddrs",
+                "(c) bare forward",
+                "(a400)/(b) time",
+                "(a)/(b) time",
+                "(b)/(c) time",
+                "s / image at N=100,000",
+            ],
+            [
+                [
+                    r["arch"],
+                    r["amp"],
+                    f"{r['inputs']} x {N0 + r['n']:,}",
+                    r["batch"],
+                    f"{r['rate_a400']:,.0f}",
+                    f"{r['rate_a']:,.0f}",
+                    f"{r['rate_b']:,.0f}",
+                    f"{r['rate_c']:,.0f}",
+                    f"{r['a400_over_b']:.2f}",
+                    f"{r['a_over_b']:.2f}",
+                    f"{r['b_over_c']:.2f}",
+                    f"{r['seconds_per_image_100k']:.3f}",
+                ]
+                for r in rows
+            ],
+        )
+    )
     save_json(args.json, {"machine": machine, "rows": rows})
 
 

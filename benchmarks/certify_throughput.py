@@ -140,9 +140,10 @@ def ddrs_certify(smooth: Smooth, xs, n0, n, batch, channels_last=True):
 def noisy_inputs(xs: torch.Tensor, per_input: int, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     out = torch.empty(len(xs) * per_input, *xs.shape[1:]).contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
     for i, x in enumerate(xs):
-        rows = out[i * per_input:(i + 1) * per_input]
+        rows = out[i * per_input : (i + 1) * per_input]
         rows.copy_(x + SIGMA * torch.randn(per_input, *x.shape, generator=g))
     return out
 
@@ -150,7 +151,7 @@ def noisy_inputs(xs: torch.Tensor, per_input: int, seed: int = 1) -> torch.Tenso
 def bare_forward(model, noisy: torch.Tensor, batch: int) -> None:
     with torch.inference_mode():
         for s in range(0, len(noisy), batch):
-            model(noisy[s:s + batch]).argmax(1)
+            model(noisy[s : s + batch]).argmax(1)
 
 
 def best_batch(model, candidates, images: int) -> tuple[int, dict[int, float]]:
@@ -198,9 +199,12 @@ def compare(setting: Setting, models, batch: int, c_batch: int) -> dict:
     smooth = Smooth(ddrs_model, NUM_CLASSES, seed=0)
     noisy = noisy_inputs(xs, setting.n0 + setting.n)
     total = setting.inputs * (setting.n0 + setting.n)
-    print(f"\n{setting.arch} / {setting.label}: {setting.inputs} inputs, N0={setting.n0}, "
-          f"N={setting.n}, batch {batch} ({total:,} forward samples per variant), "
-          f"(c) at batch {c_batch}", flush=True)
+    print(
+        f"\n{setting.arch} / {setting.label}: {setting.inputs} inputs, N0={setting.n0}, "
+        f"N={setting.n}, batch {batch} ({total:,} forward samples per variant), "
+        f"(c) at batch {c_batch}",
+        flush=True,
+    )
     out = {}
 
     def run_a():
@@ -218,12 +222,21 @@ def compare(setting: Setting, models, batch: int, c_batch: int) -> dict:
     c_same = times.get("(c) bare forward, (b)'s batch", c)
     agree = np.mean([ra[0] == rb.predict for ra, rb in zip(out["a"], out["b"])])
     result = {
-        "arch": setting.arch, "setting": setting.label, "inputs": setting.inputs,
-        "n0": setting.n0, "n": setting.n, "batch": batch, "c_batch": c_batch,
-        "samples": total, "times": times,
-        "a_over_b": paired_ratio(a, b), "b_over_c": paired_ratio(b, c),
+        "arch": setting.arch,
+        "setting": setting.label,
+        "inputs": setting.inputs,
+        "n0": setting.n0,
+        "n": setting.n,
+        "batch": batch,
+        "c_batch": c_batch,
+        "samples": total,
+        "times": times,
+        "a_over_b": paired_ratio(a, b),
+        "b_over_c": paired_ratio(b, c),
         "b_over_c_same_batch": paired_ratio(b, c_same),
-        "rate_a": total / median(a), "rate_b": total / median(b), "rate_c": total / median(c),
+        "rate_a": total / median(a),
+        "rate_b": total / median(b),
+        "rate_c": total / median(c),
         "spread": {"a": spread(a), "b": spread(b), "c": spread(c)},
         "classes_agree_a_b": float(agree),
     }
@@ -241,27 +254,42 @@ def variants_study(arch: str, models, inputs: int, n: int, batches, repeats: int
     noisy = noisy_inputs(xs, n0 + n)
     variants = {}
     for bs in batches:
-        variants[f"(b) channels_last batch {bs}"] = (
-            lambda bs=bs: ddrs_certify(smooth_cl, xs, n0, n, bs))
-        variants[f"(b) contiguous batch {bs}"] = (
-            lambda bs=bs: ddrs_certify(smooth_plain, xs, n0, n, bs, channels_last=False))
+        variants[f"(b) channels_last batch {bs}"] = lambda bs=bs: ddrs_certify(
+            smooth_cl, xs, n0, n, bs
+        )
+        variants[f"(b) contiguous batch {bs}"] = lambda bs=bs: ddrs_certify(
+            smooth_plain, xs, n0, n, bs, channels_last=False
+        )
         variants[f"(c) bare forward batch {bs}"] = lambda bs=bs: bare_forward(bare, noisy, bs)
     total = inputs * (n0 + n)
-    print(f"{arch} / (b) variants: {inputs} input(s), N0={n0}, N={n} ({total:,} samples)",
-          flush=True)
+    print(
+        f"{arch} / (b) variants: {inputs} input(s), N0={n0}, N={n} ({total:,} samples)", flush=True
+    )
     times = interleaved(variants, repeats)
     rows = []
     ref = times[f"(b) channels_last batch {256 if 256 in batches else batches[0]}"]
     for bs in batches:
         cl, plain = times[f"(b) channels_last batch {bs}"], times[f"(b) contiguous batch {bs}"]
         bare_t = times[f"(c) bare forward batch {bs}"]
-        rows.append({"batch": bs, "rate_cl": total / median(cl),
-                     "rate_plain": total / median(plain),
-                     "plain_over_cl": paired_ratio(plain, cl),
-                     "cl_over_bare": paired_ratio(cl, bare_t),
-                     "cl_over_cl256": paired_ratio(cl, ref)})
-    return {"arch": arch, "inputs": inputs, "n0": n0, "n": n, "samples": total,
-            "times": times, "rows": rows}
+        rows.append(
+            {
+                "batch": bs,
+                "rate_cl": total / median(cl),
+                "rate_plain": total / median(plain),
+                "plain_over_cl": paired_ratio(plain, cl),
+                "cl_over_bare": paired_ratio(cl, bare_t),
+                "cl_over_cl256": paired_ratio(cl, ref),
+            }
+        )
+    return {
+        "arch": arch,
+        "inputs": inputs,
+        "n0": n0,
+        "n": n,
+        "samples": total,
+        "times": times,
+        "rows": rows,
+    }
 
 
 def profile_ddrs(arch: str, models, n: int, batch: int) -> dict:
@@ -277,8 +305,11 @@ def profile_ddrs(arch: str, models, n: int, batch: int) -> dict:
     stats = pstats.Stats(profiler)
     total = forward = noise = index_add = layout = gather = 0.0
     for (filename, _, func), (_, _, _, ct, callers) in stats.stats.items():
-        from_engine = [v for k, v in callers.items()
-                       if k[2] == "sample_counts" and k[0].endswith("sampling.py")]
+        from_engine = [
+            v
+            for k, v in callers.items()
+            if k[2] == "sample_counts" and k[0].endswith("sampling.py")
+        ]
         if func == "sample_counts" and filename.endswith("sampling.py"):
             total = ct
         elif func == "fill" and filename.endswith("sampling.py"):
@@ -289,19 +320,29 @@ def profile_ddrs(arch: str, models, n: int, batch: int) -> dict:
             index_add += sum(v[3] for v in from_engine)
         elif from_engine and "contiguous" in func:
             layout += sum(v[3] for v in from_engine)
-        elif from_engine and func in ("<method 'mul_' of 'torch._C.TensorBase' objects>",
-                                      "<method 'add_' of 'torch._C.TensorBase' objects>"):
+        elif from_engine and func in (
+            "<method 'mul_' of 'torch._C.TensorBase' objects>",
+            "<method 'add_' of 'torch._C.TensorBase' objects>",
+        ):
             gather += sum(v[3] for v in from_engine)
     other = total - forward - noise - index_add - layout - gather
     print(f"{arch}: cProfile of certify_batch (1 input, N0=100, N={n}, batch {batch}):")
-    parts = {"forward (model call)": forward, "noise (NoiseSource.fill)": noise,
-             "scale + add (mul_, add_)": gather, "channels_last copy (.contiguous)": layout,
-             "counting (index_add_)": index_add, "rest of sample_counts": other}
-    print(table(["part of sample_counts", "seconds", "share"],
-                [[k, v, f"{100 * v / total:.1f}%"] for k, v in parts.items()]))
+    parts = {
+        "forward (model call)": forward,
+        "noise (NoiseSource.fill)": noise,
+        "scale + add (mul_, add_)": gather,
+        "channels_last copy (.contiguous)": layout,
+        "counting (index_add_)": index_add,
+        "rest of sample_counts": other,
+    }
+    print(
+        table(
+            ["part of sample_counts", "seconds", "share"],
+            [[k, v, f"{100 * v / total:.1f}%"] for k, v in parts.items()],
+        )
+    )
     stats.sort_stats("tottime").print_stats(8)
-    return {"arch": arch, "n": n, "batch": batch, "total": total,
-            "parts": parts}
+    return {"arch": arch, "n": n, "batch": batch, "total": total, "parts": parts}
 
 
 def op_latency(batch: int) -> dict:
@@ -322,83 +363,150 @@ def op_latency(batch: int) -> dict:
             samples.append(time.perf_counter() - start)
         result[n] = 1e3 * median(samples)
     torch.set_num_threads(threads)
-    print(f"one elementwise op on a ({batch}, 3, 32, 32) tensor: "
-          + ", ".join(f"{ms:.2f} ms with {n} thread(s)" for n, ms in result.items()))
+    print(
+        f"one elementwise op on a ({batch}, 3, 32, 32) tensor: "
+        + ", ".join(f"{ms:.2f} ms with {n} thread(s)" for n, ms in result.items())
+    )
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
-    parser.add_argument("--batch", type=int, default=256,
-                        help="batch of (a) and (b) (ddrs's default is 256)")
+    parser.add_argument(
+        "--batch", type=int, default=256, help="batch of (a) and (b) (ddrs's default is 256)"
+    )
     parser.add_argument("--archs", default="cnn,cifar_resnet110")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-study", action="store_true", help="skip the (b) variants study")
     args = parser.parse_args()
     apply_threads(args)
-    machine = print_machine("certify throughput: reference (a) vs ddrs (b) vs bare forward (c)",
-                            args)
+    machine = print_machine(
+        "certify throughput: reference (a) vs ddrs (b) vs bare forward (c)", args
+    )
     q = args.quick
     rep = args.repeats
     settings = {
-        "cnn": [Setting("cnn", "large N", 1, 100, 1_000 if q else 10_000, rep or 3),
-                Setting("cnn", "small N", 8 if q else 32, 100, 100, rep or 3)],
+        "cnn": [
+            Setting("cnn", "large N", 1, 100, 1_000 if q else 10_000, rep or 3),
+            Setting("cnn", "small N", 8 if q else 32, 100, 100, rep or 3),
+        ],
         "cifar_resnet110": [
-            Setting("cifar_resnet110", "large N", 1, 100, 200 if q else 1_000,
-                    rep or 3),
-            Setting("cifar_resnet110", "small N", 2 if q else 4, 100, 100,
-                    rep or 3)],
+            Setting("cifar_resnet110", "large N", 1, 100, 200 if q else 1_000, rep or 3),
+            Setting("cifar_resnet110", "small N", 2 if q else 4, 100, 100, rep or 3),
+        ],
     }
-    candidates = {"cnn": (64, 256, 1000) if q else (64, 128, 256, 512, 1000),
-                  "cifar_resnet110": (128, 256) if q else (64, 256, 512, 1000)}
+    candidates = {
+        "cnn": (64, 256, 1000) if q else (64, 128, 256, 512, 1000),
+        "cifar_resnet110": (128, 256) if q else (64, 256, 512, 1000),
+    }
     calibrate = {"cnn": 500 if q else 3000, "cifar_resnet110": 256 if q else 1000}
     study = {"cnn": (400 if q else 2_000, 1 if q else 2), "cifar_resnet110": (900, 1)}
     study_batches = {"cnn": (64, 256, 1000), "cifar_resnet110": (256, 1000)}
     monitor = LoadMonitor()
-    results = {"machine": machine, "args": vars(args), "compare": [], "study": [],
-               "profile": [], "calibration": {}}
+    results = {
+        "machine": machine,
+        "args": vars(args),
+        "compare": [],
+        "study": [],
+        "profile": [],
+        "calibration": {},
+    }
     results["op_latency_ms"] = op_latency(args.batch)
     for arch in args.archs.split(","):
         models = make_models(arch)
         c_batch, rates = best_batch(models[3], candidates[arch], calibrate[arch])
-        print(f"{arch}: bare-forward throughput by batch (images/s): "
-              + ", ".join(f"{bs}: {r:.0f}" for bs, r in rates.items()) + f" -> (c) uses {c_batch}")
+        print(
+            f"{arch}: bare-forward throughput by batch (images/s): "
+            + ", ".join(f"{bs}: {r:.0f}" for bs, r in rates.items())
+            + f" -> (c) uses {c_batch}"
+        )
         results["calibration"][arch] = {"rates": rates, "best": c_batch}
         for setting in settings[arch]:
             results["compare"].append(compare(setting, models, args.batch, c_batch))
         if not args.no_study and not (q and arch != "cnn"):
-            results["study"].append(variants_study(arch, models, 1, study[arch][0],
-                                                   study_batches[arch], study[arch][1]))
+            results["study"].append(
+                variants_study(arch, models, 1, study[arch][0], study_batches[arch], study[arch][1])
+            )
         if not (q and arch != "cnn"):
-            results["profile"].append(profile_ddrs(arch, models, 1_000 if arch == "cnn" else 300,
-                                                   args.batch))
+            results["profile"].append(
+                profile_ddrs(arch, models, 1_000 if arch == "cnn" else 300, args.batch)
+            )
 
-    print("\n## (a) reference vs (b) ddrs vs (c) bare forward "
-          "(ratios: medians of per-round time ratios)")
-    print(table(
-        ["model", "setting", "inputs", "N0", "N", "(a) samples/s", "(b) samples/s",
-         "(c) samples/s", "(a)/(b) time", "(b)/(c) time", "(b)/(c) at (b)'s batch",
-         "spread a/b/c", "classes a=b"],
-        [[r["arch"], r["setting"], r["inputs"], r["n0"], r["n"], f"{r['rate_a']:.0f}",
-          f"{r['rate_b']:.0f}", f"{r['rate_c']:.0f} (batch {r['c_batch']})",
-          f"{r['a_over_b']:.2f}", f"{r['b_over_c']:.2f}", f"{r['b_over_c_same_batch']:.2f}",
-          "/".join(r["spread"].values()), f"{r['classes_agree_a_b']:.0%}"]
-         for r in results["compare"]]))
+    print(
+        "\n## (a) reference vs (b) ddrs vs (c) bare forward "
+        "(ratios: medians of per-round time ratios)"
+    )
+    print(
+        table(
+            [
+                "model",
+                "setting",
+                "inputs",
+                "N0",
+                "N",
+                "(a) samples/s",
+                "(b) samples/s",
+                "(c) samples/s",
+                "(a)/(b) time",
+                "(b)/(c) time",
+                "(b)/(c) at (b)'s batch",
+                "spread a/b/c",
+                "classes a=b",
+            ],
+            [
+                [
+                    r["arch"],
+                    r["setting"],
+                    r["inputs"],
+                    r["n0"],
+                    r["n"],
+                    f"{r['rate_a']:.0f}",
+                    f"{r['rate_b']:.0f}",
+                    f"{r['rate_c']:.0f} (batch {r['c_batch']})",
+                    f"{r['a_over_b']:.2f}",
+                    f"{r['b_over_c']:.2f}",
+                    f"{r['b_over_c_same_batch']:.2f}",
+                    "/".join(r["spread"].values()),
+                    f"{r['classes_agree_a_b']:.0%}",
+                ]
+                for r in results["compare"]
+            ],
+        )
+    )
     for s in results["study"]:
         print(f"\n## (b) variants, {s['arch']}: 1 input, N0={s['n0']}, N={s['n']}")
-        print(table(["batch", "(b) channels_last samples/s", "(b) contiguous samples/s",
-                     "contiguous/channels_last time", "(b)/(c) same batch",
-                     "(b) time / (b) at batch 256"],
-                    [[r["batch"], f"{r['rate_cl']:.0f}", f"{r['rate_plain']:.0f}",
-                      f"{r['plain_over_cl']:.2f}", f"{r['cl_over_bare']:.2f}",
-                      f"{r['cl_over_cl256']:.2f}"] for r in s["rows"]]))
+        print(
+            table(
+                [
+                    "batch",
+                    "(b) channels_last samples/s",
+                    "(b) contiguous samples/s",
+                    "contiguous/channels_last time",
+                    "(b)/(c) same batch",
+                    "(b) time / (b) at batch 256",
+                ],
+                [
+                    [
+                        r["batch"],
+                        f"{r['rate_cl']:.0f}",
+                        f"{r['rate_plain']:.0f}",
+                        f"{r['plain_over_cl']:.2f}",
+                        f"{r['cl_over_bare']:.2f}",
+                        f"{r['cl_over_cl256']:.2f}",
+                    ]
+                    for r in s["rows"]
+                ],
+            )
+        )
     print("\n## targets")
     for r in results["compare"]:
-        print(f"{r['arch']:>16s} {r['setting']:8s}: (b) within 10% of (c): "
-              f"{'yes' if r['b_over_c'] <= 1.10 else 'NO'} ({r['b_over_c']:.2f}); "
-              f"(b) faster than (a): {'yes' if r['a_over_b'] > 1 else 'NO'} "
-              f"({r['a_over_b']:.2f}x)")
+        print(
+            f"{r['arch']:>16s} {r['setting']:8s}: (b) within 10% of (c): "
+            f"{'yes' if r['b_over_c'] <= 1.10 else 'NO'} ({r['b_over_c']:.2f}); "
+            f"(b) faster than (a): {'yes' if r['a_over_b'] > 1 else 'NO'} "
+            f"({r['a_over_b']:.2f}x)"
+        )
     results["load"] = monitor.report()
     save_json(args.json, results)
 

@@ -40,8 +40,9 @@ def cpu_flags() -> str:
             for line in f:
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
-                    return " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16")
-                                    if f in flags)
+                    return " ".join(
+                        f for f in ("avx2", "fma", "avx512f", "avx512_bf16") if f in flags
+                    )
     except OSError:
         pass
     return ""
@@ -87,8 +88,10 @@ def print_machine(title: str, args: argparse.Namespace | None = None) -> dict:
     info = machine_info()
     print(f"# {title}")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"machine: {info['cpu']} ({info['cpu_flags']}), {info['logical_cpus']} logical CPUs, "
-          f"torch {info['torch']}, {info['torch_threads']} threads, python {info['python']}")
+    print(
+        f"machine: {info['cpu']} ({info['cpu_flags']}), {info['logical_cpus']} logical CPUs, "
+        f"torch {info['torch']}, {info['torch_threads']} threads, python {info['python']}"
+    )
     print(f"load average (1, 5, 15 min) at start: {info['load_average_at_start']}")
     print(f"ddrs code: {info['ddrs_code']}")
     if args is not None:
@@ -100,8 +103,9 @@ def print_machine(title: str, args: argparse.Namespace | None = None) -> dict:
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a run of about one minute")
     parser.add_argument("--json", metavar="OUT", help="also save the numbers to this JSON file")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)"
+    )
 
 
 def apply_threads(args: argparse.Namespace) -> None:
@@ -253,13 +257,18 @@ class LoadMonitor:
         except OSError:
             busy = math.nan
         own = _own_cpu_seconds() - self.own0
-        return {"wall_s": wall, "own_cpu_s": own,
-                "other_load_cores": max(0.0, (busy - own) / wall) if wall > 0 else math.nan,
-                "load_average_at_end": load_average()}
+        return {
+            "wall_s": wall,
+            "own_cpu_s": own,
+            "other_load_cores": max(0.0, (busy - own) / wall) if wall > 0 else math.nan,
+            "load_average_at_end": load_average(),
+        }
 
     def report(self) -> dict:
         r = self.read()
-        print(f"\nwall time {r['wall_s']:.0f} s; other processes kept "
-              f"{r['other_load_cores']:.2f} of {os.cpu_count()} cores busy on average "
-              f"(load average at end: {r['load_average_at_end']})")
+        print(
+            f"\nwall time {r['wall_s']:.0f} s; other processes kept "
+            f"{r['other_load_cores']:.2f} of {os.cpu_count()} cores busy on average "
+            f"(load average at end: {r['load_average_at_end']})"
+        )
         return r

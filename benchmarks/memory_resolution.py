@@ -58,8 +58,11 @@ def cifar_images(root: str, count: int, grey28: bool = False) -> tuple[torch.Ten
     images, labels = [], []
     for split in ("train", "test"):
         data = get_dataset("cifar10", split, root, augment=False)
-        images.append(data.images if hasattr(data, "images") else
-                      torch.stack([data[i][0] for i in range(len(data))]))
+        images.append(
+            data.images
+            if hasattr(data, "images")
+            else torch.stack([data[i][0] for i in range(len(data))])
+        )
         labels += list(data.targets)
     x = torch.cat(images)
     x = x.float() / 255 if x.dtype == torch.uint8 else x
@@ -89,8 +92,23 @@ def bulk_load(location: str, x: torch.Tensor, labels: list[int]) -> None:
                     r = 0.0 if abstain else float(rng.uniform(0, 0.8))
                     data = flat[k].numpy().astype("<f4").tobytes()
                     norm = float(flat[k].double().square().sum())
-                    memory.store.insert((order, order, data, norm, c, r, 0.25, c, r, 0, 0,
-                                         time.time(), entry_checksum(order, data, c, r)))
+                    memory.store.insert(
+                        (
+                            order,
+                            order,
+                            data,
+                            norm,
+                            c,
+                            r,
+                            0.25,
+                            c,
+                            r,
+                            0,
+                            0,
+                            time.time(),
+                            entry_checksum(order, data, c, r),
+                        )
+                    )
 
 
 def query_times(location: str, shape, queries: torch.Tensor, scan: bool) -> list[float]:
@@ -126,39 +144,55 @@ def main() -> None:
         server = PostgresServer(folder)
         try:
             x, labels = cifar_images(args.cifar, max(sizes) + args.queries)
-            queries = (x[-args.queries:] + 0.01).clamp(0, 1)  # not stored: perturbed
+            queries = (x[-args.queries :] + 0.01).clamp(0, 1)  # not stored: perturbed
             rows = []
             for size in sizes:
-                locations = {"SQLite": str(Path(folder) / f"cifar{size}.sqlite"),
-                             "PostgreSQL": server.fresh_database(f"cifar{size}")}
+                locations = {
+                    "SQLite": str(Path(folder) / f"cifar{size}.sqlite"),
+                    "PostgreSQL": server.fresh_database(f"cifar{size}"),
+                }
                 for store, location in locations.items():
                     bulk_load(location, x[:size], labels[:size])
                     for name, scan in (("scan (before)", True), ("index (after)", False)):
                         seconds = query_times(location, (3, 32, 32), queries, scan)
                         ms = 1000 * statistics.median(seconds)
-                        results["table"].append({"entries": size, "store": store,
-                                                 "method": name, "median_ms": ms})
+                        results["table"].append(
+                            {"entries": size, "store": store, "method": name, "median_ms": ms}
+                        )
                         rows.append([f"{size:,}", store, name, f"{ms:.1f}"])
                         print(rows[-1], flush=True)
-            print("\n## CIFAR-10 inputs (3 x 32 x 32): ms per resolve_and_store (median, commit "
-                  "included)")
+            print(
+                "\n## CIFAR-10 inputs (3 x 32 x 32): ms per resolve_and_store (median, commit "
+                "included)"
+            )
             print(table(["stored entries", "store", "method", "median ms"], rows))
             grey, grey_labels = cifar_images(args.cifar, max(curve) + args.queries, grey28=True)
-            grey_queries = (grey[-args.queries:] + 0.01).clamp(0, 1)
+            grey_queries = (grey[-args.queries :] + 0.01).clamp(0, 1)
             location, done = str(Path(folder) / "curve.sqlite"), 0
             for size in curve:
                 bulk_load(location, grey[done:size], grey_labels[done:size])
                 done = size
-                ms = 1000 * statistics.median(query_times(location, (1, 28, 28), grey_queries,
-                                                          False))  # fmt: skip
+                ms = 1000 * statistics.median(
+                    query_times(location, (1, 28, 28), grey_queries, False)
+                )
                 results["curve"].append({"entries": size, "median_ms": ms})
                 print(size, f"{ms:.1f} ms", flush=True)
             first = results["curve"][0]
             print("\n## MNIST-size inputs (1 x 28 x 28), index, SQLite: the curve")
-            print(table(["stored entries", "median ms", "x entries", "x time"], [
-                [f"{c['entries']:,}", f"{c['median_ms']:.1f}",
-                 f"{c['entries'] / first['entries']:.0f}",
-                 f"{c['median_ms'] / first['median_ms']:.1f}"] for c in results["curve"]]))
+            print(
+                table(
+                    ["stored entries", "median ms", "x entries", "x time"],
+                    [
+                        [
+                            f"{c['entries']:,}",
+                            f"{c['median_ms']:.1f}",
+                            f"{c['entries'] / first['entries']:.0f}",
+                            f"{c['median_ms'] / first['median_ms']:.1f}",
+                        ]
+                        for c in results["curve"]
+                    ],
+                )
+            )
         finally:
             server.stop("immediate")
     save_json(args.json, results)

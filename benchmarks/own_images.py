@@ -36,7 +36,9 @@ def main() -> None:
         variants = {
             "native 32 x 32 (default)": {},
             "224 x 224, ImageNet transforms (the old default)": {
-                "image_size": (224, 224), "normalize": "imagenet"},
+                "image_size": (224, 224),
+                "normalize": "imagenet",
+            },
         }
         epoch_seconds: dict[str, list[float]] = {name: [] for name in variants}
         runs = iter(range(10_000))
@@ -44,19 +46,33 @@ def main() -> None:
         def trainer(name: str, options: dict):
             def run():
                 out = Path(scratch) / f"run{next(runs)}"
-                t = Trainer(TrainConfig(dataset="imagefolder", data_root=str(root),
-                                        arch="cnn_small", sigma=0.25, epochs=args.epochs,
-                                        batch=64, lr=0.05, eval_max=60, progress=False,
-                                        out=str(out), **options))
+                t = Trainer(
+                    TrainConfig(
+                        dataset="imagefolder",
+                        data_root=str(root),
+                        arch="cnn_small",
+                        sigma=0.25,
+                        epochs=args.epochs,
+                        batch=64,
+                        lr=0.05,
+                        eval_max=60,
+                        progress=False,
+                        out=str(out),
+                        **options,
+                    )
+                )
                 t.run()
                 epoch_seconds[name] += [row["epoch_time"] for row in t.log_rows]
+
             return run
 
-        interleaved({name: trainer(name, options) for name, options in variants.items()},
-                    args.repeats)
+        interleaved(
+            {name: trainer(name, options) for name, options in variants.items()}, args.repeats
+        )
     base = median(epoch_seconds["native 32 x 32 (default)"])
-    rows = [[name, f"{median(t):.2f}", f"{median(t) / base:.1f}"]
-            for name, t in epoch_seconds.items()]
+    rows = [
+        [name, f"{median(t):.2f}", f"{median(t) / base:.1f}"] for name, t in epoch_seconds.items()
+    ]
     print("\n## 900 training images of 32 x 32, 3 classes, cnn_small, batch 64")
     print(table(["inputs", "median epoch s", "ratio to native"], rows))
     save_json(args.json, {"machine": machine, "args": vars(args), "epochs": epoch_seconds})

@@ -42,10 +42,13 @@ def archive_from_jpeg_copy(jpeg_archive: Path, out: Path) -> Path:
     with tempfile.TemporaryDirectory() as folder:
         with tarfile.open(jpeg_archive) as packed:
             packed.extractall(folder, filter="data")
-        splits = {split: get_dataset("cifar10", split, folder, augment=False)
-                  for split in ("train", "test")}  # fmt: skip
+        splits = {
+            split: get_dataset("cifar10", split, folder, augment=False)
+            for split in ("train", "test")
+        }
         rng = np.random.default_rng(0)
         with tarfile.open(out, "w:gz") as archive:
+
             def add(name: str, payload: dict) -> None:
                 data = pickle.dumps(payload)
                 info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
@@ -56,19 +59,28 @@ def archive_from_jpeg_copy(jpeg_archive: Path, out: Path) -> Path:
                 order = rng.permutation(len(dataset))
                 images = dataset.images.numpy().reshape(len(dataset), 3072)[order]
                 labels = np.asarray(dataset.targets)[order]
-                names = [f"data_batch_{k}" for k in range(1, 6)] if split == "train" else [
-                    "test_batch"]  # fmt: skip
-                for name, rows, ys in zip(names, np.array_split(images, len(names)),
-                                          np.array_split(labels, len(names))):  # fmt: skip
-                    add(name, {b"data": rows, b"labels": [int(y) for y in ys],
-                               b"batch_label": name.encode()})  # fmt: skip
+                names = (
+                    [f"data_batch_{k}" for k in range(1, 6)] if split == "train" else ["test_batch"]
+                )
+                for name, rows, ys in zip(
+                    names, np.array_split(images, len(names)), np.array_split(labels, len(names))
+                ):
+                    add(
+                        name,
+                        {
+                            b"data": rows,
+                            b"labels": [int(y) for y in ys],
+                            b"batch_label": name.encode(),
+                        },
+                    )
             add("batches.meta", {b"label_names": [c.encode() for c in CIFAR_CLASSES]})
     return out
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--work", help="folder to run in (default: a new temporary one)")
     p.add_argument("--archive", help="cifar-10-python.tar.gz (default: built from the JPEG copy)")
     p.add_argument("--jpeg-copy", default=str(REPO.parent / "shared/data/cifar10-jpeg.tar.gz"))
@@ -95,18 +107,25 @@ def main() -> None:
     document = readme.parse(REPO / "README.md")
     print(f"work folder {work}", flush=True)
     for example in document.examples():
-        if not (args.first_line <= example.line <= args.last_line) or (
-                example.region.evaluator is not run_bash) or DATABASE in example.parsed:
-            continue  # fmt: skip
-        script = (f"set -euo pipefail\nif [ -f {state} ]; then source {state}; fi\n"
-                  f"{example.parsed}\nexport -p > {state}\n")  # fmt: skip
+        if (
+            not (args.first_line <= example.line <= args.last_line)
+            or (example.region.evaluator is not run_bash)
+            or DATABASE in example.parsed
+        ):
+            continue
+        script = (
+            f"set -euo pipefail\nif [ -f {state} ]; then source {state}; fi\n"
+            f"{example.parsed}\nexport -p > {state}\n"
+        )
         start = time.perf_counter()
-        done = subprocess.run(["bash", "-c", script], cwd=work, env=namespace["env"],
-                              capture_output=True, text=True)  # fmt: skip
+        done = subprocess.run(
+            ["bash", "-c", script], cwd=work, env=namespace["env"], capture_output=True, text=True
+        )
         seconds = time.perf_counter() - start
         first = example.parsed.strip().splitlines()[0][:70]
-        print(f"line {example.line:4d}  {seconds:8.1f} s  exit {done.returncode}  {first}",
-              flush=True)  # fmt: skip
+        print(
+            f"line {example.line:4d}  {seconds:8.1f} s  exit {done.returncode}  {first}", flush=True
+        )
         if done.returncode != 0:
             print(done.stdout[-3000:], done.stderr[-3000:])
             break

@@ -66,14 +66,22 @@ def one_round(checkpoint: str, url: str, queries: int, clients: int, seed: int) 
         server.kill()
         server.communicate()
     stored = stored_answers(url)
-    as_sent = sum(stored.get(b["entry"], (None, None, None))[1:3] == (b["predict"], b["radius"])
-                  for b in received)
+    as_sent = sum(
+        stored.get(b["entry"], (None, None, None))[1:3] == (b["predict"], b["radius"])
+        for b in received
+    )
     keys = [idx for *_, idx in stored.values()]
-    check = subprocess.run([sys.executable, "-m", "ddrs", "memory", "check", url],
-                           capture_output=True, text=True)
-    return {"sent": len(received), "stored_as_sent": as_sent, "lost": len(received) - as_sent,
-            "entries": len(stored), "distinct_keys": len(set(keys)) == len(keys),
-            "check": "ok" if check.returncode == 0 else "FAILED"}
+    check = subprocess.run(
+        [sys.executable, "-m", "ddrs", "memory", "check", url], capture_output=True, text=True
+    )
+    return {
+        "sent": len(received),
+        "stored_as_sent": as_sent,
+        "lost": len(received) - as_sent,
+        "entries": len(stored),
+        "distinct_keys": len(set(keys)) == len(keys),
+        "check": "ok" if check.returncode == 0 else "FAILED",
+    }
 
 
 def main() -> None:
@@ -84,9 +92,21 @@ def main() -> None:
     args = parser.parse_args()
     print_machine("replicas on one PostgreSQL memory, kill -9 soak", args)
     with tempfile.TemporaryDirectory(prefix="ddrs-pg-soak-") as folder:
-        checkpoint = str(train(TrainConfig(dataset="digits", arch="cnn", sigma=0.25, epochs=2,
-                                           batch=64, lr=0.05, eval_max=None, progress=False,
-                                           out=str(Path(folder) / "model"))))
+        checkpoint = str(
+            train(
+                TrainConfig(
+                    dataset="digits",
+                    arch="cnn",
+                    sigma=0.25,
+                    epochs=2,
+                    batch=64,
+                    lr=0.05,
+                    eval_max=None,
+                    progress=False,
+                    out=str(Path(folder) / "model"),
+                )
+            )
+        )
         server = PostgresServer(folder)
         rows = []
         try:
@@ -94,12 +114,33 @@ def main() -> None:
                 url = server.fresh_database(f"soak{k}")
                 result = one_round(checkpoint, url, args.queries, args.clients, seed=k)
                 print(result, flush=True)
-                rows.append([k + 1, result["sent"], result["stored_as_sent"], result["lost"],
-                             result["entries"], result["distinct_keys"], result["check"]])
+                rows.append(
+                    [
+                        k + 1,
+                        result["sent"],
+                        result["stored_as_sent"],
+                        result["lost"],
+                        result["entries"],
+                        result["distinct_keys"],
+                        result["check"],
+                    ]
+                )
         finally:
             server.stop("immediate")
-    print(table(["round", "answers sent", "stored as sent", "lost", "entries",
-                 "keys distinct", "memory check"], rows))
+    print(
+        table(
+            [
+                "round",
+                "answers sent",
+                "stored as sent",
+                "lost",
+                "entries",
+                "keys distinct",
+                "memory check",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

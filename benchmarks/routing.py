@@ -39,14 +39,39 @@ def digits_experts(folder: Path) -> tuple[Experts, Path]:
     """Three digits CNNs (10 epochs on 1,100 images) and a router on the other 337."""
     members = []
     for sigma in SIGMAS:
-        path = train(TrainConfig(dataset="digits", arch="cnn", sigma=sigma, epochs=10, batch=64,
-                                 lr=0.05, train_subset=1100, eval_max=None, progress=False,
-                                 out=str(folder / f"{sigma:g}")))
+        path = train(
+            TrainConfig(
+                dataset="digits",
+                arch="cnn",
+                sigma=sigma,
+                epochs=10,
+                batch=64,
+                lr=0.05,
+                train_subset=1100,
+                eval_max=None,
+                progress=False,
+                out=str(folder / f"{sigma:g}"),
+            )
+        )
         members.append(Expert(f"{sigma:g}", str(path), sigma, load_checkpoint(path).model))
     experts = Experts(tuple(members))
-    router = train_router(experts, TrainConfig(
-        dataset="digits", arch="cnn", sigma=0.25, epochs=10, batch=64, lr=0.05, eval_max=None,
-        progress=False, out=str(folder / "router")), samples=64, n=2000, alpha=0.001)
+    router = train_router(
+        experts,
+        TrainConfig(
+            dataset="digits",
+            arch="cnn",
+            sigma=0.25,
+            epochs=10,
+            batch=64,
+            lr=0.05,
+            eval_max=None,
+            progress=False,
+            out=str(folder / "router"),
+        ),
+        samples=64,
+        n=2000,
+        alpha=0.001,
+    )
     return experts, router
 
 
@@ -89,37 +114,59 @@ def main() -> None:
         certifier = ExpertCertifier(experts, classes, seed=0)
         dual = DualSmoothing(load_router(str(router_path), experts, "cpu"), experts, classes)
         batch = single.batch_size(args.batch, test.info.input_shape)
-        passes = {"one certification": args.n0 + args.n,
-                  "routing (selector + certification)":
-                      len(experts) * args.samples + args.n0 + args.n,
-                  "dual smoothing (router + expert)": 2 * (args.n0 + args.n)}
+        passes = {
+            "one certification": args.n0 + args.n,
+            "routing (selector + certification)": len(experts) * args.samples + args.n0 + args.n,
+            "dual smoothing (router + expert)": 2 * (args.n0 + args.n),
+        }
 
         def one():
             single.certify_batch(x, middle.sigma, args.n0, args.n, args.alpha, batch, keys)
 
         def routed():
-            found = route_by_certified_radius(experts, x, samples=args.samples, n=args.n,
-                                              alpha=args.alpha, keys=keys, batch=batch)
-            certifier.certify_batch(x, found.expert.tolist(), found.sigma, args.n0, args.n,
-                                    args.alpha, batch, keys)
+            found = route_by_certified_radius(
+                experts, x, samples=args.samples, n=args.n, alpha=args.alpha, keys=keys, batch=batch
+            )
+            certifier.certify_batch(
+                x, found.expert.tolist(), found.sigma, args.n0, args.n, args.alpha, batch, keys
+            )
 
         def dualed():
-            dual.certify_batch(x, n0=args.n0, n=args.n, router_n=args.n, alpha=args.alpha,
-                               batch=batch, keys=keys)
+            dual.certify_batch(
+                x, n0=args.n0, n=args.n, router_n=args.n, alpha=args.alpha, batch=batch, keys=keys
+            )
 
-        times = interleaved({"one certification": one,
-                             "routing (selector + certification)": routed,
-                             "dual smoothing (router + expert)": dualed},
-                            args.repeats, warmup=True)
+        times = interleaved(
+            {
+                "one certification": one,
+                "routing (selector + certification)": routed,
+                "dual smoothing (router + expert)": dualed,
+            },
+            args.repeats,
+            warmup=True,
+        )
     base = median(times["one certification"])
-    rows = [[name, f"{passes[name]:,}", f"{passes[name] / passes['one certification']:.3f}",
-             f"{median(t):.2f}", f"{median(t) / base:.3f}"] for name, t in times.items()]
-    print(f"\n## {count} {args.dataset} test inputs, {len(experts)} experts, N0 {args.n0}, "
-          f"N {args.n} (router N the same), {args.samples} routing votes per expert")
-    print(table(["method", "forward passes / input", "passes ratio", "median wall s",
-                 "time ratio"], rows))
-    save_json(args.json, {"machine": machine, "args": vars(args), "times": times,
-                          "passes": passes})
+    rows = [
+        [
+            name,
+            f"{passes[name]:,}",
+            f"{passes[name] / passes['one certification']:.3f}",
+            f"{median(t):.2f}",
+            f"{median(t) / base:.3f}",
+        ]
+        for name, t in times.items()
+    ]
+    print(
+        f"\n## {count} {args.dataset} test inputs, {len(experts)} experts, N0 {args.n0}, "
+        f"N {args.n} (router N the same), {args.samples} routing votes per expert"
+    )
+    print(
+        table(
+            ["method", "forward passes / input", "passes ratio", "median wall s", "time ratio"],
+            rows,
+        )
+    )
+    save_json(args.json, {"machine": machine, "args": vars(args), "times": times, "passes": passes})
 
 
 if __name__ == "__main__":

@@ -44,9 +44,18 @@ def random_checkpoint(folder: Path) -> str:
     info = data.info
     model = build_model("cnn", info.num_classes, info.input_shape, info.mean, info.std)
     path = folder / "cnn.pt"
-    save_checkpoint(path, model, {"arch": "cnn", "num_classes": info.num_classes,
-                                  "input_shape": list(info.input_shape), "mean": list(info.mean),
-                                  "std": list(info.std), "dataset": "digits"})
+    save_checkpoint(
+        path,
+        model,
+        {
+            "arch": "cnn",
+            "num_classes": info.num_classes,
+            "input_shape": list(info.input_shape),
+            "mean": list(info.mean),
+            "std": list(info.std),
+            "dataset": "digits",
+        },
+    )
     return str(path)
 
 
@@ -60,10 +69,29 @@ MAX_WAIT_MS = ["--max-wait-ms", "0"]
 
 
 def start(checkpoint: str, memory: Path, port: int, n: int, max_batch: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "ddrs", "serve", "--checkpoint", checkpoint, "--dataset",
-               "digits", "--memory", str(memory), "--sigma0", "0.25", "--n", str(n),
-               "--device", "cpu", "--port", str(port), "--max-batch", str(max_batch),
-               *MAX_WAIT_MS]
+    command = [
+        sys.executable,
+        "-m",
+        "ddrs",
+        "serve",
+        "--checkpoint",
+        checkpoint,
+        "--dataset",
+        "digits",
+        "--memory",
+        str(memory),
+        "--sigma0",
+        "0.25",
+        "--n",
+        str(n),
+        "--device",
+        "cpu",
+        "--port",
+        str(port),
+        "--max-batch",
+        str(max_batch),
+        *MAX_WAIT_MS,
+    ]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):
         try:
@@ -78,14 +106,22 @@ def start(checkpoint: str, memory: Path, port: int, n: int, max_batch: int) -> s
 
 def certify(port: int, x) -> dict:
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/certify", data=json.dumps({"input": x}).encode(),
-        headers={"Content-Type": "application/json"})
+        f"http://127.0.0.1:{port}/v1/certify",
+        data=json.dumps({"input": x}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=600) as response:
         return json.loads(response.read())
 
 
-def drive(port: int, inputs: list, clients: int, received: list, latencies: list | None = None,
-          stop: threading.Event | None = None) -> list[threading.Thread]:
+def drive(
+    port: int,
+    inputs: list,
+    clients: int,
+    received: list,
+    latencies: list | None = None,
+    stop: threading.Event | None = None,
+) -> list[threading.Thread]:
     def client(k: int) -> None:
         for i in range(k, len(inputs), clients):
             if stop is not None and stop.is_set():
@@ -118,8 +154,11 @@ def load_run(checkpoint, folder, inputs, n, clients, max_batch) -> tuple[float, 
         server.kill()
         server.wait()
     assert len(received) == len(inputs) - 1, "a request failed"
-    return (len(received) / seconds, float(np.percentile(latencies, 50)),
-            float(np.percentile(latencies, 99)))
+    return (
+        len(received) / seconds,
+        float(np.percentile(latencies, 50)),
+        float(np.percentile(latencies, 99)),
+    )
 
 
 def soak(checkpoint, folder, inputs, n, kills: int, seed: int) -> dict:
@@ -145,11 +184,17 @@ def soak(checkpoint, folder, inputs, n, kills: int, seed: int) -> dict:
         lost = [a for a in received if answers.get(a["entry"]) != (a["predict"], a["radius"])]
         corrupt, overlaps = stored.corrupt_entries(), stored.check()
     sent_entries = {a["entry"] for a in received}
-    return {"kills": kills, "answers_sent": len(received),
-            "distinct_entries_sent": len(sent_entries), "entries_stored": len(answers),
-            "sent_but_not_stored": len(lost), "changed": sum(a["changed"] for a in received),
-            "shrunk": sum(a["shrunk"] for a in received), "corrupt": len(corrupt),
-            "overlapping_pairs": len(overlaps)}
+    return {
+        "kills": kills,
+        "answers_sent": len(received),
+        "distinct_entries_sent": len(sent_entries),
+        "entries_stored": len(answers),
+        "sent_but_not_stored": len(lost),
+        "changed": sum(a["changed"] for a in received),
+        "shrunk": sum(a["shrunk"] for a in received),
+        "corrupt": len(corrupt),
+        "overlapping_pairs": len(overlaps),
+    }
 
 
 def main() -> None:
@@ -161,8 +206,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-wait-ms", type=float, default=0.0,
-                        help="the server's wait for company in a batch")
+    parser.add_argument(
+        "--max-wait-ms", type=float, default=0.0, help="the server's wait for company in a batch"
+    )
     args = parser.parse_args()
     if args.quick:
         args.requests, args.repeats, args.kills, args.concurrency = 24, 1, 2, "1,8"
@@ -183,15 +229,25 @@ def main() -> None:
                 max_batch = 32 if name.startswith("micro") else 1
                 result = load_run(checkpoint, folder, inputs, args.n, clients, max_batch)
                 runs[name].append(result)
-                print(f"  concurrency {clients:3d}  {name:<20s} {result[0]:7.2f} cert/s  "
-                      f"p50 {result[1]:.3f} s  p99 {result[2]:.3f} s", flush=True)
+                print(
+                    f"  concurrency {clients:3d}  {name:<20s} {result[0]:7.2f} cert/s  "
+                    f"p50 {result[1]:.3f} s  p99 {result[2]:.3f} s",
+                    flush=True,
+                )
         off = [1 / run[0] for run in runs["off (1)"]]
         for name, results in runs.items():
             rate = median([run[0] for run in results])
             speedup = paired_ratio(off, [1 / run[0] for run in results])
-            rows.append([clients, name, f"{rate:.2f}", f"{speedup:.2f}x",
-                         f"{median([run[1] for run in results]):.3f}",
-                         f"{median([run[2] for run in results]):.3f}"])
+            rows.append(
+                [
+                    clients,
+                    name,
+                    f"{rate:.2f}",
+                    f"{speedup:.2f}x",
+                    f"{median([run[1] for run in results]):.3f}",
+                    f"{median([run[2] for run in results]):.3f}",
+                ]
+            )
     print()
     print(f"digits cnn, N {args.n:,}, certified selector (9 x 64), {args.requests} queries per run")
     print(table(["clients", "batching", "cert/s", "vs off", "p50 s", "p99 s"], rows))

@@ -35,18 +35,47 @@ def random_checkpoint(folder: Path, arch: str, dataset: str, data_root: str | No
     info = get_dataset(dataset, "test", data_root, augment=False).info
     model = build_model(arch, info.num_classes, info.input_shape, info.mean, info.std)
     path = folder / f"{arch}.pt"
-    meta = {"arch": arch, "num_classes": info.num_classes,
-            "input_shape": list(info.input_shape), "mean": list(info.mean),
-            "std": list(info.std), "dataset": dataset}
+    meta = {
+        "arch": arch,
+        "num_classes": info.num_classes,
+        "input_shape": list(info.input_shape),
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "dataset": dataset,
+    }
     save_checkpoint(path, model, meta)
     return str(path)
 
 
 def certify_command(args, checkpoint: str, out: Path, n: int, *extra: str) -> list[str]:
-    command = [sys.executable, "-m", "ddrs", "certify", "--checkpoint", checkpoint,
-               "--dataset", args.dataset, "--sigma", "0.25", "--n0", "100", "--n", str(n),
-               "--alpha", "0.001", "--max", str(args.inputs), "--batch", str(args.batch),
-               "--device", "cpu", "--no-progress", "--out", str(out), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "ddrs",
+        "certify",
+        "--checkpoint",
+        checkpoint,
+        "--dataset",
+        args.dataset,
+        "--sigma",
+        "0.25",
+        "--n0",
+        "100",
+        "--n",
+        str(n),
+        "--alpha",
+        "0.001",
+        "--max",
+        str(args.inputs),
+        "--batch",
+        str(args.batch),
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
     if args.data_root:
         command += ["--data-root", args.data_root]
     return command
@@ -101,29 +130,47 @@ def main() -> None:
             if grouping is not None:
                 command[1:3] = ["-c", GROUPING, str(grouping)]
             run(command)
+
         return call
 
-    sharding = interleaved({
-        "one process": variant("one", args.n),
-        f"{args.workers} workers": variant("sharded", args.n, "--nproc-per-node",
-                                           str(args.workers)),
-    }, args.repeats)
+    sharding = interleaved(
+        {
+            "one process": variant("one", args.n),
+            f"{args.workers} workers": variant(
+                "sharded", args.n, "--nproc-per-node", str(args.workers)
+            ),
+        },
+        args.repeats,
+    )
     assert without_time(outs["one"]) == without_time(outs["sharded"]), "sharded run differs"
-    grouping = interleaved({
-        "group for 4 batches (default)": variant("g4", args.small_n, grouping=4),
-        "group for 16 batches": variant("g16", args.small_n, grouping=16),
-    }, args.repeats)
+    grouping = interleaved(
+        {
+            "group for 4 batches (default)": variant("g4", args.small_n, grouping=4),
+            "group for 16 batches": variant("g16", args.small_n, grouping=16),
+        },
+        args.repeats,
+    )
     assert without_time(outs["g4"]) == without_time(outs["g16"]), "grouping changed results"
 
     rows = []
-    for label, times, base in (("sharding", sharding, "one process"),
-                               ("grouping", grouping, "group for 4 batches (default)")):
+    for label, times, base in (
+        ("sharding", sharding, "one process"),
+        ("grouping", grouping, "group for 4 batches (default)"),
+    ):
         for name, seconds in times.items():
-            rows.append([label, name, f"{median(seconds):.2f}",
-                         f"{paired_ratio(times[base], seconds):.2f}x"])
+            rows.append(
+                [
+                    label,
+                    name,
+                    f"{median(seconds):.2f}",
+                    f"{paired_ratio(times[base], seconds):.2f}x",
+                ]
+            )
     print()
-    print(f"{args.arch} on {args.dataset}, {args.inputs} inputs, batch {args.batch}; sharding "
-          f"at N {args.n:,}, grouping at N {args.small_n:,} (whole CLI runs, median s)")
+    print(
+        f"{args.arch} on {args.dataset}, {args.inputs} inputs, batch {args.batch}; sharding "
+        f"at N {args.n:,}, grouping at N {args.small_n:,} (whole CLI runs, median s)"
+    )
     print(table(["comparison", "variant", "seconds", "speed-up vs first"], rows))
 
 

@@ -69,20 +69,38 @@ def trained_model(args: argparse.Namespace):
     if args.checkpoint:
         return load_checkpoint(args.checkpoint).model
     subset = f"_sub{args.train_subset}" if args.train_subset else ""
-    out = REPO / "runs" / "bench" / (f"{args.dataset}_{args.arch}_gaussian_s{SIGMA0}"
-                                      f"_e{args.epochs}{subset}")
+    out = (
+        REPO
+        / "runs"
+        / "bench"
+        / (f"{args.dataset}_{args.arch}_gaussian_s{SIGMA0}_e{args.epochs}{subset}")
+    )
     last = out / "last.pt"
     if last.exists():
         loaded = load_checkpoint(last)
         if loaded.meta.get("epoch") == args.epochs - 1:
             print(f"model: cached checkpoint {last}")
             return loaded.model
-    print(f"model: training {args.arch} on {args.dataset} ({args.epochs} epochs, gaussian, "
-          f"sigma {SIGMA0}, lr 0.05, batch 64, lr_step 15) -> {out}", flush=True)
-    config = TrainConfig(dataset=args.dataset, arch=args.arch, out=str(out), sigma=SIGMA0,
-                         epochs=args.epochs, batch=64, lr=0.05, lr_step=15,
-                         data_root=args.data_root, train_subset=args.train_subset,
-                         device="cpu", progress=False, resume=last.exists())
+    print(
+        f"model: training {args.arch} on {args.dataset} ({args.epochs} epochs, gaussian, "
+        f"sigma {SIGMA0}, lr 0.05, batch 64, lr_step 15) -> {out}",
+        flush=True,
+    )
+    config = TrainConfig(
+        dataset=args.dataset,
+        arch=args.arch,
+        out=str(out),
+        sigma=SIGMA0,
+        epochs=args.epochs,
+        batch=64,
+        lr=0.05,
+        lr_step=15,
+        data_root=args.data_root,
+        train_subset=args.train_subset,
+        device="cpu",
+        progress=False,
+        resume=last.exists(),
+    )
     return load_checkpoint(train(config)).model
 
 
@@ -92,8 +110,11 @@ def holdout_radius(model, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Ten
     step = max(1, 1024 // noise.shape[1])
     with frozen_eval(model), torch.no_grad():
         for lo in range(0, len(x), step):
-            values.append(surrogate_radius(model, x[lo:lo + step], sigma[lo:lo + step],
-                                           noise[lo:lo + step]))
+            values.append(
+                surrogate_radius(
+                    model, x[lo : lo + step], sigma[lo : lo + step], noise[lo : lo + step]
+                )
+            )
     return float(torch.cat(values).mean())
 
 
@@ -106,8 +127,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--train-subset", type=int, default=None)
     parser.add_argument("--checkpoint", default=None, help="use this model instead of training")
-    parser.add_argument("--inputs", type=int, default=None,
-                        help="test inputs (evenly spaced indices; default 200, quick 50)")
+    parser.add_argument(
+        "--inputs",
+        type=int,
+        default=None,
+        help="test inputs (evenly spaced indices; default 200, quick 50)",
+    )
     parser.add_argument("--n", type=int, default=None, help="certification N (1,000; quick 500)")
     parser.add_argument("--n0", type=int, default=100)
     parser.add_argument("--alpha", type=float, default=0.001)
@@ -127,21 +152,41 @@ def main() -> None:
     n = args.n or (500 if q else 1_000)
     repeats = args.repeats or 3
     num_classes = test.info.num_classes
-    print(f"{len(indices)} test inputs of {args.dataset}, sigma0 {SIGMA0}; certification "
-          f"N0={args.n0}, N={n}, alpha={args.alpha}\n", flush=True)
+    print(
+        f"{len(indices)} test inputs of {args.dataset}, sigma0 {SIGMA0}; certification "
+        f"N0={args.n0}, N={n}, alpha={args.alpha}\n",
+        flush=True,
+    )
 
     def ascent(lr: float, k: int = 100):
-        return lambda: sigma_search(model, x, SIGMA0, iterations=k, lr=lr, samples=1,
-                                    keys=indices, measure=False).sigma
+        return lambda: (
+            sigma_search(
+                model, x, SIGMA0, iterations=k, lr=lr, samples=1, keys=indices, measure=False
+            ).sigma
+        )
 
     def grid(points: int, samples: int):
-        return lambda: grid_sigma_search(model, x, SIGMA0, grid=points, spread=(0.5, 2.0),
-                                         samples=samples, keys=indices).sigma
+        return lambda: (
+            grid_sigma_search(
+                model, x, SIGMA0, grid=points, spread=(0.5, 2.0), samples=samples, keys=indices
+            ).sigma
+        )
 
     def certified(samples: int, spread=(0.5, 2.0), points: int = 9):
-        return lambda: certified_sigma_search(model, x, SIGMA0, grid=points, spread=spread,
-                                              samples=samples, n=n, alpha=args.alpha,
-                                              keys=indices, batch=2048).sigma
+        return lambda: (
+            certified_sigma_search(
+                model,
+                x,
+                SIGMA0,
+                grid=points,
+                spread=spread,
+                samples=samples,
+                n=n,
+                alpha=args.alpha,
+                keys=indices,
+                batch=2048,
+            ).sigma
+        )
 
     methods = {
         "ascent K100 lr1e-4 n1 (paper)": (ascent(1e-4), 100, 100),
@@ -160,6 +205,7 @@ def main() -> None:
     def keep(name, fn):
         def run():
             chosen[name] = fn()
+
         return run
 
     # warm-up (first calls allocate and pick kernels), on a few inputs
@@ -170,25 +216,31 @@ def main() -> None:
     times = interleaved({name: keep(name, fn) for name, (fn, _, _) in methods.items()}, repeats)
     chosen["fixed sigma0 (baseline)"] = torch.full((len(indices),), SIGMA0)
 
-    noise = torch.randn(len(indices), args.holdout, *x.shape[1:],
-                        generator=torch.Generator().manual_seed(2024))
+    noise = torch.randn(
+        len(indices), args.holdout, *x.shape[1:], generator=torch.Generator().manual_seed(2024)
+    )
     smooth = Smooth(model, num_classes, seed=0)
     rows, results = [], {"machine": machine, "args": vars(args), "methods": {}}
     paper_acr = None
     for name, sigmas in chosen.items():
         fwd, bwd = methods[name][1:] if name in methods else (0, 0)
         print(f"certifying with the sigmas of {name} ...", flush=True)
-        certs = smooth.certify_batch(x, sigmas, args.n0, n, args.alpha, batch=2048,
-                                     keys=indices)
+        certs = smooth.certify_batch(x, sigmas, args.n0, n, args.alpha, batch=2048, keys=indices)
         radius = np.array([c.radius for c in certs])
         predict = np.array([c.predict for c in certs])
-        tab = {"idx": np.array(indices), "radius": radius, "predict": predict,
-               "correct": (predict == labels).astype(int)}
+        tab = {
+            "idx": np.array(indices),
+            "radius": radius,
+            "predict": predict,
+            "correct": (predict == labels).astype(int),
+        }
         entry = {
-            "forward_per_input": fwd, "backward_per_input": bwd,
+            "forward_per_input": fwd,
+            "backward_per_input": bwd,
             "seconds": median(times[name]) if name in times else 0.0,
             "time_vs_paper": paired_ratio(times[name], times[paper]) if name in times else 0.0,
-            "sigma_mean": float(sigmas.mean()), "sigma_min": float(sigmas.min()),
+            "sigma_mean": float(sigmas.mean()),
+            "sigma_min": float(sigmas.min()),
             "sigma_max": float(sigmas.max()),
             "holdout_surrogate": holdout_radius(model, x, sigmas, noise),
             "clean": certified_accuracy(tab, 0.0),
@@ -198,27 +250,53 @@ def main() -> None:
         if name == paper:
             paper_acr = entry["ACR"]
         results["methods"][name] = entry | {"times": times.get(name), "sigmas": sigmas}
-        rows.append([name, fwd, bwd, f"{entry['seconds']:.2f}",
-                     f"{entry['time_vs_paper']:.3f}" if name in times else "-",
-                     f"{entry['sigma_mean']:.3f} [{entry['sigma_min']:.2f}, "
-                     f"{entry['sigma_max']:.2f}]",
-                     f"{entry['holdout_surrogate']:.4f}", f"{entry['clean']:.3f}",
-                     *(f"{entry[f'r={r}']:.3f}" for r in RADII), f"{entry['ACR']:.4f}"])
+        rows.append(
+            [
+                name,
+                fwd,
+                bwd,
+                f"{entry['seconds']:.2f}",
+                f"{entry['time_vs_paper']:.3f}" if name in times else "-",
+                f"{entry['sigma_mean']:.3f} [{entry['sigma_min']:.2f}, {entry['sigma_max']:.2f}]",
+                f"{entry['holdout_surrogate']:.4f}",
+                f"{entry['clean']:.3f}",
+                *(f"{entry[f'r={r}']:.3f}" for r in RADII),
+                f"{entry['ACR']:.4f}",
+            ]
+        )
 
-    print(f"\n## sigma searches on {len(indices)} {args.dataset} test inputs "
-          f"(certified with N0={args.n0}, N={n}, alpha={args.alpha})")
-    print(table(["method", "fwd/input", "bwd/input", "wall s", "time / paper",
-                 "sigma mean [min, max]", "held-out R(sigma)", "clean",
-                 *(f"cert r={r}" for r in RADII), "ACR"], rows))
+    print(
+        f"\n## sigma searches on {len(indices)} {args.dataset} test inputs "
+        f"(certified with N0={args.n0}, N={n}, alpha={args.alpha})"
+    )
+    print(
+        table(
+            [
+                "method",
+                "fwd/input",
+                "bwd/input",
+                "wall s",
+                "time / paper",
+                "sigma mean [min, max]",
+                "held-out R(sigma)",
+                "clean",
+                *(f"cert r={r}" for r in RADII),
+                "ACR",
+            ],
+            rows,
+        )
+    )
     print("\n## target: at least the paper's ACR in at most 1/4 of its wall time")
     met = []
     for name, entry in results["methods"].items():
         if name in methods and name != paper:
             ok = entry["ACR"] >= paper_acr and entry["time_vs_paper"] <= 0.25
             met += [name] if ok else []
-            print(f"{name:<32s} ACR {entry['ACR']:.4f} vs {paper_acr:.4f} "
-                  f"({entry['ACR'] - paper_acr:+.4f}), time {entry['time_vs_paper']:.3f}x "
-                  f"-> {'met' if ok else 'not met'}")
+            print(
+                f"{name:<32s} ACR {entry['ACR']:.4f} vs {paper_acr:.4f} "
+                f"({entry['ACR'] - paper_acr:+.4f}), time {entry['time_vs_paper']:.3f}x "
+                f"-> {'met' if ok else 'not met'}"
+            )
     print(f"target met by: {', '.join(met) if met else 'none'}")
     results["load"] = monitor.report()
     save_json(args.json, results)

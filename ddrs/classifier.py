@@ -1,14 +1,14 @@
 """The data-dependent smoothed classifier, online: sigma (or expert) + CERTIFY + memory.
 
 Each query x is answered by
-  1. a noise level for x: sigma_x from a sigma search around sigma0 (sigma.py; `selector`
+  1. a noise level for x: sigma_x from a sigma search around sigma0 (core/sigma.py; `selector`
      names it: "certified" picks by the radius CERTIFY would give at this classifier's N and
      alpha, "ascent" is the paper's gradient ascent, "grid" the surrogate-scored grid); or,
      with experts, the expert (and its sigma) the certified selector over experts picks
-     (route.py);
-  2. (c, R) = CERTIFY(x, sigma_x) with that model (smooth.py), or with a router, the dual
+     (core/route.py);
+  2. (c, R) = CERTIFY(x, sigma_x) with that model (core/smooth.py), or with a router, the dual
      certificate (route.DualSmoothing);
-  3. the memory rule (memory.py), which makes the answers of a classifier whose sigma (or
+  3. the memory rule (memory/rule.py), which makes the answers of a classifier whose sigma (or
      expert) depends on x certifiable: no two stored balls of different classes intersect.
 """
 
@@ -94,14 +94,28 @@ class DataDependentSmoothClassifier:
         if not self.experts.is_model:
             samples = self.search.get("samples", DEFAULT_SAMPLES["certified"])
             found = route_by_certified_radius(
-                self.experts, x, samples=samples, n=self.n, alpha=self.alpha,
-                rule=self.route_rule, seed=self.seed, keys=keys, batch=batch,
-            )  # fmt: skip
+                self.experts,
+                x,
+                samples=samples,
+                n=self.n,
+                alpha=self.alpha,
+                rule=self.route_rule,
+                seed=self.seed,
+                keys=keys,
+                batch=batch,
+            )
             return found.expert.tolist(), found.sigma
         if self.selector is None:
             return [0] * x.shape[0], torch.full((x.shape[0],), float(self.sigma0))
-        found = SEARCHES[self.selector](self.experts[0].model, x, self.sigma0, seed=self.seed,
-                                        keys=keys, batch=batch, **self.search)  # fmt: skip
+        found = SEARCHES[self.selector](
+            self.experts[0].model,
+            x,
+            self.sigma0,
+            seed=self.seed,
+            keys=keys,
+            batch=batch,
+            **self.search,
+        )
         return [0] * x.shape[0], found.sigma.detach().float().cpu()
 
     def certify(self, x: Tensor, key: int = 0) -> Answer:
@@ -149,22 +163,36 @@ class DataDependentSmoothClassifier:
         if self.dual is not None:
             if kind == "certify":
                 found = self.dual.certify_batch(
-                    x, n0=self.n0, n=self.n, router_n=self.router_n, alpha=self.alpha,
-                    router_share=self.router_share, batch=self.batch, keys=keys,
-                )  # fmt: skip
+                    x,
+                    n0=self.n0,
+                    n=self.n,
+                    router_n=self.router_n,
+                    alpha=self.alpha,
+                    router_share=self.router_share,
+                    batch=self.batch,
+                    keys=keys,
+                )
                 return [(c.predict, c.radius, c.expert, c.sigma) for c in found]
-            found = self.dual.predict_batch(x, n=self.n, router_n=self.router_n,
-                                            alpha=self.alpha, router_share=self.router_share,
-                                            batch=self.batch, keys=keys)  # fmt: skip
+            found = self.dual.predict_batch(
+                x,
+                n=self.n,
+                router_n=self.router_n,
+                alpha=self.alpha,
+                router_share=self.router_share,
+                batch=self.batch,
+                keys=keys,
+            )
             return [(c, 0.0, k, s) for c, k, s in found]
         expert, sigma = self.routes_for(x, keys)
         if kind == "certify":
-            found = self.certifier.certify_batch(x, expert, sigma, self.n0, self.n, self.alpha,
-                                                 self.batch, keys)  # fmt: skip
+            found = self.certifier.certify_batch(
+                x, expert, sigma, self.n0, self.n, self.alpha, self.batch, keys
+            )
             answers = [(c.predict, c.radius) for c in found]
         else:
-            found = self.certifier.predict_batch(x, expert, sigma, self.n, self.alpha,
-                                                 self.batch, keys)  # fmt: skip
+            found = self.certifier.predict_batch(
+                x, expert, sigma, self.n, self.alpha, self.batch, keys
+            )
             answers = [(c, 0.0) for c in found]
         return [(c, r, k, float(s)) for (c, r), k, s in zip(answers, expert, sigma.tolist())]
 

@@ -68,15 +68,23 @@ class QuickstartSettings:
     skip: int = 1
 
 
-QUICK = QuickstartSettings(epochs=3, lr_step=2, dd_samples=2, sigma_samples=8, n=200, skip=6,
-                           router_epochs=2)  # fmt: skip
+QUICK = QuickstartSettings(
+    epochs=3, lr_step=2, dd_samples=2, sigma_samples=8, n=200, skip=6, router_epochs=2
+)
 
 
 def _train(out: Path, s: QuickstartSettings, name: str, **config) -> Path:
     config = TrainConfig(
-        dataset="digits", arch="cnn", out=str(out), batch=s.batch, lr=s.lr, lr_step=s.lr_step,
-        eval_max=None, resume=(out / "last.pt").exists(), **config,
-    )  # fmt: skip
+        dataset="digits",
+        arch="cnn",
+        out=str(out),
+        batch=s.batch,
+        lr=s.lr,
+        lr_step=s.lr_step,
+        eval_max=None,
+        resume=(out / "last.pt").exists(),
+        **config,
+    )
     if config.resume and load_checkpoint(out / "last.pt").meta["epoch"] + 1 >= config.epochs:
         print(f"      {name}: already trained ({out / 'last.pt'})")
         return out / "last.pt"  # already trained: quickstart resumes where it stopped
@@ -99,85 +107,145 @@ def quickstart(
     s = QUICK if quick else QuickstartSettings()
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; give a folder (the quickstart writes several "
-                         "files into it)")  # fmt: skip
+        raise InputError(
+            f"--out {out} is a file; give a folder (the quickstart writes several files into it)"
+        )
     started = time.perf_counter()
     test_set = get_dataset("digits", "test")
     count = len(range(0, len(test_set), s.skip))
     common = {"n0": s.n0, "n": s.n, "alpha": s.alpha, "skip": s.skip, "progress": progress}
     training = {"epochs": s.epochs, "train_subset": s.train_subset, "progress": progress}
 
-    print(f"[1/5] training CNNs on {s.train_subset} digits: experts at sigma "
-          f"{', '.join(f'{v:g}' for v in s.expert_sigmas)}, and data-dependent from {s.sigma}")
+    print(
+        f"[1/5] training CNNs on {s.train_subset} digits: experts at sigma "
+        f"{', '.join(f'{v:g}' for v in s.expert_sigmas)}, and data-dependent from {s.sigma}"
+    )
     members = []
     for sigma in s.expert_sigmas:
-        path = _train(out / f"expert-{sigma:g}", s, f"the sigma={sigma:g} expert", sigma=sigma,
-                      **training)  # fmt: skip
+        path = _train(
+            out / f"expert-{sigma:g}", s, f"the sigma={sigma:g} expert", sigma=sigma, **training
+        )
         members.append(Expert(f"sigma={sigma:g}", str(path), sigma, load_checkpoint(path).model))
     experts = Experts(tuple(members))
-    dd_ckpt = _train(out / "data_dependent", s, "the data-dependent CNN", sigma=s.sigma,
-                     data_dependent=True, dd_iterations=s.dd_iterations, dd_lr=s.dd_lr,
-                     dd_samples=s.dd_samples, **training)  # fmt: skip
+    dd_ckpt = _train(
+        out / "data_dependent",
+        s,
+        "the data-dependent CNN",
+        sigma=s.sigma,
+        data_dependent=True,
+        dd_iterations=s.dd_iterations,
+        dd_lr=s.dd_lr,
+        dd_samples=s.dd_samples,
+        **training,
+    )
 
     print(f"[2/5] certifying each expert at its sigma (N={s.n}, alpha={s.alpha})")
     fixed = []
     for expert in experts:
         path = out / f"expert-{expert.sigma:g}_certify.tsv"
         print(f"      {expert.name}{_already(path, count)}")
-        certify_dataset(expert.model, test_set, CertifyRun(out=str(path), sigma=expert.sigma,
-                                                           **common))
+        certify_dataset(
+            expert.model, test_set, CertifyRun(out=str(path), sigma=expert.sigma, **common)
+        )
         fixed.append(path)
 
     sigmas_tsv, dd_tsv = out / "dd_sigmas.tsv", out / "dd_certify.tsv"
-    print(f"[3/5] data-dependent: a sigma per test input (certified selector, {s.sigma_grid} "
-          f"candidates in {s.sigma:g} x [0.5, 2]), then CERTIFY with the memory"
-          + _already(dd_tsv, count))
+    print(
+        f"[3/5] data-dependent: a sigma per test input (certified selector, {s.sigma_grid} "
+        f"candidates in {s.sigma:g} x [0.5, 2]), then CERTIFY with the memory"
+        + _already(dd_tsv, count)
+    )
     dd_model = load_checkpoint(dd_ckpt).model
-    sigma_dataset(dd_model, test_set, SigmaRun(
-        out=str(sigmas_tsv), sigma0=s.sigma, search="certified", grid=s.sigma_grid,
-        samples=s.sigma_samples, n=s.n, alpha=s.alpha, skip=s.skip, progress=progress,
-    ))  # fmt: skip
-    certify_dataset(dd_model, test_set, CertifyRun(
-        out=str(dd_tsv), sigmas=str(sigmas_tsv), memory=str(out / "dd_memory.sqlite"), **common,
-    ))  # fmt: skip
+    sigma_dataset(
+        dd_model,
+        test_set,
+        SigmaRun(
+            out=str(sigmas_tsv),
+            sigma0=s.sigma,
+            search="certified",
+            grid=s.sigma_grid,
+            samples=s.sigma_samples,
+            n=s.n,
+            alpha=s.alpha,
+            skip=s.skip,
+            progress=progress,
+        ),
+    )
+    certify_dataset(
+        dd_model,
+        test_set,
+        CertifyRun(
+            out=str(dd_tsv),
+            sigmas=str(sigmas_tsv),
+            memory=str(out / "dd_memory.sqlite"),
+            **common,
+        ),
+    )
 
     routes_tsv, routed_tsv = out / "routes.tsv", out / "routed_certify.tsv"
-    print(f"[4/5] the experts routed: the certified selector over them ({s.sigma_samples} "
-          "votes each), then CERTIFY with the memory" + _already(routed_tsv, count))
-    sigma_dataset(experts, test_set, SigmaRun(
-        out=str(routes_tsv), samples=s.sigma_samples, route_rule=s.route_rule, n=s.n,
-        alpha=s.alpha, skip=s.skip, progress=progress,
-    ))  # fmt: skip
-    certify_dataset(experts, test_set, CertifyRun(
-        out=str(routed_tsv), sigmas=str(routes_tsv), memory=str(out / "routed_memory.sqlite"),
-        **common,
-    ))  # fmt: skip
+    print(
+        f"[4/5] the experts routed: the certified selector over them ({s.sigma_samples} "
+        "votes each), then CERTIFY with the memory" + _already(routed_tsv, count)
+    )
+    sigma_dataset(
+        experts,
+        test_set,
+        SigmaRun(
+            out=str(routes_tsv),
+            samples=s.sigma_samples,
+            route_rule=s.route_rule,
+            n=s.n,
+            alpha=s.alpha,
+            skip=s.skip,
+            progress=progress,
+        ),
+    )
+    certify_dataset(
+        experts,
+        test_set,
+        CertifyRun(
+            out=str(routed_tsv),
+            sigmas=str(routes_tsv),
+            memory=str(out / "routed_memory.sqlite"),
+            **common,
+        ),
+    )
     dual_tsv = out / "dual_certify.tsv"
     held = held_out_indices(experts, len(get_dataset("digits", "train")))
-    print(f"      dual smoothing: a router (sigma_r {s.router_sigma:g}) trained on the {len(held)} "
-          "training images no expert saw, then router and expert certified"
-          + _already(dual_tsv, count))
+    print(
+        f"      dual smoothing: a router (sigma_r {s.router_sigma:g}) trained on the {len(held)} "
+        "training images no expert saw, then router and expert certified"
+        + _already(dual_tsv, count)
+    )
     router = _router(out / "router", s, experts, held, progress)
-    certify_dataset(experts, test_set, CertifyRun(out=str(dual_tsv), router=str(router),
-                                                  **common))
+    certify_dataset(experts, test_set, CertifyRun(out=str(dual_tsv), router=str(router), **common))
 
     print("[5/5] the table and the plots")
     labels = [f"fixed sigma={v:g}" for v in s.expert_sigmas]
-    runs = load_runs([str(p) for p in fixed + [dd_tsv, routed_tsv, dual_tsv]],
-                     labels + ["data-dependent + memory", "experts routed + memory",
-                               "experts, dual smoothing"])  # fmt: skip
+    runs = load_runs(
+        [str(p) for p in fixed + [dd_tsv, routed_tsv, dual_tsv]],
+        labels + ["data-dependent + memory", "experts routed + memory", "experts, dual smoothing"],
+    )
     radii = [0.0, 0.25, 0.5, 0.75, 1.0]
     summaries = [run_summary(r, radii) for r in runs]
     envelope = envelope_summary(summaries[:3], radii) | {"label": "fixed-sigma envelope"}
     table = format_table(summaries[:3] + [envelope] + summaries[3:], radii, "markdown", False)
-    table += ("\nAgainst the fixed-sigma envelope, in points (inputs only this run certifies "
-              "correctly / only the envelope's run does, two-sided sign test):\n\n"
-              + envelope_comparison(runs[3:], runs[:3], radii[:4]) + "\n"
-              + significant_claims(runs[3:], runs[:3], radii[:4]) + "\n")  # fmt: skip
+    table += (
+        "\nAgainst the fixed-sigma envelope, in points (inputs only this run certifies "
+        "correctly / only the envelope's run does, two-sided sign test):\n\n"
+        + envelope_comparison(runs[3:], runs[:3], radii[:4])
+        + "\n"
+        + significant_claims(runs[3:], runs[:3], radii[:4])
+        + "\n"
+    )
     (out / "table.md").write_text(table + "\n")
-    plot_certified_accuracy(runs, out / "certified_accuracy.png",
-                            title="digits: certified accuracy", envelope=runs[:3],
-                            envelope_label="fixed-sigma envelope")  # fmt: skip
+    plot_certified_accuracy(
+        runs,
+        out / "certified_accuracy.png",
+        title="digits: certified accuracy",
+        envelope=runs[:3],
+        envelope_label="fixed-sigma envelope",
+    )
     plot_sigma_histogram(runs[3:4], out / "sigma_histogram.png", sigma0=s.sigma)
     plot_experts(runs[4:], out / "experts.png", title="digits: the expert of each input")
     print()
@@ -189,17 +257,25 @@ def quickstart(
     return written
 
 
-def _router(out: Path, s: QuickstartSettings, experts: Experts, images: list[int],
-            progress: bool) -> Path:  # fmt: skip
+def _router(
+    out: Path, s: QuickstartSettings, experts: Experts, images: list[int], progress: bool
+) -> Path:
     last = out / "last.pt"
     if last.exists() and load_checkpoint(last).meta["epoch"] + 1 >= s.router_epochs:
         print(f"      the router: already trained ({last})")
         return last
     config = TrainConfig(
-        dataset="digits", arch="cnn", out=str(out), sigma=s.router_sigma,
-        epochs=s.router_epochs, batch=s.batch, lr=s.lr, lr_step=s.lr_step, eval_max=None,
-        progress=progress, resume=last.exists(),
-    )  # fmt: skip
+        dataset="digits",
+        arch="cnn",
+        out=str(out),
+        sigma=s.router_sigma,
+        epochs=s.router_epochs,
+        batch=s.batch,
+        lr=s.lr,
+        lr_step=s.lr_step,
+        eval_max=None,
+        progress=progress,
+        resume=last.exists(),
+    )
     print(f"      the router -> {out}")
-    return train_router(experts, config, images, samples=s.sigma_samples, n=s.n,
-                        alpha=s.alpha)  # fmt: skip
+    return train_router(experts, config, images, samples=s.sigma_samples, n=s.n, alpha=s.alpha)

@@ -29,9 +29,20 @@ REFERENCE_COLUMNS = ("idx", "label", "predict", "radius", "correct")
 COUNTS_COLUMNS = ("idx", "label", "selected", "count", "top1", "top2", "n", "n0", "sigma", "seed")
 # a sharded certify worker's part file: the Monte Carlo certificate and its counts
 CERTIFY_PART_COLUMNS = (
-    "idx", "label", "predict", "radius", "sigma", "time",
-    "selected", "count", "top1", "top2", "n", "n0", "seed",
-)  # fmt: skip
+    "idx",
+    "label",
+    "predict",
+    "radius",
+    "sigma",
+    "time",
+    "selected",
+    "count",
+    "top1",
+    "top2",
+    "n",
+    "n0",
+    "seed",
+)
 # experts: the expert that answered (its name; "-" when a router abstained)
 EXPERT_COLUMNS = ("expert",)
 ROUTER_COLUMNS = ("expert", "route_radius", "expert_radius")
@@ -40,9 +51,21 @@ ROUTE_COLUMNS = ("idx", "expert", "sigma", "score", "time")
 STRING_COLUMNS = {"expert"}
 NO_EXPERT = "-"
 INTEGER_COLUMNS = {
-    "idx", "label", "predict", "correct", "mc_predict",
-    "selected", "count", "top1", "top2", "n", "n0", "seed", "route", "right",
-}  # fmt: skip
+    "idx",
+    "label",
+    "predict",
+    "correct",
+    "mc_predict",
+    "selected",
+    "count",
+    "top1",
+    "top2",
+    "n",
+    "n0",
+    "seed",
+    "route",
+    "right",
+}
 
 
 def file_digest(path: str | os.PathLike) -> str:

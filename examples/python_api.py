@@ -27,8 +27,18 @@ from ddrs.train.loop import TrainConfig, train
 
 def main(out: Path) -> None:
     test = get_dataset("digits", "test")
-    checkpoint = train(TrainConfig(dataset="digits", arch="cnn", out=str(out / "model"),
-                                   sigma=0.25, epochs=2, batch=64, lr=0.05, progress=False))
+    checkpoint = train(
+        TrainConfig(
+            dataset="digits",
+            arch="cnn",
+            out=str(out / "model"),
+            sigma=0.25,
+            epochs=2,
+            batch=64,
+            lr=0.05,
+            progress=False,
+        )
+    )
     model = load_checkpoint(checkpoint).model  # maps [0, 1] images to logits
 
     indices = [0, 1, 2, 3]
@@ -42,22 +52,28 @@ def main(out: Path) -> None:
     print("predict:", label)
 
     # per-input sigmas: the certified selector, scored at the N and alpha used below
-    sigmas = certified_sigma_search(model, xs, sigma0=0.25, n=1000, alpha=0.001,
-                                    keys=indices).sigma
+    sigmas = certified_sigma_search(model, xs, sigma0=0.25, n=1000, alpha=0.001, keys=indices).sigma
     certs = smooth.certify_batch(xs, sigmas, n0=100, n=1000, alpha=0.001, keys=indices)
-    print("per-input sigmas:", [round(float(s), 3) for s in sigmas],
-          "radii:", [round(c.radius, 3) for c in certs])
+    print(
+        "per-input sigmas:",
+        [round(float(s), 3) for s in sigmas],
+        "radii:",
+        [round(c.radius, 3) for c in certs],
+    )
 
     # online data-dependent smoothing: sigma search + CERTIFY + the memory, one query at a time
     shape = test.info.input_shape
-    memory = CertificationMemory(out / "memory.sqlite",
-                                 memory_fingerprint(model, "digits", shape), shape)
+    memory = CertificationMemory(
+        out / "memory.sqlite", memory_fingerprint(model, "digits", shape), shape
+    )
     with memory:
         clf = DataDependentSmoothClassifier(model, 10, memory, sigma0=0.25, n=1000)
         for i in indices:
             answer = clf.certify(test[i][0], key=i)
-            print(f"input {i}: class {answer.predict}, radius {answer.radius:.3f}, "
-                  f"sigma {answer.sigma:.3f}, changed {answer.changed}, shrunk {answer.shrunk}")
+            print(
+                f"input {i}: class {answer.predict}, radius {answer.radius:.3f}, "
+                f"sigma {answer.sigma:.3f}, changed {answer.changed}, shrunk {answer.shrunk}"
+            )
 
     # a whole dataset, resumable, checked and recorded exactly as `ddrs certify` does it
     run = CertifyRun(out=str(out / "cert.tsv"), sigma=0.25, n0=100, n=1000, skip=60)

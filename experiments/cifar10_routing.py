@@ -155,12 +155,28 @@ def step_train(args) -> None:
         out = expert_path(args, sigma).parent
         if _trained(out / "last.pt", args.epochs):
             continue
-        timed(args, f"train expert {sigma:g}", train, TrainConfig(
-            dataset="cifar10", data_root=args.data_root, arch=args.arch, sigma=sigma,
-            epochs=args.epochs, train_subset=args.train_subset, batch=128, lr=0.05, lr_step=4,
-            weight_decay=1e-4, eval_max=1000, seed=args.seed, out=str(out),
-            progress=not args.no_progress, resume=(out / "last.pt").exists(),
-        ))
+        timed(
+            args,
+            f"train expert {sigma:g}",
+            train,
+            TrainConfig(
+                dataset="cifar10",
+                data_root=args.data_root,
+                arch=args.arch,
+                sigma=sigma,
+                epochs=args.epochs,
+                train_subset=args.train_subset,
+                batch=128,
+                lr=0.05,
+                lr_step=4,
+                weight_decay=1e-4,
+                eval_max=1000,
+                seed=args.seed,
+                out=str(out),
+                progress=not args.no_progress,
+                resume=(out / "last.pt").exists(),
+            ),
+        )
 
 
 def _trained(last: Path, epochs: int) -> bool:
@@ -181,42 +197,78 @@ def step_routers(args) -> None:
             if _trained(last, args.router_epochs):
                 continue
             config = TrainConfig(
-                dataset="cifar10", data_root=args.data_root, arch=args.arch, sigma=sigma_r,
-                epochs=args.router_epochs, batch=128, lr=0.05, lr_step=6, weight_decay=1e-4,
-                eval_max=None, seed=args.seed, out=str(out), progress=not args.no_progress,
+                dataset="cifar10",
+                data_root=args.data_root,
+                arch=args.arch,
+                sigma=sigma_r,
+                epochs=args.router_epochs,
+                batch=128,
+                lr=0.05,
+                lr_step=6,
+                weight_decay=1e-4,
+                eval_max=None,
+                seed=args.seed,
+                out=str(out),
+                progress=not args.no_progress,
                 resume=last.exists(),
-            )  # fmt: skip
+            )
             labels = Path(args.out) / f"labels-{which}.tsv"  # one file for both sigma_r
-            timed(args, f"router {which} {sigma_r:g}",
-                  lambda e=experts, c=config, f=labels: train_router(
-                      e, c, images, samples=args.label_samples, n=args.n, alpha=args.alpha,
-                      labels=f))
+            timed(
+                args,
+                f"router {which} {sigma_r:g}",
+                lambda e=experts, c=config, f=labels: train_router(
+                    e, c, images, samples=args.label_samples, n=args.n, alpha=args.alpha, labels=f
+                ),
+            )
 
 
-def certify_row(args, which: str, data, folder: Path, how: str, n: int, seed: int,
-                selection: dict) -> str:  # fmt: skip
+def certify_row(
+    args, which: str, data, folder: Path, how: str, n: int, seed: int, selection: dict
+) -> str:
     """One row: how = "fixed:<k>" (expert k at its sigma), "route:<rule>" (routing + memory)
     or "dual:<sigma_r>" (dual smoothing through the router trained at sigma_r)."""
     kind, value = how.split(":")
     experts, stem = experts_of(args, which), stem_of(which, how)
-    common = {"n0": args.n0, "n": n, "alpha": args.alpha, "batch": args.batch, "seed": seed,
-              "progress": not args.no_progress, **selection}  # fmt: skip
+    common = {
+        "n0": args.n0,
+        "n": n,
+        "alpha": args.alpha,
+        "batch": args.batch,
+        "seed": seed,
+        "progress": not args.no_progress,
+        **selection,
+    }
     out = folder / f"{stem}.certify.tsv"
     if kind == "fixed":
         expert = experts[int(value)]
-        certify_dataset(expert.model, data, CertifyRun(out=str(out), sigma=expert.sigma,
-                                                       **common))
+        certify_dataset(expert.model, data, CertifyRun(out=str(out), sigma=expert.sigma, **common))
     elif kind == "route":
         routes = folder / f"{stem}.routes.tsv"
-        sigma_dataset(experts, data, SigmaRun(
-            out=str(routes), route_rule=value, samples=args.route_samples, n=n,
-            alpha=args.alpha, batch=args.batch, seed=seed, progress=not args.no_progress,
-            **selection,
-        ))  # fmt: skip
-        certify_dataset(experts, data, CertifyRun(
-            out=str(out), sigmas=str(routes), memory=str(folder / f"{stem}.memory.sqlite"),
-            **common,
-        ))  # fmt: skip
+        sigma_dataset(
+            experts,
+            data,
+            SigmaRun(
+                out=str(routes),
+                route_rule=value,
+                samples=args.route_samples,
+                n=n,
+                alpha=args.alpha,
+                batch=args.batch,
+                seed=seed,
+                progress=not args.no_progress,
+                **selection,
+            ),
+        )
+        certify_dataset(
+            experts,
+            data,
+            CertifyRun(
+                out=str(out),
+                sigmas=str(routes),
+                memory=str(folder / f"{stem}.memory.sqlite"),
+                **common,
+            ),
+        )
     else:
         router = router_dir(args, which, float(value)) / "last.pt"
         certify_dataset(experts, data, CertifyRun(out=str(out), router=str(router), **common))
@@ -237,17 +289,28 @@ def step_select(args) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     val, _ = held_out(args)
-    data = Picked(get_dataset("cifar10", "train", args.data_root, augment=False), val,
-                  "validation")
+    data = Picked(get_dataset("cifar10", "train", args.data_root, augment=False), val, "validation")
     folder = Path(args.out) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     results: dict = {"validation_images": val, "n": args.val_n, "tried": {}, "chosen": {}}
     for which in SETS:
         tried = {}
         for how in ["route:radius", "route:agree"] + [
-                f"dual:{s}" for s in args.router_sigmas.split(",")]:  # fmt: skip
-            out = timed(args, f"validation {stem_of(which, how)}", certify_row, args, which,
-                        data, folder, how, args.val_n, args.seed + 1, {})
+            f"dual:{s}" for s in args.router_sigmas.split(",")
+        ]:
+            out = timed(
+                args,
+                f"validation {stem_of(which, how)}",
+                certify_row,
+                args,
+                which,
+                data,
+                folder,
+                how,
+                args.val_n,
+                args.seed + 1,
+                {},
+            )
             tried[how] = score(out)
         results["tried"][which] = tried
         for kind in ("route", "dual"):
@@ -276,22 +339,40 @@ def step_certify(args, choices: dict) -> None:
     folder = Path(args.out) / "test"
     folder.mkdir(parents=True, exist_ok=True)
     for label, which, how in test_rows(args, choices):
-        timed(args, f"test {label}", certify_row, args, which, test, folder, how, args.n,
-              args.seed, {"skip": args.skip, "max": args.max})
+        timed(
+            args,
+            f"test {label}",
+            certify_row,
+            args,
+            which,
+            test,
+            folder,
+            how,
+            args.n,
+            args.seed,
+            {"skip": args.skip, "max": args.max},
+        )
 
 
 def step_report(args, choices: dict) -> None:
     out, folder = Path(args.out), Path(args.out) / "test"
-    rows = [(label, folder / f"{stem_of(which, how)}.certify.tsv")
-            for label, which, how in test_rows(args, choices)]  # fmt: skip
+    rows = [
+        (label, folder / f"{stem_of(which, how)}.certify.tsv")
+        for label, which, how in test_rows(args, choices)
+    ]
     rows = [(label, p) for label, p in rows if p.exists()]
     runs = load_runs([str(p) for _, p in rows], [label for label, _ in rows])
     fixed = runs[:3]
     summaries = [run_summary(r, RADII) for r in runs]
     envelope = envelope_summary(summaries[:3], RADII) | {"label": "envelope of the 3 experts"}
     table = format_table(summaries[:3] + [envelope] + summaries[3:], RADII, "markdown")
-    lines = [table, "", "Sign tests against the envelope's expert at each radius (inputs only "
-             "the row certifies / only the expert does, two-sided p):", ""]
+    lines = [
+        table,
+        "",
+        "Sign tests against the envelope's expert at each radius (inputs only "
+        "the row certifies / only the expert does, two-sided p):",
+        "",
+    ]
     lines.append("| row | " + " | ".join(f"r={r:g}" for r in RADII[:4]) + " |")
     lines.append("|---|" + "---:|" * 4)
     for run in runs[3:]:
@@ -304,9 +385,13 @@ def step_report(args, choices: dict) -> None:
     lines += ["", router_numbers(args, choices, runs)]
     text = "\n".join(lines)
     (out / "report.md").write_text(text + "\n")
-    plot_certified_accuracy(runs, out / "certified_accuracy.png",
-                            title="CIFAR-10 (JPEG copy): routing among sigma-experts",
-                            envelope=fixed, envelope_label="envelope of the 3 experts")
+    plot_certified_accuracy(
+        runs,
+        out / "certified_accuracy.png",
+        title="CIFAR-10 (JPEG copy): routing among sigma-experts",
+        envelope=fixed,
+        envelope_label="envelope of the 3 experts",
+    )
     plot_experts(runs[3:], out / "experts.png")
     print(text)
 
@@ -322,18 +407,22 @@ def router_numbers(args, choices: dict, runs) -> str:
         certified = t["correct"] == 1
         capped = certified & (t["route_radius"] < t["expert_radius"])
         abstained = np.mean(t["expert"].astype(str) == "-")
-        lines.append(f"- {run.label}: router abstained on {abstained:.1%}; of the "
-                     f"{int(certified.sum())} certified-correct inputs, the router's radius "
-                     f"was the smaller one for {int(capped.sum())}")
+        lines.append(
+            f"- {run.label}: router abstained on {abstained:.1%}; of the "
+            f"{int(certified.sum())} certified-correct inputs, the router's radius "
+            f"was the smaller one for {int(capped.sum())}"
+        )
     for which in SETS:
         for sigma_r in args.router_sigmas.split(","):
             log = router_dir(args, which, float(sigma_r)) / "log.csv"
             if log.exists():
                 with open(log) as f:
                     last = list(csv.DictReader(f))[-1]
-                lines.append(f"- router {which} sigma_r {sigma_r}: accuracy on its held-out "
-                             f"labels {float(last['test_clean_acc']):.3f} clean, "
-                             f"{float(last['test_noisy_acc']):.3f} under its noise")
+                lines.append(
+                    f"- router {which} sigma_r {sigma_r}: accuracy on its held-out "
+                    f"labels {float(last['test_clean_acc']):.3f} clean, "
+                    f"{float(last['test_noisy_acc']):.3f} under its noise"
+                )
     return "\n".join(lines)
 
 

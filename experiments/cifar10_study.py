@@ -81,16 +81,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
     # data-dependent training: K 1, n 1; dd-lr candidates: the authors' 1e-4, and the step
     # that gives their drift (440 epochs x K 10 x 1e-4) in 10 epochs x K 1, and a tenth of it
-    p.add_argument("--dd-lrs", default="0.044,0.0044,0.0001",
-                   help="data-dependent models' dd-lr candidates")
+    p.add_argument(
+        "--dd-lrs", default="0.044,0.0044,0.0001", help="data-dependent models' dd-lr candidates"
+    )
     p.add_argument("--dd-iterations", type=int, default=1, help="training-time ascent steps K")
     p.add_argument("--dd-samples", type=int, default=1, help="training-time noise samples n")
     # selection on validation images
-    p.add_argument("--val-images", type=int, default=200,
-                   help="validation images (held out from training)")
+    p.add_argument(
+        "--val-images", type=int, default=200, help="validation images (held out from training)"
+    )
     p.add_argument("--val-n", type=int, default=1000, help="N of the validation certificates")
-    p.add_argument("--select-radius", type=float, default=0.5,
-                   help="choices by certified accuracy at this radius")
+    p.add_argument(
+        "--select-radius",
+        type=float,
+        default=0.5,
+        help="choices by certified accuracy at this radius",
+    )
     p.add_argument(
         "--spreads",
         default="0.5:2,0.5:4,0.71:1.41",
@@ -98,8 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     # test-time selectors
     p.add_argument("--certified-grid", type=int, default=9, help="certified selector: candidates")
-    p.add_argument("--certified-samples", type=int, default=64,
-                   help="certified selector: votes each")
+    p.add_argument(
+        "--certified-samples", type=int, default=64, help="certified selector: votes each"
+    )
     p.add_argument("--grid-samples", type=int, default=8, help="surrogate grid: samples each")
     p.add_argument("--ascent-iterations", type=int, default=100, help="paper's ascent: K")
     p.add_argument("--ascent-lr", type=float, default=1e-4, help="paper's ascent: step")
@@ -235,21 +242,43 @@ def search_options(args, selector: str, spread=(0.5, 2.0)) -> dict:
     return {"iterations": args.ascent_iterations, "lr": args.ascent_lr, "samples": 1}
 
 
-def certify_with_sigmas(args, model, dataset, folder: Path, stem: str, selector, options,
-                        sigma0: float, selection: dict, n: int, seed: int) -> str:
+def certify_with_sigmas(
+    args,
+    model,
+    dataset,
+    folder: Path,
+    stem: str,
+    selector,
+    options,
+    sigma0: float,
+    selection: dict,
+    n: int,
+    seed: int,
+) -> str:
     """Sigmas from `selector`, then CERTIFY through a fresh memory; returns the results path.
     `selection`: skip and max of the inputs."""
     sigmas = folder / f"{stem}.sigmas.tsv"
-    common = {"batch": args.cert_batch, "seed": seed, "progress": not args.no_progress,
-              **selection}
+    common = {"batch": args.cert_batch, "seed": seed, "progress": not args.no_progress, **selection}
     options = {"n": n, "alpha": args.alpha} | options
-    sigma_dataset(model, dataset, SigmaRun(out=str(sigmas), sigma0=sigma0, search=selector,
-                                           **options, **common))
+    sigma_dataset(
+        model,
+        dataset,
+        SigmaRun(out=str(sigmas), sigma0=sigma0, search=selector, **options, **common),
+    )
     out = folder / f"{stem}.certify.tsv"
-    certify_dataset(model, dataset, CertifyRun(
-        out=str(out), n0=args.n0, n=n, alpha=args.alpha, sigmas=str(sigmas),
-        memory=str(folder / f"{stem}.memory.sqlite"), **common,
-    ))
+    certify_dataset(
+        model,
+        dataset,
+        CertifyRun(
+            out=str(out),
+            n0=args.n0,
+            n=n,
+            alpha=args.alpha,
+            sigmas=str(sigmas),
+            memory=str(folder / f"{stem}.memory.sqlite"),
+            **common,
+        ),
+    )
     return str(out)
 
 
@@ -274,13 +303,28 @@ def step_select(args) -> dict:
     def evaluate(name: str, sigma0: float, spread) -> tuple[float, float]:
         model = load_model(args, name)
         stem = f"{name}.certified-{spread[0]:g}-{spread[1]:g}"
-        out = certify_with_sigmas(args, model, val, folder, stem, "certified",
-                                  search_options(args, "certified", spread) | {"n": args.val_n},
-                                  sigma0, everything, args.val_n, seed)
+        out = certify_with_sigmas(
+            args,
+            model,
+            val,
+            folder,
+            stem,
+            "certified",
+            search_options(args, "certified", spread) | {"n": args.val_n},
+            sigma0,
+            everything,
+            args.val_n,
+            seed,
+        )
         return score(out, args.select_radius)
 
-    results: dict = {"validation_images": val.indices, "radius": args.select_radius,
-                     "n": args.val_n, "dd_lr": {}, "spread": {}}
+    results: dict = {
+        "validation_images": val.indices,
+        "radius": args.select_radius,
+        "n": args.val_n,
+        "dd_lr": {},
+        "spread": {},
+    }
     first = spreads(args)[0]
     for lr in floats(args.dd_lrs):
         results["dd_lr"][f"{lr:g}"] = evaluate(dd_name(args, lr), args.sigma0, first)
@@ -304,11 +348,21 @@ def step_fixed_certify(args, name: str, sigma: float, test_set) -> None:
     folder = Path(args.out) / "test"
     folder.mkdir(parents=True, exist_ok=True)
     model = load_model(args, name)
-    certify_dataset(model, test_set, CertifyRun(
-        out=str(folder / f"{name}.certify.tsv"), n0=args.n0, n=args.n, alpha=args.alpha,
-        sigma=sigma, batch=args.cert_batch, seed=args.seed, progress=not args.no_progress,
-        **test_selection(args),
-    ))
+    certify_dataset(
+        model,
+        test_set,
+        CertifyRun(
+            out=str(folder / f"{name}.certify.tsv"),
+            n0=args.n0,
+            n=args.n,
+            alpha=args.alpha,
+            sigma=sigma,
+            batch=args.cert_batch,
+            seed=args.seed,
+            progress=not args.no_progress,
+            **test_selection(args),
+        ),
+    )
 
 
 def dd_rows(args, choices: dict) -> list[tuple[str, str, str, tuple]]:
@@ -324,9 +378,19 @@ def step_dd_certify(args, stem: str, name: str, selector: str, spread, test_set)
     folder = Path(args.out) / "test"
     folder.mkdir(parents=True, exist_ok=True)
     model = load_model(args, name)
-    certify_with_sigmas(args, model, test_set, folder, stem, selector,
-                        search_options(args, selector, spread), args.sigma0,
-                        test_selection(args), args.n, args.seed)
+    certify_with_sigmas(
+        args,
+        model,
+        test_set,
+        folder,
+        stem,
+        selector,
+        search_options(args, selector, spread),
+        args.sigma0,
+        test_selection(args),
+        args.n,
+        args.seed,
+    )
 
 
 def step_noise_accuracy(args, choices: dict, test_set) -> None:
@@ -344,8 +408,16 @@ def step_noise_accuracy(args, choices: dict, test_set) -> None:
     for name in names:
         model = load_model(args, name)
         for sigma in NOISE_SIGMAS:
-            counts = sample_counts(model, x, sigma, 100, test_set.info.num_classes,
-                                   batch=args.cert_batch, seed=args.seed + 2, keys=indices)
+            counts = sample_counts(
+                model,
+                x,
+                sigma,
+                100,
+                test_set.info.num_classes,
+                batch=args.cert_batch,
+                seed=args.seed + 2,
+                keys=indices,
+            )
             accuracy = counts.gather(1, labels[:, None]).sum().item() / (100 * len(indices))
             rows.append((name, sigma, accuracy))
     with open(path, "w", newline="") as f:
@@ -380,14 +452,19 @@ LABELS = {"ascent": "paper's ascent", "grid": "surrogate grid", "certified": "ce
 
 def step_report(args, choices: dict) -> None:
     folder = Path(args.out) / "test"
-    fixed = [(f"fixed sigma={s:g}", folder / f"{fixed_name(args, s)}.certify.tsv")
-             for s in floats(args.fixed_sigmas)]
+    fixed = [
+        (f"fixed sigma={s:g}", folder / f"{fixed_name(args, s)}.certify.tsv")
+        for s in floats(args.fixed_sigmas)
+    ]
     per_input = []
     order = {"ascent": 0, "grid": 1, "certified": 2}
     rows = sorted(dd_rows(args, choices), key=lambda r: ("fixed" in r[1], order[r[2]]))
     for stem, name, selector, _ in rows:
-        kind = (f"fixed {args.sigma0:g} model" if "fixed" in name
-                else f"dd-trained (dd-lr {choices['chosen']['dd_lr']:g})")
+        kind = (
+            f"fixed {args.sigma0:g} model"
+            if "fixed" in name
+            else f"dd-trained (dd-lr {choices['chosen']['dd_lr']:g})"
+        )
         per_input.append((f"{kind}, {LABELS[selector]}", folder / f"{stem}.certify.tsv"))
     fixed = [(label, p) for label, p in fixed if p.exists()]
     per_input = [(label, p) for label, p in per_input if p.exists()]
@@ -404,13 +481,18 @@ def step_report(args, choices: dict) -> None:
     table = format_table(summaries, RADII, "markdown")
     out = Path(args.out)
     (out / "table.md").write_text(table + "\n")
-    plot_certified_accuracy(fixed_runs + dd_runs, out / "certified_accuracy.png",
-                            title="CIFAR-10 (JPEG copy): certified accuracy",
-                            envelope=fixed_runs, envelope_label="fixed-sigma envelope")
+    plot_certified_accuracy(
+        fixed_runs + dd_runs,
+        out / "certified_accuracy.png",
+        title="CIFAR-10 (JPEG copy): certified accuracy",
+        envelope=fixed_runs,
+        envelope_label="fixed-sigma envelope",
+    )
     plot_sigma_histogram(dd_runs, out / "sigma_histogram.png", sigma0=args.sigma0)
     logs = [(f"dd-lr {lr:g}", out / dd_name(args, lr) / "log.csv") for lr in floats(args.dd_lrs)]
-    plot_training_sigmas([(label, p) for label, p in logs if p.exists()],
-                         out / "training_sigmas.png")
+    plot_training_sigmas(
+        [(label, p) for label, p in logs if p.exists()], out / "training_sigmas.png"
+    )
     print(table)
     print(f"written: {out / 'table.md'} and the plots in {out}")
 
@@ -424,11 +506,27 @@ def main(argv=None) -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if "train" in steps:
         for sigma in floats(args.fixed_sigmas):
-            timed(args, "train", fixed_name(args, sigma), step_train, args, fixed_name(args, sigma),
-                  sigma, None)
+            timed(
+                args,
+                "train",
+                fixed_name(args, sigma),
+                step_train,
+                args,
+                fixed_name(args, sigma),
+                sigma,
+                None,
+            )
         for lr in floats(args.dd_lrs):
-            timed(args, "train", dd_name(args, lr), step_train, args, dd_name(args, lr),
-                  args.sigma0, lr)
+            timed(
+                args,
+                "train",
+                dd_name(args, lr),
+                step_train,
+                args,
+                dd_name(args, lr),
+                args.sigma0,
+                lr,
+            )
     choices = None
     if "select" in steps:
         started = time.perf_counter()
@@ -443,8 +541,18 @@ def main(argv=None) -> None:
             name = fixed_name(args, sigma)
             timed(args, "certify", name, step_fixed_certify, args, name, sigma, test_set)
         for stem, name, selector, spread in dd_rows(args, choices):
-            timed(args, "sigma+certify", stem, step_dd_certify, args, stem, name, selector,
-                  spread, test_set)
+            timed(
+                args,
+                "sigma+certify",
+                stem,
+                step_dd_certify,
+                args,
+                stem,
+                name,
+                selector,
+                spread,
+                test_set,
+            )
     if "noise" in steps:
         timed(args, "noise", "accuracy under noise", step_noise_accuracy, args, choices, test_set)
     if "report" in steps:

@@ -40,8 +40,17 @@ def digits_checkpoint(tmp_path_factory) -> str:
     from ddrs.train.loop import TrainConfig, train
 
     out = tmp_path_factory.mktemp("digits-cnn")
-    config = TrainConfig(dataset="digits", arch="cnn", out=str(out), sigma=0.25, epochs=1,
-                         batch=64, lr=0.05, eval_max=20, progress=False)
+    config = TrainConfig(
+        dataset="digits",
+        arch="cnn",
+        out=str(out),
+        sigma=0.25,
+        epochs=1,
+        batch=64,
+        lr=0.05,
+        eval_max=20,
+        progress=False,
+    )
     return str(train(config))
 
 
@@ -66,7 +75,7 @@ def postgres():
 
     pytest.importorskip("psycopg", reason="pip install 'ddrs[postgres]'")
     folder = tempfile.mkdtemp(prefix="ddrs-pg-")  # not under pytest's folders: the server's
-    try:                                          # user must reach it
+    try:  # user must reach it
         try:
             server = PostgresServer(folder)
         except PostgresMissing as missing:

@@ -34,13 +34,41 @@ def url_of(port: int, host: str = "127.0.0.1") -> str:
 def start_server(checkpoint, memory, port, *extra, host: str = "127.0.0.1"):
     """`ddrs serve` of a digits checkpoint (certified sigma search, small N), started and
     answering /health; its output (stdout and stderr) is read with `.communicate()`."""
-    command = [sys.executable, "-m", "ddrs", "serve", "--checkpoint", checkpoint, "--dataset",
-               "digits", "--memory", str(memory), "--sigma0", "0.25", "--grid", "5",
-               "--samples", "16", "--n0", "20", "--n", "4000", "--alpha", "0.01", "--device",
-               "cpu", "--port", str(port), "--host", host, *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "ddrs",
+        "serve",
+        "--checkpoint",
+        checkpoint,
+        "--dataset",
+        "digits",
+        "--memory",
+        str(memory),
+        "--sigma0",
+        "0.25",
+        "--grid",
+        "5",
+        "--samples",
+        "16",
+        "--n0",
+        "20",
+        "--n",
+        "4000",
+        "--alpha",
+        "0.01",
+        "--device",
+        "cpu",
+        "--port",
+        str(port),
+        "--host",
+        host,
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
+    server = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -59,10 +87,11 @@ def as_json(x: torch.Tensor) -> dict:
 
 def post(port, x: torch.Tensor, timeout=60, path="/v1/certify", headers=None) -> dict:
     """POST x as JSON; the answer's body."""
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
-                                     data=json.dumps(as_json(x)).encode(),
-                                     headers={"Content-Type": "application/json",
-                                              **(headers or {})})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=json.dumps(as_json(x)).encode(),
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
 
@@ -70,8 +99,11 @@ def post(port, x: torch.Tensor, timeout=60, path="/v1/certify", headers=None) ->
 def pattern_image(kind: int, size: int, rng) -> np.ndarray:
     """A class-shaped pattern (H, W) in 0..255 with noise: learnable in a few epochs."""
     yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
-    shapes = [(xx**2 + yy**2) < 0.1, (np.abs(xx) < 0.08) | (np.abs(yy) < 0.08),
-              (np.abs(xx) < 0.3) & (np.abs(yy) < 0.3)]
+    shapes = [
+        (xx**2 + yy**2) < 0.1,
+        (np.abs(xx) < 0.08) | (np.abs(yy) < 0.08),
+        (np.abs(xx) < 0.3) & (np.abs(yy) < 0.3),
+    ]
     img = shapes[kind] * 200.0 + rng.normal(0, 20, (size, size)) + 30
     return img.clip(0, 255).astype(np.uint8)
 
@@ -93,8 +125,18 @@ def write_folder(root: Path, per_class: dict, sizes=(32, 40)) -> Path:
     return root
 
 
-CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                 "truck")
+CIFAR_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 
 
 def cifar_batches(per_class: dict[str, int], seed: int = 0) -> dict[str, tuple]:
@@ -112,8 +154,12 @@ def cifar_batches(per_class: dict[str, int], seed: int = 0) -> dict[str, tuple]:
         return data.reshape(len(labels), 3072), [int(y) for y in labels]
 
     train_data, train_labels = images(per_class["train"])
-    files = {f"data_batch_{k + 1}": (part, list(labels)) for k, (part, labels) in enumerate(
-        zip(np.array_split(train_data, 5), np.array_split(np.array(train_labels), 5)))}
+    files = {
+        f"data_batch_{k + 1}": (part, list(labels))
+        for k, (part, labels) in enumerate(
+            zip(np.array_split(train_data, 5), np.array_split(np.array(train_labels), 5))
+        )
+    }
     files["test_batch"] = images(per_class["test"])
     return files
 
@@ -126,6 +172,7 @@ def write_cifar_archive(path: Path, per_class: dict[str, int], seed: int = 0) ->
     import tarfile
 
     with tarfile.open(path, "w:gz") as archive:
+
         def add(name: str, payload: dict) -> None:
             data = pickle.dumps(payload)
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
@@ -133,8 +180,10 @@ def write_cifar_archive(path: Path, per_class: dict[str, int], seed: int = 0) ->
             archive.addfile(info, io.BytesIO(data))
 
         for name, (data, labels) in cifar_batches(per_class, seed).items():
-            add(name, {b"data": data, b"labels": [int(v) for v in labels],
-                       b"batch_label": name.encode()})
+            add(
+                name,
+                {b"data": data, b"labels": [int(v) for v in labels], b"batch_label": name.encode()},
+            )
         add("batches.meta", {b"label_names": [c.encode() for c in CIFAR_CLASSES]})
     return path
 
@@ -153,8 +202,9 @@ class PostgresServer:
         import shutil
         import socket
 
-        found = shutil.which("initdb") or next(iter(sorted(glob.glob(
-            "/usr/lib/postgresql/*/bin/initdb"), reverse=True)), None)
+        found = shutil.which("initdb") or next(
+            iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)), None
+        )
         if found is None:
             raise PostgresMissing("PostgreSQL is not installed (apt-get install postgresql)")
         self.bin = os.path.dirname(os.path.realpath(found))
@@ -185,8 +235,17 @@ class PostgresServer:
         assert done.returncode == 0, done.stdout + done.stderr
 
     def start(self):
-        self._run("pg_ctl", "-D", self.data, "-w", "-l", os.path.join(self.folder, "log"), "-o",
-                  f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder}", "start")
+        self._run(
+            "pg_ctl",
+            "-D",
+            self.data,
+            "-w",
+            "-l",
+            os.path.join(self.folder, "log"),
+            "-o",
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder}",
+            "start",
+        )
 
     def stop(self, mode="fast"):
         self._run("pg_ctl", "-D", self.data, "-w", "-m", mode, "stop")

@@ -25,11 +25,20 @@ from sybil.parsers.markdown import CodeBlockParser, SkipParser
 REPO = Path(__file__).resolve().parents[1]
 # flag -> the value it gets in the test, whatever the README writes (sizes only)
 SIZE_RULE = {
-    "--epochs": "1", "--router-epochs": "1", "--n": "100", "--num-samples": "100",
-    "--n0": "10", "--label-n": "100", "--pilot": "50", "--samples": "8",
-    "--train-subset": "300", "--images": "50", "--val-images": "20", "--router-images": "50",
+    "--epochs": "1",
+    "--router-epochs": "1",
+    "--n": "100",
+    "--num-samples": "100",
+    "--n0": "10",
+    "--label-n": "100",
+    "--pilot": "50",
+    "--samples": "8",
+    "--train-subset": "300",
+    "--images": "50",
+    "--val-images": "20",
+    "--router-images": "50",
     "--val-n": "100",
-}  # fmt: skip
+}
 DATABASE = "postgresql://ddrs@db.example/ddrs"  # the README's database, the test's own server
 BLOCK_SECONDS = 900
 
@@ -50,8 +59,13 @@ def setup(namespace: dict) -> None:
     from helpers import PostgresMissing, PostgresServer, write_cifar_archive, write_folder
 
     work = Path(tempfile.mkdtemp(prefix="ddrs-readme-"))
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.split("\n")
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
     for name in filter(None, listed):
         if (REPO / name).is_file():
             (work / name).parent.mkdir(parents=True, exist_ok=True)
@@ -83,9 +97,15 @@ def teardown(namespace: dict) -> None:
 def _run(example: Example, command: list[str], script: str) -> None:
     """Run a block in the work folder; its background jobs end with it."""
     namespace = example.namespace
-    process = subprocess.Popen([*command, script], cwd=namespace["work"], env=namespace["env"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        [*command, script],
+        cwd=namespace["work"],
+        env=namespace["env"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = process.communicate(timeout=BLOCK_SECONDS)
     finally:
@@ -107,8 +127,10 @@ def run_bash(example: Example) -> None:
         pytest.skip("needs PostgreSQL (apt-get install postgresql)")
     state = namespace["work"] / ".readme-env"
     body = scaled(example.parsed, namespace["database"])
-    script = (f"set -euo pipefail\nif [ -f {state} ]; then source {state}; fi\n{body}\n"
-              f"export -p > {state}\n")  # the next block starts where this one ended
+    script = (
+        f"set -euo pipefail\nif [ -f {state} ]; then source {state}; fi\n{body}\n"
+        f"export -p > {state}\n"
+    )  # the next block starts where this one ended
     _run(example, ["bash", "-c"], script)
 
 
@@ -117,7 +139,13 @@ def run_python(example: Example) -> None:
 
 
 readme = Sybil(
-    parsers=[CodeBlockParser("bash", run_bash), CodeBlockParser("python", run_python),
-             SkipParser()],
-    path=str(REPO), patterns=["README.md"], setup=setup, teardown=teardown,
-)  # fmt: skip
+    parsers=[
+        CodeBlockParser("bash", run_bash),
+        CodeBlockParser("python", run_python),
+        SkipParser(),
+    ],
+    path=str(REPO),
+    patterns=["README.md"],
+    setup=setup,
+    teardown=teardown,
+)

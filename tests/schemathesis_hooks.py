@@ -12,8 +12,11 @@ from PIL import Image
 def images(draw, kind: str) -> bytes:
     mode = draw(st.sampled_from(["L", "RGB"]))
     size = (draw(st.integers(1, 48)), draw(st.integers(1, 48)))
-    colour = draw(st.integers(0, 255)) if mode == "L" else tuple(
-        draw(st.integers(0, 255)) for _ in range(3))
+    colour = (
+        draw(st.integers(0, 255))
+        if mode == "L"
+        else tuple(draw(st.integers(0, 255)) for _ in range(3))
+    )
     buffer = io.BytesIO()
     Image.new(mode, size, colour).save(buffer, format=kind)
     return buffer.getvalue()

@@ -28,20 +28,42 @@ def test_online_classifier_matches_offline_resolution(digits_checkpoint, tmp_pat
 
     # offline: sigmas for all, Monte Carlo for all, then the memory in index order
     sigmas = tmp_path / "sigmas.tsv"
-    sigma_dataset(model, data, SigmaRun(out=str(sigmas), sigma0=0.25, search=selector,
-                                        max=count, progress=False, **search))
+    sigma_dataset(
+        model,
+        data,
+        SigmaRun(
+            out=str(sigmas), sigma0=0.25, search=selector, max=count, progress=False, **search
+        ),
+    )
     fingerprint = memory_fingerprint(model, "digits", shape)
     offline = tmp_path / "offline.tsv"
-    certify_dataset(model, data, CertifyRun(
-        out=str(offline), n0=n0, n=n, alpha=alpha, sigmas=str(sigmas),
-        memory=str(tmp_path / "offline.sqlite"), max=count, progress=False,
-    ))
+    certify_dataset(
+        model,
+        data,
+        CertifyRun(
+            out=str(offline),
+            n0=n0,
+            n=n,
+            alpha=alpha,
+            sigmas=str(sigmas),
+            memory=str(tmp_path / "offline.sqlite"),
+            max=count,
+            progress=False,
+        ),
+    )
     rows = read_table(offline)
 
     # online: one query at a time
     with CertificationMemory(tmp_path / "online.sqlite", fingerprint, shape) as memory:
         clf = DataDependentSmoothClassifier(
-            model, 10, memory, sigma0=0.25, n0=n0, n=n, alpha=alpha, selector=selector,
+            model,
+            10,
+            memory,
+            sigma0=0.25,
+            n0=n0,
+            n=n,
+            alpha=alpha,
+            selector=selector,
             search=search,
         )
         answers = [clf.certify(data[i][0], key=i) for i in range(count)]

@@ -268,8 +268,9 @@ def test_resume_refuses_a_memory_that_does_not_hold_the_written_rows(checkpoint,
     memory.rename(tmp_path / "kept.sqlite")  # the memory was lost ...
     assert main([*args, "--max", "8"]) == 2
     assert "does not exist" in capsys.readouterr().err and not memory.exists()
-    other = certify_args(checkpoint, tmp_path / "o.tsv", "--sigma", "0.25", "--memory",
-                         str(memory), "--skip", "3")
+    other = certify_args(
+        checkpoint, tmp_path / "o.tsv", "--sigma", "0.25", "--memory", str(memory), "--skip", "3"
+    )
     assert main([*other, "--max", "8"]) == 0  # ... or replaced by another run's memory
     assert main([*args, "--max", "8"]) == 2
     assert "is not in memory" in capsys.readouterr().err
@@ -282,8 +283,9 @@ def test_resume_refuses_a_memory_that_does_not_hold_the_written_rows(checkpoint,
 def test_resume_refuses_another_selection(checkpoint, tmp_path, capsys):
     out = tmp_path / "r.tsv"
     assert main(certify_args(checkpoint, out, "--sigma", "0.25", "--max", "6")) == 0
-    assert main(certify_args(checkpoint, out, "--sigma", "0.25", "--max", "60", "--skip",
-                             "20")) == 2
+    assert (
+        main(certify_args(checkpoint, out, "--sigma", "0.25", "--max", "60", "--skip", "20")) == 2
+    )
     assert "skip" in capsys.readouterr().err
     assert main(certify_args(checkpoint, out, "--sigma", "0.25", "--max", "3")) == 2
     assert "does not include" in capsys.readouterr().err
@@ -339,22 +341,36 @@ def test_counts_file_recertifies_at_another_alpha_exactly(checkpoint, tmp_path, 
 def test_counts_cannot_be_added_to_a_run_half_way(checkpoint, tmp_path, capsys):
     out = tmp_path / "r.tsv"
     assert main(certify_args(checkpoint, out, "--sigma", "0.25", "--max", "3")) == 0
-    args = certify_args(checkpoint, out, "--sigma", "0.25", "--max", "6", "--counts",
-                        str(tmp_path / "c.tsv"))
+    args = certify_args(
+        checkpoint, out, "--sigma", "0.25", "--max", "6", "--counts", str(tmp_path / "c.tsv")
+    )
     assert main(args) == 2
     assert "from the start of a run" in capsys.readouterr().err
 
 
 def test_input_specific_sample_size_from_the_command_line(checkpoint, tmp_path, capsys):
     out, counts = tmp_path / "r.tsv", tmp_path / "c.tsv"
-    args = certify_args(checkpoint, out, "--sigma", "0.25", "--max", "12", "--pilot", "50",
-                        "--radius-tolerance", "0.05", "--counts", str(counts))
+    args = certify_args(
+        checkpoint,
+        out,
+        "--sigma",
+        "0.25",
+        "--max",
+        "12",
+        "--pilot",
+        "50",
+        "--radius-tolerance",
+        "0.05",
+        "--counts",
+        str(counts),
+    )
     args[args.index("--n") + 1] = "800"
     assert main(args) == 0
     used = read_table(counts)["n"]
     assert (used <= 800).all() and used.min() < 800  # some inputs needed fewer samples
-    assert main(["recertify", str(counts), "--alpha", "0.01", "--out",
-                 str(tmp_path / "re.tsv")]) == 0  # each row recomputed at its own N
+    assert (
+        main(["recertify", str(counts), "--alpha", "0.01", "--out", str(tmp_path / "re.tsv")]) == 0
+    )  # each row recomputed at its own N
     assert np.array_equal(read_table(tmp_path / "re.tsv")["radius"], read_table(out)["radius"])
     bad = certify_args(checkpoint, tmp_path / "x.tsv", "--sigma", "0.25", "--pilot", "-3")
     assert main(bad) == 2

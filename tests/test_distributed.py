@@ -19,14 +19,33 @@ from ddrs.models import load_checkpoint
 from ddrs.train.distributed import merge_sigma_buffer
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN_ARGS = ["train", "--dataset", "digits", "--arch", "cnn", "--sigma", "0.25", "--epochs", "2",
-              "--batch", "64", "--data-dependent", "--dd-iterations", "1", "--dd-samples", "2",
-              "--device", "cpu", "--no-progress"]
+TRAIN_ARGS = [
+    "train",
+    "--dataset",
+    "digits",
+    "--arch",
+    "cnn",
+    "--sigma",
+    "0.25",
+    "--epochs",
+    "2",
+    "--batch",
+    "64",
+    "--data-dependent",
+    "--dd-iterations",
+    "1",
+    "--dd-samples",
+    "2",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
 DIGITS_TRAIN = 1437
 
 needs_gloo = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
-    reason="torch.distributed with the gloo backend is not available")
+    reason="torch.distributed with the gloo backend is not available",
+)
 
 
 # -- merge_sigma_buffer across two real gloo processes ----------------------------------------
@@ -78,14 +97,30 @@ def _check_sigmas(out: Path, epochs: int = 2) -> None:
 
 @needs_gloo
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("torch.distributed.run") is None,
-                    reason="torch.distributed.run is not available")
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch.distributed.run") is None,
+    reason="torch.distributed.run is not available",
+)
 def test_torchrun_two_processes_update_every_sigma_once_per_epoch(tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", "-m", "ddrs", *TRAIN_ARGS, "--out", str(out)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "ddrs",
+        *TRAIN_ARGS,
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     _check_sigmas(out)

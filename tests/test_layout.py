@@ -37,8 +37,9 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
             if node.level:
                 up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join(up + ([node.module] if node.module else []))
-            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base
-                       for a in node.names]  # fmt: skip
+            targets = [
+                f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names
+            ]
         else:
             continue
         for target in targets:
@@ -90,8 +91,13 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 
 def core_violations(edges: dict[str, set[str]]) -> list[str]:
-    return sorted(f"{m} imports {t}" for m, targets in edges.items() if m.startswith("ddrs.core")
-                  for t in targets if not t.startswith(CORE_MAY_IMPORT))  # fmt: skip
+    return sorted(
+        f"{m} imports {t}"
+        for m, targets in edges.items()
+        if m.startswith("ddrs.core")
+        for t in targets
+        if not t.startswith(CORE_MAY_IMPORT)
+    )
 
 
 def test_the_core_imports_nothing_above_it():

@@ -55,7 +55,10 @@ def test_the_rule_on_each_store_equals_the_reference(location, cache_bytes):
             answer = memory.resolve_and_store(x, c, r, sigma=0.25)
             expected_c, expected_r, _, repeat = reference.add(x, c, r)
             assert (answer.predict, answer.radius, answer.repeat) == (
-                expected_c, expected_r, repeat)
+                expected_c,
+                expected_r,
+                repeat,
+            )
         assert memory.check() == [] and memory.corrupt_entries() == []
         assert len(memory) == len(reference.x)
 
@@ -71,9 +74,13 @@ def test_the_index_skips_most_entries_and_misses_no_conflict():
     c = torch.randint(0, 5, (3000,), generator=g)
     r = torch.rand(3000, generator=g, dtype=torch.float64) * 0.4
     for lo in range(0, 3000, 700):  # appended in pieces, as a memory grows
-        index.append(x[lo : lo + 700], c[lo : lo + 700], r[lo : lo + 700],
-                     torch.full((len(x[lo : lo + 700]),), 0.25, dtype=torch.float64),
-                     torch.arange(lo, min(lo + 700, 3000)))
+        index.append(
+            x[lo : lo + 700],
+            c[lo : lo + 700],
+            r[lo : lo + 700],
+            torch.full((len(x[lo : lo + 700]),), 0.25, dtype=torch.float64),
+            torch.arange(lo, min(lo + 700, 3000)),
+        )
     pruned = []
     queries = (centres[torch.arange(40) % 30] + 0.05 * torch.randn(40, 48, generator=g)).clamp(0, 1)
     for q in queries:
@@ -110,8 +117,7 @@ def test_three_writer_processes_on_postgres_keep_the_invariant(pg_url):
 
 def _entries(location: str) -> list[tuple]:
     with CertificationMemory.open_existing(location) as memory:
-        return [row for rows in memory.store.rows(ENTRY_COLUMNS[1:], 0, None, 1000)
-                for row in rows]
+        return [row for rows in memory.store.rows(ENTRY_COLUMNS[1:], 0, None, 1000) for row in rows]
 
 
 def test_copy_sqlite_to_postgres_and_back_is_exact(pg_url, tmp_path):
@@ -132,14 +138,31 @@ def test_copy_sqlite_to_postgres_and_back_is_exact(pg_url, tmp_path):
 
 
 def test_the_command_line_takes_a_url_for_a_memory(pg_url, digits_checkpoint, tmp_path, capsys):
-    base = ["certify", "--checkpoint", digits_checkpoint, "--dataset", "digits", "--sigma",
-            "0.3", "--n0", "20", "--n", "200", "--alpha", "0.01", "--max", "12", "--no-progress"]
+    base = [
+        "certify",
+        "--checkpoint",
+        digits_checkpoint,
+        "--dataset",
+        "digits",
+        "--sigma",
+        "0.3",
+        "--n0",
+        "20",
+        "--n",
+        "200",
+        "--alpha",
+        "0.01",
+        "--max",
+        "12",
+        "--no-progress",
+    ]
     assert main([*base, "--memory", pg_url, "--out", str(tmp_path / "a.tsv")]) == 0
-    assert main([*base, "--memory", str(tmp_path / "m.sqlite"), "--out",
-                 str(tmp_path / "b.tsv")]) == 0
+    assert (
+        main([*base, "--memory", str(tmp_path / "m.sqlite"), "--out", str(tmp_path / "b.tsv")]) == 0
+    )
     assert (tmp_path / "a.tsv").read_text().split("\n")[1:] and [
-        line.split("\t")[:5] for line in (tmp_path / "a.tsv").read_text().splitlines()] == [
-        line.split("\t")[:5] for line in (tmp_path / "b.tsv").read_text().splitlines()]
+        line.split("\t")[:5] for line in (tmp_path / "a.tsv").read_text().splitlines()
+    ] == [line.split("\t")[:5] for line in (tmp_path / "b.tsv").read_text().splitlines()]
     base[base.index("--max") + 1] = "20"  # resumes against the database
     assert main([*base, "--memory", pg_url, "--out", str(tmp_path / "a.tsv")]) == 0
     capsys.readouterr()

@@ -106,16 +106,33 @@ def test_settings_round_trip(name, settings):
     assert build_method(name, **method.settings()).settings() == method.settings()
 
 
-@pytest.mark.parametrize("name,settings", [
-    ("smoothadv", {"eps": -0.1}), ("smoothadv", {"eps": float("nan")}),
-    ("smoothadv", {"eps": "big"}), ("smoothadv", {"steps": 0}), ("smoothadv", {"steps": 1.5}),
-    ("smoothadv", {"m": 0}), ("smoothadv", {"warmup": 0}), ("smoothadv", {"attack": "fgsm"}),
-    ("smoothadv", {"attack": 3}), ("macer", {"k": 0}), ("macer", {"k": True}),
-    ("macer", {"lbd": -1}), ("macer", {"lbd": float("inf")}), ("macer", {"gamma": -0.5}),
-    ("macer", {"beta": 0}), ("macer", {"beta": -2.0}), ("macer", {"warmup": -1}),
-    ("macer", {"warmup": 1.5}), ("consistency", {"m": 0}),
-    ("consistency", {"lbd": -10}), ("consistency", {"eta": -0.5}), ("consistency", {"m": 2.0}),
-])
+@pytest.mark.parametrize(
+    "name,settings",
+    [
+        ("smoothadv", {"eps": -0.1}),
+        ("smoothadv", {"eps": float("nan")}),
+        ("smoothadv", {"eps": "big"}),
+        ("smoothadv", {"steps": 0}),
+        ("smoothadv", {"steps": 1.5}),
+        ("smoothadv", {"m": 0}),
+        ("smoothadv", {"warmup": 0}),
+        ("smoothadv", {"attack": "fgsm"}),
+        ("smoothadv", {"attack": 3}),
+        ("macer", {"k": 0}),
+        ("macer", {"k": True}),
+        ("macer", {"lbd": -1}),
+        ("macer", {"lbd": float("inf")}),
+        ("macer", {"gamma": -0.5}),
+        ("macer", {"beta": 0}),
+        ("macer", {"beta": -2.0}),
+        ("macer", {"warmup": -1}),
+        ("macer", {"warmup": 1.5}),
+        ("consistency", {"m": 0}),
+        ("consistency", {"lbd": -10}),
+        ("consistency", {"eta": -0.5}),
+        ("consistency", {"m": 2.0}),
+    ],
+)
 def test_bad_settings_are_rejected(name, settings):
     with pytest.raises(InputError):
         build_method(name, **settings)
@@ -123,15 +140,24 @@ def test_bad_settings_are_rejected(name, settings):
 
 def test_trainer_validation_rejects_bad_method_settings(tmp_path):
     with pytest.raises(InputError, match="k"):
-        TrainConfig(dataset="digits", arch="cnn", out=str(tmp_path), method="macer",
-                    method_settings={"k": 0})
+        TrainConfig(
+            dataset="digits",
+            arch="cnn",
+            out=str(tmp_path),
+            method="macer",
+            method_settings={"k": 0},
+        )
 
 
 def test_defaults_are_the_published_ones():
-    assert SmoothAdv().settings() == {"eps": 0.25, "steps": 2, "m": 1, "warmup": 10,
-                                      "attack": "pgd"}
-    assert Macer().settings() == {"k": 16, "lbd": 12.0, "gamma": 8.0, "beta": 16.0,
-                                  "warmup": 0}
+    assert SmoothAdv().settings() == {
+        "eps": 0.25,
+        "steps": 2,
+        "m": 1,
+        "warmup": 10,
+        "attack": "pgd",
+    }
+    assert Macer().settings() == {"k": 16, "lbd": 12.0, "gamma": 8.0, "beta": 16.0, "warmup": 0}
     assert Consistency().settings() == {"m": 2, "lbd": 10.0, "eta": 0.5}
     assert build_method("smoothadv", attack="DDN").attack == "ddn"
 
@@ -303,9 +329,21 @@ RUNS = [
 @pytest.mark.slow
 @pytest.mark.parametrize("method,settings,data_dependent", RUNS)
 def test_short_digits_run_learns(tmp_path, method, settings, data_dependent):
-    config = TrainConfig(dataset="digits", arch="cnn", out=str(tmp_path), method=method,
-                         method_settings=settings, lr=0.05, batch=64, epochs=5,
-                         train_subset=640, eval_max=None, progress=False,
-                         data_dependent=data_dependent, dd_iterations=2, dd_samples=4)
+    config = TrainConfig(
+        dataset="digits",
+        arch="cnn",
+        out=str(tmp_path),
+        method=method,
+        method_settings=settings,
+        lr=0.05,
+        batch=64,
+        epochs=5,
+        train_subset=640,
+        eval_max=None,
+        progress=False,
+        data_dependent=data_dependent,
+        dd_iterations=2,
+        dd_samples=4,
+    )
     train(config)
     assert _final_clean_accuracy(tmp_path) > 0.5  # chance is 0.1

@@ -64,8 +64,14 @@ def _outputs(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def resnet50_imagenet() -> nn.Module:
     torch.manual_seed(0)
-    return _build({**_meta("resnet50", (3, 224, 224)), "num_classes": 1000,
-                   "mean": IMAGENET_MEAN, "std": IMAGENET_STD})
+    return _build(
+        {
+            **_meta("resnet50", (3, 224, 224)),
+            "num_classes": 1000,
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+        }
+    )
 
 
 # --- architectures -------------------------------------------------------------------------
@@ -94,8 +100,13 @@ def test_output_shapes(arch: str, shape: tuple[int, int, int], batch: int) -> No
 def test_resnet50_shape_and_torchvision_names(resnet50_imagenet: nn.Module) -> None:
     assert _outputs(resnet50_imagenet, (1, 3, 224, 224)).shape == (1, 1000)
     keys = resnet50_imagenet.state_dict().keys()
-    for key in ["1.conv1.weight", "1.layer1.0.downsample.0.weight", "1.layer4.2.bn3.running_var",
-                "1.layer3.5.conv2.weight", "1.fc.bias"]:
+    for key in [
+        "1.conv1.weight",
+        "1.layer1.0.downsample.0.weight",
+        "1.layer4.2.bn3.running_var",
+        "1.layer3.5.conv2.weight",
+        "1.fc.bias",
+    ]:
         assert key in keys
     # torchvision's resnet50() has exactly this many parameters.
     assert sum(p.numel() for p in resnet50_imagenet.parameters()) == 25_557_032
@@ -103,8 +114,13 @@ def test_resnet50_shape_and_torchvision_names(resnet50_imagenet: nn.Module) -> N
 
 def test_cifar_resnet_names_follow_cohen() -> None:
     keys = build_model("cifar_resnet110", 10, (3, 32, 32), CIFAR_MEAN, CIFAR_STD).state_dict()
-    assert {"1.conv1.weight", "1.bn1.running_mean", "1.layer2.0.downsample.1.weight",
-            "1.layer3.17.conv2.weight", "1.fc.weight"} <= set(keys)
+    assert {
+        "1.conv1.weight",
+        "1.bn1.running_mean",
+        "1.layer2.0.downsample.1.weight",
+        "1.layer3.17.conv2.weight",
+        "1.fc.weight",
+    } <= set(keys)
     assert "1.layer1.0.downsample.0.weight" not in keys
     assert "1.layer3.18.conv1.weight" not in keys
     keys18 = build_model("cifar_resnet18", 10, (3, 32, 32), CIFAR_MEAN, CIFAR_STD).state_dict()
@@ -118,8 +134,14 @@ def test_build_model_rejects_bad_arguments() -> None:
         build_model("cnn", 10, (1, 32, 32), CIFAR_MEAN, CIFAR_STD)
     with pytest.raises(InputError):
         build_model("cnn", 10, (3, 4, 4), CIFAR_MEAN, CIFAR_STD)
-    assert set(ARCH_NAMES) == {"cnn", "cnn_small", "cifar_resnet20", "cifar_resnet110",
-                               "cifar_resnet18", "resnet50"}
+    assert set(ARCH_NAMES) == {
+        "cnn",
+        "cnn_small",
+        "cifar_resnet20",
+        "cifar_resnet110",
+        "cifar_resnet18",
+        "resnet50",
+    }
 
 
 def test_normalize_layer() -> None:
@@ -202,14 +224,12 @@ def test_state_dict_mismatch_is_reported(tmp_path: Path) -> None:
     sd = _build(meta).state_dict()
     sd["1.extra.weight"] = sd.pop("1.features.0.weight")
     path = tmp_path / "bad.pt"
-    torch.save({"format": "ddrs-checkpoint/1", "arch": "cnn", "state_dict": sd, "meta": meta},
-               path)
+    torch.save({"format": "ddrs-checkpoint/1", "arch": "cnn", "state_dict": sd, "meta": meta}, path)
     with pytest.raises(CheckpointError, match=r"1 missing keys.*1\.features\.0\.weight.*1 unexp"):
         load_checkpoint(path)
     sd = _build(meta).state_dict()
     sd["1.features.0.weight"] = torch.zeros(1)
-    torch.save({"format": "ddrs-checkpoint/1", "arch": "cnn", "state_dict": sd, "meta": meta},
-               path)
+    torch.save({"format": "ddrs-checkpoint/1", "arch": "cnn", "state_dict": sd, "meta": meta}, path)
     with pytest.raises(CheckpointError, match="does not fit"):
         load_checkpoint(path)
 
@@ -242,8 +262,15 @@ def test_published_cifar_checkpoint(tmp_path: Path) -> None:
     ours = _build(_meta("cifar_resnet110"))
     published = nn.Sequential(_ParamFreeNormalize(CIFAR_MEAN, CIFAR_STD), copy.deepcopy(ours[1]))
     path = tmp_path / "checkpoint.pth.tar"
-    torch.save({"epoch": 90, "arch": "cifar_resnet110", "state_dict": published.state_dict(),
-                "optimizer": {"state": {}, "param_groups": []}}, path)
+    torch.save(
+        {
+            "epoch": 90,
+            "arch": "cifar_resnet110",
+            "state_dict": published.state_dict(),
+            "optimizer": {"state": {}, "param_groups": []},
+        },
+        path,
+    )
 
     loaded = load_checkpoint(path, expect={"dataset": "cifar10", "num_classes": 10})
     assert loaded.meta["input_shape"] == (3, 32, 32)
@@ -257,8 +284,11 @@ def test_published_cifar_checkpoint(tmp_path: Path) -> None:
 
 def test_published_imagenet_checkpoint(tmp_path: Path, resnet50_imagenet: nn.Module) -> None:
     # DataParallel-wrapped keys; older torch versions wrote no num_batches_tracked.
-    sd = {k.replace("1.", "1.module.", 1): v for k, v in resnet50_imagenet.state_dict().items()
-          if not k.endswith("num_batches_tracked")}
+    sd = {
+        k.replace("1.", "1.module.", 1): v
+        for k, v in resnet50_imagenet.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
     path = tmp_path / "checkpoint.pth.tar"
     torch.save({"arch": "resnet50", "state_dict": sd}, path)
     loaded = load_checkpoint(path, expect={"dataset": "imagenet", "num_classes": 1000})
@@ -273,8 +303,9 @@ def test_published_checkpoint_edge_cases(tmp_path: Path) -> None:
     sd = _build(_meta("cifar_resnet20")).state_dict()
     legacy = tmp_path / "legacy.pth"
     # A pickled argparse Namespace needs the full unpickler: the fallback path.
-    torch.save({"arch": "cifar_resnet20", "state_dict": sd, "args": argparse.Namespace(lr=0.1)},
-               legacy)
+    torch.save(
+        {"arch": "cifar_resnet20", "state_dict": sd, "args": argparse.Namespace(lr=0.1)}, legacy
+    )
     assert load_checkpoint(legacy).meta["arch"] == "cifar_resnet20"
     unknown = tmp_path / "unknown.pth"
     torch.save({"arch": "wide_resnet", "state_dict": sd}, unknown)

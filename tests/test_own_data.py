@@ -46,9 +46,29 @@ def test_normalize_auto_takes_the_training_split_statistics(tmp_path):
 
 def test_a_checkpoint_refuses_inputs_of_another_shape_in_python_too(tmp_path):
     root = write_folder(tmp_path / "f", {"train": 4, "test": 2}, sizes=(16,))
-    assert main(["train", "--dataset", "imagefolder", "--data-root", str(root), "--channels",
-                 "1", "--arch", "cnn_small", "--sigma", "0.25", "--epochs", "1",
-                 "--no-progress", "--out", str(tmp_path / "m")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "imagefolder",
+                "--data-root",
+                str(root),
+                "--channels",
+                "1",
+                "--arch",
+                "cnn_small",
+                "--sigma",
+                "0.25",
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
     model = load_checkpoint(tmp_path / "m" / "last.pt").model
     assert model(torch.rand(2, 1, 16, 16)).shape == (2, 3)
     for shape in ((2, 3, 16, 16), (2, 1, 24, 24)):  # broadcast channels, adaptive pooling
@@ -56,18 +76,34 @@ def test_a_checkpoint_refuses_inputs_of_another_shape_in_python_too(tmp_path):
             model(torch.rand(*shape))
     # the command line reuses the recorded size and channels, and refuses other ones
     out = tmp_path / "c.tsv"
-    args = ["certify", "--checkpoint", str(tmp_path / "m" / "last.pt"), "--dataset",
-            "imagefolder", "--data-root", str(root), "--sigma", "0.25", "--n", "50",
-            "--no-progress", "--out", str(out)]
+    args = [
+        "certify",
+        "--checkpoint",
+        str(tmp_path / "m" / "last.pt"),
+        "--dataset",
+        "imagefolder",
+        "--data-root",
+        str(root),
+        "--sigma",
+        "0.25",
+        "--n",
+        "50",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0 and len(read_table(out)["idx"]) == 6
     assert main([*args[:-1], str(tmp_path / "d.tsv"), "--channels", "3"]) == 2
 
 
 def _npz(path: Path, **changes) -> Path:
     rng = np.random.default_rng(0)
-    arrays = {"x_train": rng.random((30, 1, 6, 6)).astype(np.float32),
-              "y_train": np.arange(30) % 3, "x_test": rng.random((9, 1, 6, 6)).astype(np.float32),
-              "y_test": np.arange(9) % 3} | changes
+    arrays = {
+        "x_train": rng.random((30, 1, 6, 6)).astype(np.float32),
+        "y_train": np.arange(30) % 3,
+        "x_test": rng.random((9, 1, 6, 6)).astype(np.float32),
+        "y_test": np.arange(9) % 3,
+    } | changes
     np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
     return path
 
@@ -79,26 +115,48 @@ def test_arrays_are_a_dataset(tmp_path):
     assert x.dtype == torch.float32 and label == 1 and idx == 4
     as_bytes = _npz(tmp_path / "u.npz", x_test=(np.ones((9, 1, 6, 6)) * 255).astype(np.uint8))
     assert float(get_dataset("npz", "test", as_bytes)[0][0].max()) == 1.0
-    flat = _npz(tmp_path / "f.npz", x_train=np.zeros((30, 10), np.float32),
-                x_test=np.zeros((9, 10), np.float32))
+    flat = _npz(
+        tmp_path / "f.npz",
+        x_train=np.zeros((30, 10), np.float32),
+        x_test=np.zeros((9, 10), np.float32),
+    )
     assert get_dataset("npz", "train", flat).info.input_shape == (10,)
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"x_test": np.full((9, 1, 6, 6), np.nan, np.float32)}, "NaN"),
-    ({"x_train": np.full((30, 1, 6, 6), 2.0, np.float32)}, r"\[0, 1\]"),
-    ({"y_test": np.arange(9) - 1}, "label -1"),
-    ({"y_train": np.arange(29) % 3}, r"expected \(30,\)"),
-    ({"x_test": np.zeros((9, 1, 5, 6), np.float32)}, "same shape"),
-    ({"y_test": None}, "lacks y_test"),
-    ({"x_train": np.zeros((30, 1, 6, 6), np.int32)}, "dtype int32"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"x_test": np.full((9, 1, 6, 6), np.nan, np.float32)}, "NaN"),
+        ({"x_train": np.full((30, 1, 6, 6), 2.0, np.float32)}, r"\[0, 1\]"),
+        ({"y_test": np.arange(9) - 1}, "label -1"),
+        ({"y_train": np.arange(29) % 3}, r"expected \(30,\)"),
+        ({"x_test": np.zeros((9, 1, 5, 6), np.float32)}, "same shape"),
+        ({"y_test": None}, "lacks y_test"),
+        ({"x_train": np.zeros((30, 1, 6, 6), np.int32)}, "dtype int32"),
+    ],
+)
 def test_bad_arrays_are_one_line_naming_the_problem(tmp_path, changes, message, capsys):
     path = _npz(tmp_path / "bad.npz", **changes)
     with pytest.raises(DatasetError, match=message):
         get_dataset("npz", "test", path)
-    assert main(["certify", "--model", "torch.nn:Identity", "--dataset", "npz", "--data-root",
-                 str(path), "--sigma", "0.25", "--out", str(tmp_path / "r.tsv")]) == 2
+    assert (
+        main(
+            [
+                "certify",
+                "--model",
+                "torch.nn:Identity",
+                "--dataset",
+                "npz",
+                "--data-root",
+                str(path),
+                "--sigma",
+                "0.25",
+                "--out",
+                str(tmp_path / "r.tsv"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and re.search(message, err)
     assert not (tmp_path / "r.tsv").exists()
@@ -110,11 +168,22 @@ def test_an_own_model_on_arrays_is_probed_with_the_data_shape(tmp_path, monkeypa
         "def right():\n"
         "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 3))\n"
         "def wrong():\n"
-        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))\n")
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     data = _npz(tmp_path / "a.npz")
-    args = ["certify", "--dataset", "npz", "--data-root", str(data), "--sigma", "0.25", "--n",
-            "50", "--no-progress"]
+    args = [
+        "certify",
+        "--dataset",
+        "npz",
+        "--data-root",
+        str(data),
+        "--sigma",
+        "0.25",
+        "--n",
+        "50",
+        "--no-progress",
+    ]
     assert main([*args, "--model", "flatmodel:right", "--out", str(tmp_path / "r.tsv")]) == 0
     assert len(read_table(tmp_path / "r.tsv")["idx"]) == 9
     capsys.readouterr()
@@ -127,8 +196,16 @@ def test_the_chance_warning_waits_while_accuracy_rises(tmp_path):
     from ddrs.train.config import TrainConfig
     from ddrs.train.loop import Trainer
 
-    trainer = Trainer(TrainConfig(dataset="digits", arch="cnn", epochs=1, eval_max=None,
-                                  progress=False, out=str(tmp_path / "t")))
+    trainer = Trainer(
+        TrainConfig(
+            dataset="digits",
+            arch="cnn",
+            epochs=1,
+            eval_max=None,
+            progress=False,
+            out=str(tmp_path / "t"),
+        )
+    )
     for accuracy in (0.11, 0.135):  # at chance (0.1) but rising: a model that learns
         note = trainer._chance_note({"train_noisy_acc": accuracy})
         trainer.log_rows.append({"train_noisy_acc": accuracy})

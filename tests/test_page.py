@@ -16,13 +16,21 @@ playwright = pytest.importorskip("playwright.sync_api", reason="pip install play
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                       reason="needs Debian's chromium (apt-get install chromium)"),
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)"
+    ),
 ]
 from helpers import TOKEN, free_port, start_server  # noqa: E402
 
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +72,9 @@ def screenshot(page, tmp_path: Path, name: str) -> None:
 def test_the_page_answers_an_upload_and_says_what_it_means(browser, server, tmp_path):
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     errors = []
-    page.on("console", lambda message: errors.append(message.text)
-            if message.type == "error" else None)  # fmt: skip
+    page.on(
+        "console", lambda message: errors.append(message.text) if message.type == "error" else None
+    )
     page.goto(server)
     # the guarantee with its probability, before any query
     assert "probability at least 1 − α = 0.99 (α = 0.01)" in page.inner_text("body")
@@ -90,9 +99,11 @@ def test_the_page_answers_an_upload_and_says_what_it_means(browser, server, tmp_
     assert not page.is_disabled("#send") and page.is_hidden("#spinner")
     verdict = page.inner_text("#verdict")
     assert re.fullmatch(r"class \d( \(\d\))?|abstain: no class is certain enough", verdict)
-    assert re.search(r"Certified radius \d\.\d{3}: every image within L2 distance .* with "
-                     r"probability at least 0\.99 over the sampling", page.inner_text(
-        "#guarantee")) or verdict.startswith("abstain")  # fmt: skip
+    assert re.search(
+        r"Certified radius \d\.\d{3}: every image within L2 distance .* with "
+        r"probability at least 0\.99 over the sampling",
+        page.inner_text("#guarantee"),
+    ) or verdict.startswith("abstain")
     assert re.search(r"noise level sigma\s+0\.\d{3}", page.inner_text("#details"))
     assert "memory entry 0" in page.inner_text("#memory")
     # what the model sees: the 64 x 64 upload reduced to the 8 x 8 input, enlarged 20x
@@ -120,15 +131,22 @@ def test_errors_are_shown_on_the_page(browser, server, tmp_path):
     page.set_input_files("#file", str(not_image))
     page.click("#send")
     page.wait_for_selector("#error", state="visible")
-    assert page.inner_text("#error") == ("The upload is not an image this service can read "
-                                         "(send a PNG or JPEG file).")
+    assert page.inner_text("#error") == (
+        "The upload is not an image this service can read (send a PNG or JPEG file)."
+    )
     assert "Error" not in page.inner_text("#error")  # no HTTP jargon
     screenshot(page, tmp_path, "error")
     page.set_input_files("#file", str(digit_png(tmp_path)))
-    too_big = ("the image is 12000 x 12000 pixels (144.0 megapixels); this service takes "
-               "images of up to 16.8 megapixels")
-    page.route("**/v1/certify", lambda route: route.fulfill(
-        status=413, content_type="application/json", body=json.dumps({"error": too_big})))
+    too_big = (
+        "the image is 12000 x 12000 pixels (144.0 megapixels); this service takes "
+        "images of up to 16.8 megapixels"
+    )
+    page.route(
+        "**/v1/certify",
+        lambda route: route.fulfill(
+            status=413, content_type="application/json", body=json.dumps({"error": too_big})
+        ),
+    )
     page.click("#send")
     page.locator("#error", has_text="megapixels").wait_for()
     assert page.inner_text("#error") == too_big[0].upper() + too_big[1:] + "."
@@ -138,18 +156,37 @@ def test_errors_are_shown_on_the_page(browser, server, tmp_path):
     page.locator("#error", has_text="reached").wait_for()
     assert "could not be reached" in page.inner_text("#error")
     page.unroute("**/v1/certify")
-    page.route("**/v1/certify", lambda route: route.fulfill(
-        status=503, content_type="application/json",
-        body=json.dumps({"error": "the memory's database is unavailable; retry in a moment"})))
+    page.route(
+        "**/v1/certify",
+        lambda route: route.fulfill(
+            status=503,
+            content_type="application/json",
+            body=json.dumps({"error": "the memory's database is unavailable; retry in a moment"}),
+        ),
+    )
     page.click("#send")
     page.locator("#error", has_text="memory").wait_for()
     assert "try again in a moment" in page.inner_text("#error")
     page.unroute("**/v1/certify")
-    abstain = {"predict": -1, "class_name": None, "radius": 0.0, "sigma": 0.25,
-               "changed": False, "shrunk": False, "mc_predict": -1, "mc_radius": 0.0,
-               "repeat": False, "entry": 3, "expert": ""}
-    page.route("**/v1/certify", lambda route: route.fulfill(
-        status=200, content_type="application/json", body=json.dumps(abstain)))
+    abstain = {
+        "predict": -1,
+        "class_name": None,
+        "radius": 0.0,
+        "sigma": 0.25,
+        "changed": False,
+        "shrunk": False,
+        "mc_predict": -1,
+        "mc_radius": 0.0,
+        "repeat": False,
+        "entry": 3,
+        "expert": "",
+    }
+    page.route(
+        "**/v1/certify",
+        lambda route: route.fulfill(
+            status=200, content_type="application/json", body=json.dumps(abstain)
+        ),
+    )
     page.click("#send")
     page.wait_for_selector("#answer", state="visible")
     assert page.inner_text("#verdict") == "abstain: no class is certain enough"
@@ -160,8 +197,9 @@ def test_errors_are_shown_on_the_page(browser, server, tmp_path):
 def test_a_token_is_asked_for_and_kept_for_the_session(browser, digits_checkpoint, tmp_path):
     (tmp_path / "token").write_text(TOKEN)
     port = free_port()
-    process = start_server(digits_checkpoint, tmp_path / "m.sqlite", port, "--token-file",
-                           str(tmp_path / "token"))
+    process = start_server(
+        digits_checkpoint, tmp_path / "m.sqlite", port, "--token-file", str(tmp_path / "token")
+    )
     try:
         page = browser.new_page()
         page.goto(f"http://127.0.0.1:{port}/")
@@ -171,8 +209,9 @@ def test_a_token_is_asked_for_and_kept_for_the_session(browser, digits_checkpoin
         page.set_input_files("#file", str(digit_png(tmp_path)))
         page.click("#send")
         page.wait_for_selector("#error", state="visible")
-        assert page.inner_text("#error") == ("This service needs its token: enter it in the "
-                                             "token field and send again.")
+        assert page.inner_text("#error") == (
+            "This service needs its token: enter it in the token field and send again."
+        )
         page.fill("#token", "a-wrong-token-of-some-length")
         page.click("#send")
         page.locator("#error", has_text="accepted").wait_for()

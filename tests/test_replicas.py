@@ -28,9 +28,11 @@ N0, N, ALPHA = 20, 4000, 0.01  # start_server's
 
 
 def post(port, x, timeout=120) -> tuple[int, dict]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/certify",
-                                     data=json.dumps(as_json(x)).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/certify",
+        data=json.dumps(as_json(x)).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
@@ -97,16 +99,21 @@ def test_two_replicas_answer_as_one_process_and_survive_a_kill(digits_checkpoint
             assert (c, r) == (sent["predict"], sent["radius"])
         keys = [idx for *_, idx in stored.values()]
         assert len(set(keys)) == len(keys), "no two queries shared a noise key"
-        checked = subprocess.run([sys.executable, "-m", "ddrs", "memory", "check", pg_url],
-                                 capture_output=True, text=True)
+        checked = subprocess.run(
+            [sys.executable, "-m", "ddrs", "memory", "check", pg_url],
+            capture_output=True,
+            text=True,
+        )
         assert checked.returncode == 0, checked.stdout
         # one process, given the stored queries in the memory's order with their keys,
         # answers exactly what the replicas answered
         model = load_checkpoint(digits_checkpoint).model
-        with CertificationMemory(":memory:", memory_fingerprint(model, "digits", (1, 8, 8)),
-                                 (1, 8, 8)) as memory:
-            one = DataDependentSmoothClassifier(model, 10, memory, 0.25, n0=N0, n=N, alpha=ALPHA,
-                                                search={"grid": 5, "samples": 16})
+        with CertificationMemory(
+            ":memory:", memory_fingerprint(model, "digits", (1, 8, 8)), (1, 8, 8)
+        ) as memory:
+            one = DataDependentSmoothClassifier(
+                model, 10, memory, 0.25, n0=N0, n=N, alpha=ALPHA, search={"grid": 5, "samples": 16}
+            )
             for entry in sorted(stored):
                 x, c, r, idx = stored[entry]
                 answer = one.certify(x, key=idx)
@@ -122,8 +129,7 @@ def test_two_replicas_answer_as_one_process_and_survive_a_kill(digits_checkpoint
             server.communicate()
 
 
-def test_a_database_restart_gives_503s_then_service_resumes(digits_checkpoint, postgres,
-                                                            pg_url):
+def test_a_database_restart_gives_503s_then_service_resumes(digits_checkpoint, postgres, pg_url):
     digits = get_dataset("digits", "test")
     port = free_port()
     server = start_server(digits_checkpoint, pg_url, port, "--n", "500")

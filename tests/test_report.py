@@ -64,10 +64,12 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 
 @pytest.fixture
 def files(tmp_path: Path) -> dict[str, Path]:
-    return {"ours": write(tmp_path, "ours.tsv", OURS),
-            "reference": write(tmp_path, "reference.tsv", REFERENCE),
-            "memory": write(tmp_path, "memory.tsv", MEMORY),
-            "empty": write(tmp_path, "empty.tsv", EMPTY)}
+    return {
+        "ours": write(tmp_path, "ours.tsv", OURS),
+        "reference": write(tmp_path, "reference.tsv", REFERENCE),
+        "memory": write(tmp_path, "memory.tsv", MEMORY),
+        "empty": write(tmp_path, "empty.tsv", EMPTY),
+    }
 
 
 def summary_of(path: Path, radii=RADII) -> dict:
@@ -97,8 +99,9 @@ def test_reference_format_without_sigma_or_time(files):
 def test_header_only_file_is_an_empty_run(files):
     s = summary_of(files["empty"])
     assert s["inputs"] == 0
-    assert all(math.isnan(v) for v in [s["clean"], s["ACR"], s["abstain"],
-                                       *s["certified"].values()])
+    assert all(
+        math.isnan(v) for v in [s["clean"], s["ACR"], s["abstain"], *s["certified"].values()]
+    )
     table = format_table([s], RADII, "markdown")
     assert "| empty | 0 | – | – |" in table
 
@@ -114,11 +117,14 @@ def test_memory_changed_shrunk_and_sigma_stats(files):
     assert "| 2 | 1 | 0.100 | 0.300 | 0.500 |" in table
 
 
-@pytest.mark.parametrize("text, message", [
-    ("idx\tlabel\tpredict\tradius\tcorrect\n0\t1\t1\t0.5\n", "fields"),
-    ("idx\tlabel\tpredict\tradius\tcorrect\n0\t1\t1\tabc\t1\n", "expected a number"),
-    ("idx\tlabel\tpredict\tcorrect\n0\t1\t1\t1\n", "missing column"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("idx\tlabel\tpredict\tradius\tcorrect\n0\t1\t1\t0.5\n", "fields"),
+        ("idx\tlabel\tpredict\tradius\tcorrect\n0\t1\t1\tabc\t1\n", "expected a number"),
+        ("idx\tlabel\tpredict\tcorrect\n0\t1\t1\t1\n", "missing column"),
+    ],
+)
 def test_malformed_files_raise(tmp_path, text, message):
     path = write(tmp_path, "bad.tsv", text)
     with pytest.raises(ResultsFileError, match=message):
@@ -126,8 +132,11 @@ def test_malformed_files_raise(tmp_path, text, message):
 
 
 def test_envelope_values(files):
-    summaries = [summary_of(files["ours"]), summary_of(files["reference"]),
-                 summary_of(files["empty"])]
+    summaries = [
+        summary_of(files["ours"]),
+        summary_of(files["reference"]),
+        summary_of(files["empty"]),
+    ]
     table = format_table(summaries, RADII, "csv", envelope=True)
     rows = list(csv.DictReader(io.StringIO(table)))
     best = rows[-1]
@@ -173,21 +182,37 @@ def test_csv_table_has_raw_fractions(files):
     assert float(memory["sigma median"]) == pytest.approx(0.3)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("0:1:0.25", [0.0, 0.25, 0.5, 0.75, 1.0]),
-    ("0:0.9:0.25", [0.0, 0.25, 0.5, 0.75]),
-    ("0:1:0.1", [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]),
-    ("0.5:0.5:0.1", [0.5]),
-    ("0.5,0,1", [0.0, 0.5, 1.0]),
-    ("0.25", [0.25]),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("0:1:0.25", [0.0, 0.25, 0.5, 0.75, 1.0]),
+        ("0:0.9:0.25", [0.0, 0.25, 0.5, 0.75]),
+        ("0:1:0.1", [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]),
+        ("0.5:0.5:0.1", [0.5]),
+        ("0.5,0,1", [0.0, 0.5, 1.0]),
+        ("0.25", [0.25]),
+    ],
+)
 def test_parse_radii(text, expected):
     assert parse_radii(text) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("text", ["", "abc", "0:1", "0:1:0", "0:1:-0.1", "1:0:0.1", "-1",
-                                  "0,nan", "0,,1", "0:1000:0.001",
-                                  "0:inf:0.1"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "abc",
+        "0:1",
+        "0:1:0",
+        "0:1:-0.1",
+        "1:0:0.1",
+        "-1",
+        "0,nan",
+        "0,,1",
+        "0:1000:0.001",
+        "0:inf:0.1",
+    ],
+)
 def test_parse_radii_rejects_bad_text(text):
     with pytest.raises(InputError):
         parse_radii(text)
@@ -222,9 +247,23 @@ def test_sigma_plot_without_varying_sigmas(files, tmp_path):
 
 def test_cli_end_to_end_leaves_results_unchanged(files, tmp_path, capsys):
     before = {p: p.read_bytes() for p in files.values()}
-    argv = ["report", str(files["ours"]), str(files["reference"]), str(files["memory"]),
-            "--radii", "0:0.75:0.25", "--envelope", "--labels", "A", "B", "C",
-            "--plot", str(tmp_path / "curves.png"), "--sigma-plot", str(tmp_path / "s.png")]
+    argv = [
+        "report",
+        str(files["ours"]),
+        str(files["reference"]),
+        str(files["memory"]),
+        "--radii",
+        "0:0.75:0.25",
+        "--envelope",
+        "--labels",
+        "A",
+        "B",
+        "C",
+        "--plot",
+        str(tmp_path / "curves.png"),
+        "--sigma-plot",
+        str(tmp_path / "s.png"),
+    ]
     assert main(argv) == 0
     out, err = capsys.readouterr()
     assert "| A | 4 | 50.0% | 25.0% | 25.0% | 0.0% | 0.125 | 25.0% | – | – |" in out
@@ -304,8 +343,23 @@ def test_plots_are_world_readable_and_take_a_title_and_sigma0(tmp_path, capsys):
     plot, hist = tmp_path / "curves.png", tmp_path / "sigmas.png"
     old = os.umask(0o022)
     try:
-        assert main(["report", str(run), "--plot", str(plot), "--title", "My title",
-                     "--sigma-plot", str(hist), "--sigma0", "0.25"]) == 0
+        assert (
+            main(
+                [
+                    "report",
+                    str(run),
+                    "--plot",
+                    str(plot),
+                    "--title",
+                    "My title",
+                    "--sigma-plot",
+                    str(hist),
+                    "--sigma0",
+                    "0.25",
+                ]
+            )
+            == 0
+        )
     finally:
         os.umask(old)
     for png in (plot, hist):
@@ -353,14 +407,19 @@ def test_expert_plot_colours_each_sigma_alike_in_every_panel_and_marks_router_ab
     def capture(fig, path):
         for ax in fig.axes:
             labels = [t.get_text() for t in ax.get_legend().get_texts()]
-            colours = [to_hex(c.get_facecolor()[0]) for c in ax.collections
-                       if len(c.get_offsets()) and c.get_facecolor().size]  # filled markers
+            colours = [
+                to_hex(c.get_facecolor()[0])
+                for c in ax.collections
+                if len(c.get_offsets()) and c.get_facecolor().size
+            ]  # filled markers
             seen.append((labels, colours))
 
     monkeypatch.setattr(plots, "_save_atomically", capture)
     header = "idx\tlabel\tpredict\tradius\tcorrect\tsigma\ttime\texpert"
-    routed = [header] + [f"{i}\t1\t1\t0.3\t1\t{s}\t0.1\t{e}"
-                         for i, (e, s) in enumerate([("a", 0.12), ("b", 0.25), ("c", 0.5)])]
+    routed = [header] + [
+        f"{i}\t1\t1\t0.3\t1\t{s}\t0.1\t{e}"
+        for i, (e, s) in enumerate([("a", 0.12), ("b", 0.25), ("c", 0.5)])
+    ]
     dual = [header, "0\t1\t-1\t0.0\t0\t0.5\t0.1\t-", "1\t1\t1\t0.3\t1\t0.5\t0.1\tc"]
     (tmp_path / "routed.tsv").write_text("\n".join(routed) + "\n")
     (tmp_path / "dual.tsv").write_text("\n".join(dual) + "\n")
@@ -381,8 +440,13 @@ def _run(label: str, correct, radius):
     from ddrs.report import Run
 
     n = len(correct)
-    table = {"idx": np.arange(n), "label": np.zeros(n, int), "predict": np.zeros(n, int),
-             "correct": np.asarray(correct), "radius": np.asarray(radius, float)}
+    table = {
+        "idx": np.arange(n),
+        "label": np.zeros(n, int),
+        "predict": np.zeros(n, int),
+        "correct": np.asarray(correct),
+        "radius": np.asarray(radius, float),
+    }
     return Run(label, Path(label), table)
 
 

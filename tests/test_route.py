@@ -28,8 +28,9 @@ def closed_form():
     c = h(x) and R <= min(|m_0(x)|, |m_r(x)|), m the signed distances to the hyperplanes."""
     w0, b0 = _hyperplane(1)
     wr, br = _hyperplane(2)
-    experts = Experts((Expert("a", "", 0.12, LinearBinary(w0, b0)),
-                       Expert("b", "", 0.5, LinearBinary(-w0, -b0))))
+    experts = Experts(
+        (Expert("a", "", 0.12, LinearBinary(w0, b0)), Expert("b", "", 0.5, LinearBinary(-w0, -b0)))
+    )
     router = Router(LinearBinary(wr, br), 0.25, ("a", "b"))
     x = torch.rand(400, 1, 4, 4, generator=torch.Generator().manual_seed(3))
     m0, mr = _margin(w0, b0, x), _margin(wr, br, x)
@@ -48,7 +49,8 @@ def test_dual_certificates_are_true_but_at_the_alpha_rate(closed_form):
     experts, router, x, truth, reach = closed_form
     alpha = 0.2
     found = DualSmoothing(router, experts, 2, seed=0).certify_batch(
-        x, n0=20, n=300, router_n=300, alpha=alpha, keys=list(range(len(x))))
+        x, n0=20, n=300, router_n=300, alpha=alpha, keys=list(range(len(x)))
+    )
     predict = torch.tensor([c.predict for c in found])
     radius = torch.tensor([c.radius for c in found], dtype=torch.float64)
     assert (predict != ABSTAIN).float().mean() > 0.5 and radius.max() > 0.2  # not vacuous
@@ -67,13 +69,23 @@ def test_dual_certificates_do_not_depend_on_the_batch_or_the_group(closed_form):
     experts, router, x, _, _ = closed_form
     dual = DualSmoothing(router, experts, 2, seed=5)
     keys = list(range(100, 140))
-    whole = dual.certify_batch(x[:40], n0=20, n=200, router_n=150, alpha=0.01, batch=64,
-                               keys=keys)
-    parts = [c for lo in range(0, 40, 7) for c in dual.certify_batch(
-        x[:40][lo : lo + 7], n0=20, n=200, router_n=150, alpha=0.01, batch=500,
-        keys=keys[lo : lo + 7])]
+    whole = dual.certify_batch(x[:40], n0=20, n=200, router_n=150, alpha=0.01, batch=64, keys=keys)
+    parts = [
+        c
+        for lo in range(0, 40, 7)
+        for c in dual.certify_batch(
+            x[:40][lo : lo + 7],
+            n0=20,
+            n=200,
+            router_n=150,
+            alpha=0.01,
+            batch=500,
+            keys=keys[lo : lo + 7],
+        )
+    ]
     assert [(c.predict, c.radius, c.expert) for c in whole] == [
-        (c.predict, c.radius, c.expert) for c in parts]
+        (c.predict, c.radius, c.expert) for c in parts
+    ]
 
 
 def test_a_router_for_other_experts_is_refused(closed_form):
@@ -108,8 +120,10 @@ def test_the_certified_selector_picks_the_expert_with_the_largest_predicted_radi
 def test_routing_does_not_depend_on_the_batch(closed_form):
     experts, _, x, _, _ = closed_form
     keys = list(range(50))
-    a = route_by_certified_radius(experts, x[:50], samples=16, n=500, alpha=0.01, batch=32,
-                                  keys=keys)
-    b = route_by_certified_radius(experts, x[:50], samples=16, n=500, alpha=0.01, batch=4096,
-                                  keys=keys)
+    a = route_by_certified_radius(
+        experts, x[:50], samples=16, n=500, alpha=0.01, batch=32, keys=keys
+    )
+    b = route_by_certified_radius(
+        experts, x[:50], samples=16, n=500, alpha=0.01, batch=4096, keys=keys
+    )
     assert torch.equal(a.expert, b.expert) and torch.equal(a.score, b.score)

@@ -45,8 +45,9 @@ def digits():
     return get_dataset("digits", "test")
 
 
-def make_service(checkpoint, memory_path, *, sigma0=0.25, selector="certified", max_batch=8,
-                 max_wait=0.005):
+def make_service(
+    checkpoint, memory_path, *, sigma0=0.25, selector="certified", max_batch=8, max_wait=0.005
+):
     info = dataset_info("digits")
     model = load_checkpoint(checkpoint, device="cpu").model
     fingerprint = memory_fingerprint(model, info.name, info.input_shape)
@@ -54,11 +55,17 @@ def make_service(checkpoint, memory_path, *, sigma0=0.25, selector="certified", 
     def make_classifier():
         memory = CertificationMemory(memory_path, fingerprint, info.input_shape)
         search = {"grid": 5, "samples": 16} if selector == "certified" else {}
-        return DataDependentSmoothClassifier(model, 10, memory, sigma0, n0=N0, n=N, alpha=ALPHA,
-                                             selector=selector, search=search)
+        return DataDependentSmoothClassifier(
+            model, 10, memory, sigma0, n0=N0, n=N, alpha=ALPHA, selector=selector, search=search
+        )
 
-    return CertificationService(make_classifier, info, max_batch=max_batch, max_wait=max_wait,
-                                describe={"dataset": "digits"}), make_classifier
+    return CertificationService(
+        make_classifier,
+        info,
+        max_batch=max_batch,
+        max_wait=max_wait,
+        describe={"dataset": "digits"},
+    ), make_classifier
 
 
 def png_of(x: torch.Tensor) -> bytes:
@@ -80,19 +87,32 @@ def test_every_endpoint_answers(checkpoint, digits, tmp_path):
         health = client.get("/health").json()
         assert health["status"] == "ok" and health["entries"] == 0 and health["in_flight"] == 0
         answer = client.post("/v1/certify", json=as_json(x)).json()
-        assert set(answer) >= {"predict", "radius", "sigma", "mc_predict", "mc_radius",
-                               "changed", "shrunk", "repeat", "entry"}
+        assert set(answer) >= {
+            "predict",
+            "radius",
+            "sigma",
+            "mc_predict",
+            "mc_radius",
+            "changed",
+            "shrunk",
+            "repeat",
+            "entry",
+        }
         assert answer["entry"] == 0 and not answer["repeat"] and answer["radius"] >= 0
         assert answer["predict"] == answer["mc_predict"]  # the first answer: nothing to change
         predicted = client.post("/v1/predict", json=as_json(digits[1][0])).json()
         assert predicted["radius"] == 0.0 and predicted["entry"] == 1  # a ball of radius 0
-        upload = client.post("/v1/certify", files={"file": ("d.png", png_of(digits[2][0]),
-                                                             "image/png")})
+        upload = client.post(
+            "/v1/certify", files={"file": ("d.png", png_of(digits[2][0]), "image/png")}
+        )
         assert upload.status_code == 200, upload.text
         assert upload.json()["entry"] == 2
         again = client.post("/v1/certify", json=as_json(x)).json()
         assert again["repeat"] and (again["predict"], again["radius"], again["entry"]) == (
-            answer["predict"], answer["radius"], 0)
+            answer["predict"],
+            answer["radius"],
+            0,
+        )
         assert again["sigma"] == answer["sigma"]  # the sigma that certified the stored radius
         stats = client.get("/v1/memory/stats").json()
         assert stats["entries"] == 3 and stats["repeats"] == 1
@@ -124,20 +144,38 @@ def test_a_token_is_required_when_configured(checkpoint, digits, tmp_path):
 
 
 BAD_REQUESTS = {
-    "not JSON": ({"content": b"certify this", "headers": {"content-type": "application/json"}},
-                 400, "not JSON"),
+    "not JSON": (
+        {"content": b"certify this", "headers": {"content-type": "application/json"}},
+        400,
+        "not JSON",
+    ),
     "missing field": ({"json": {"image": []}}, 422, '"input"'),
     "wrong shape": ({"json": {"input": [[0.5] * 8] * 8}}, 422, "shape (8, 8)"),
     "ragged": ({"json": {"input": [[[0.5] * 8] * 7 + [[0.5] * 3]]}}, 422, "rectangular"),
     "strings": ({"json": {"input": [[["a"] * 8] * 8]}}, 422, "numbers"),
-    "NaN": ({"content": json.dumps({"input": [[[float("nan")] * 8] * 8]}).encode(),
-             "headers": {"content-type": "application/json"}}, 422, "NaN"),
-    "infinity": ({"content": json.dumps({"input": [[[float("inf")] * 8] * 8]}).encode(),
-                  "headers": {"content-type": "application/json"}}, 422, "infinite"),
+    "NaN": (
+        {
+            "content": json.dumps({"input": [[[float("nan")] * 8] * 8]}).encode(),
+            "headers": {"content-type": "application/json"},
+        },
+        422,
+        "NaN",
+    ),
+    "infinity": (
+        {
+            "content": json.dumps({"input": [[[float("inf")] * 8] * 8]}).encode(),
+            "headers": {"content-type": "application/json"},
+        },
+        422,
+        "infinite",
+    ),
     "above 1": ({"json": {"input": [[[2.0] * 8] * 8]}}, 422, "[0, 1]"),
     "below 0": ({"json": {"input": [[[-0.1] * 8] * 8]}}, 422, "[0, 1]"),
-    "not an image": ({"files": {"file": ("x.png", b"GIF89a-not-really", "image/png")}}, 400,
-                     "not an image"),
+    "not an image": (
+        {"files": {"file": ("x.png", b"GIF89a-not-really", "image/png")}},
+        400,
+        "not an image",
+    ),
     "no file field": ({"files": {"other": ("x.png", b"123", "image/png")}}, 422, '"file"'),
 }
 
@@ -150,8 +188,11 @@ def test_bad_input_is_refused_clearly_and_stores_nothing(checkpoint, tmp_path):
                 response = client.post(path, **request)
                 assert response.status_code == status, (name, response.text)
                 assert words in response.json()["error"], (name, response.json())
-        big = client.post("/v1/certify", content=b"[" + b"0.5," * 4000 + b"0]",
-                          headers={"content-type": "application/json"})
+        big = client.post(
+            "/v1/certify",
+            content=b"[" + b"0.5," * 4000 + b"0]",
+            headers={"content-type": "application/json"},
+        )
         assert big.status_code == 413 and "limit" in big.json()["error"]
         assert client.get("/health").json()["entries"] == 0
     assert entries(tmp_path / "m.sqlite") == 0
@@ -163,8 +204,9 @@ def test_micro_batches_answer_as_one_query_at_a_time(checkpoint, digits, tmp_pat
     xs += [xs[1].clone(), (xs[0] + 0.01).clamp(0, 1)]
     kinds = ["certify"] * 3 + ["predict"] + ["certify"] * 4
 
-    service, make_classifier = make_service(checkpoint, tmp_path / "batched.sqlite",
-                                            max_batch=8, max_wait=0.5)
+    service, make_classifier = make_service(
+        checkpoint, tmp_path / "batched.sqlite", max_batch=8, max_wait=0.5
+    )
 
     async def all_at_once():
         await service.start()
@@ -179,8 +221,7 @@ def test_micro_batches_answer_as_one_query_at_a_time(checkpoint, digits, tmp_pat
     one_service, make_one = make_service(checkpoint, tmp_path / "single.sqlite")
     clf = make_one()
     try:
-        single = [getattr(clf, kind)(x, key=key)
-                  for key, (kind, x) in enumerate(zip(kinds, xs))]
+        single = [getattr(clf, kind)(x, key=key) for key, (kind, x) in enumerate(zip(kinds, xs))]
     finally:
         clf.memory.close()
     assert batched == single
@@ -258,12 +299,18 @@ def test_kill_9_under_load_loses_no_answer_that_was_sent(checkpoint, digits, tmp
         i, sent = received[0]
         again = post(port, inputs[i])
         assert again["repeat"] and (again["predict"], again["radius"], again["entry"]) == (
-            sent["predict"], sent["radius"], sent["entry"])
+            sent["predict"],
+            sent["radius"],
+            sent["entry"],
+        )
     finally:
         server.kill()
         server.communicate()
-    checked = subprocess.run([sys.executable, "-m", "ddrs", "memory", "check", str(memory)],
-                             capture_output=True, text=True)
+    checked = subprocess.run(
+        [sys.executable, "-m", "ddrs", "memory", "check", str(memory)],
+        capture_output=True,
+        text=True,
+    )
     assert checked.returncode == 0, checked.stdout
 
 
@@ -303,10 +350,24 @@ def test_bad_serve_invocations_are_one_line_and_start_nothing(checkpoint, tmp_pa
         "give --dataset": [*base, "--sigma", "0.25"],
         "--sigma must be finite": [*base, "--dataset", "digits", "--sigma", "0"],
         "alpha": [*base, "--dataset", "digits", "--sigma", "0.25", "--alpha", "2"],
-        "at least 16": [*base, "--dataset", "digits", "--sigma", "0.25", "--token-file",
-                        str(short)],
-        "--token-file": [*base, "--dataset", "digits", "--sigma", "0.25", "--token-file",
-                         str(tmp_path / "missing")],
+        "at least 16": [
+            *base,
+            "--dataset",
+            "digits",
+            "--sigma",
+            "0.25",
+            "--token-file",
+            str(short),
+        ],
+        "--token-file": [
+            *base,
+            "--dataset",
+            "digits",
+            "--sigma",
+            "0.25",
+            "--token-file",
+            str(tmp_path / "missing"),
+        ],
         "--max-batch": [*base, "--dataset", "digits", "--sigma", "0.25", "--max-batch", "0"],
     }
     for words, argv in cases.items():
@@ -332,14 +393,39 @@ def test_a_custom_model_with_a_fixed_sigma_is_served(tmp_path):
         "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))\n"
     )
     port, memory = free_port(), tmp_path / "m.sqlite"
-    command = [sys.executable, "-m", "ddrs", "serve", "--model", "tinymodel:factory",
-               "--input-shape", "3,4,4", "--num-classes", "3", "--memory", str(memory),
-               "--sigma", "0.3", "--n0", "20", "--n", "500", "--alpha", "0.01", "--device", "cpu",
-               "--port", str(port)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
-        str(tmp_path), os.environ.get("PYTHONPATH")]))}
-    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "ddrs",
+        "serve",
+        "--model",
+        "tinymodel:factory",
+        "--input-shape",
+        "3,4,4",
+        "--num-classes",
+        "3",
+        "--memory",
+        str(memory),
+        "--sigma",
+        "0.3",
+        "--n0",
+        "20",
+        "--n",
+        "500",
+        "--alpha",
+        "0.01",
+        "--device",
+        "cpu",
+        "--port",
+        str(port),
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])),
+    }
+    server = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -357,12 +443,16 @@ def test_a_custom_model_with_a_fixed_sigma_is_served(tmp_path):
         buffer = io.BytesIO()
         rgb.save(buffer, format="JPEG")
         boundary = "ddrs-test-boundary"
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
-                f"filename=\"x.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n").encode()
+        body = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+            f'filename="x.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+        ).encode()
         body += buffer.getvalue() + f"\r\n--{boundary}--\r\n".encode()
         request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/predict", data=body,
-            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            f"http://127.0.0.1:{port}/v1/predict",
+            data=body,
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
         with urllib.request.urlopen(request, timeout=60) as response:
             uploaded = json.loads(response.read())
         assert uploaded["radius"] == 0.0 and uploaded["entry"] == 1  # resized to 3 x 4 x 4
@@ -381,8 +471,9 @@ def test_an_engine_failure_is_a_500_and_the_service_goes_on(digits, tmp_path):
 
     def make_classifier():
         memory = CertificationMemory(tmp_path / "m.sqlite", "broken", info.input_shape)
-        return DataDependentSmoothClassifier(Broken(), 10, memory, 0.25, n0=N0, n=N,
-                                             alpha=ALPHA, selector=None)
+        return DataDependentSmoothClassifier(
+            Broken(), 10, memory, 0.25, n0=N0, n=N, alpha=ALPHA, selector=None
+        )
 
     service = CertificationService(make_classifier, info)
     with TestClient(create_app(service)) as client:
@@ -405,38 +496,84 @@ def test_experts_served_equal_the_offline_pipeline(checkpoint, digits, tmp_path)
     info = dataset_info("digits")
 
     def make_classifier():
-        memory = CertificationMemory(tmp_path / "served.sqlite",
-                                     memory_fingerprint(experts, "digits", info.input_shape),
-                                     info.input_shape)
-        return DataDependentSmoothClassifier(experts, 10, memory, n0=N0, n=N, alpha=ALPHA,
-                                             search={"samples": 16})
+        memory = CertificationMemory(
+            tmp_path / "served.sqlite",
+            memory_fingerprint(experts, "digits", info.input_shape),
+            info.input_shape,
+        )
+        return DataDependentSmoothClassifier(
+            experts, 10, memory, n0=N0, n=N, alpha=ALPHA, search={"samples": 16}
+        )
 
     count = 12
     service = CertificationService(make_classifier, info, max_batch=4)
     with TestClient(create_app(service)) as client:
-        served = [client.post("/v1/certify", json=as_json(digits[i][0])).json()
-                  for i in range(count)]
+        served = [
+            client.post("/v1/certify", json=as_json(digits[i][0])).json() for i in range(count)
+        ]
     routes, offline = tmp_path / "routes.tsv", tmp_path / "offline.tsv"
-    sigma_dataset(experts, digits, SigmaRun(out=str(routes), samples=16, n=N, alpha=ALPHA,
-                                            max=count, progress=False))
-    certify_dataset(experts, digits, CertifyRun(
-        out=str(offline), sigmas=str(routes), memory=str(tmp_path / "offline.sqlite"), n0=N0,
-        n=N, alpha=ALPHA, max=count, progress=False))
+    sigma_dataset(
+        experts,
+        digits,
+        SigmaRun(out=str(routes), samples=16, n=N, alpha=ALPHA, max=count, progress=False),
+    )
+    certify_dataset(
+        experts,
+        digits,
+        CertifyRun(
+            out=str(offline),
+            sigmas=str(routes),
+            memory=str(tmp_path / "offline.sqlite"),
+            n0=N0,
+            n=N,
+            alpha=ALPHA,
+            max=count,
+            progress=False,
+        ),
+    )
     table = read_table(offline)
     assert [a["expert"] for a in served] == table["expert"].tolist()
     assert len(set(table["expert"].tolist())) > 1  # the inputs do go to different experts
     assert [(a["predict"], a["radius"], a["sigma"]) for a in served] == list(
-        zip(table["predict"].tolist(), table["radius"].tolist(), table["sigma"].tolist()))
+        zip(table["predict"].tolist(), table["radius"].tolist(), table["sigma"].tolist())
+    )
 
 
 def test_a_real_server_of_experts_answers_with_the_expert(checkpoint, digits, tmp_path):
     port = free_port()
-    command = [sys.executable, "-m", "ddrs", "serve", "--expert", f"small={checkpoint}:0.12",
-               "--expert", f"large={checkpoint}:0.5", "--dataset", "digits", "--memory",
-               str(tmp_path / "m.sqlite"), "--samples", "16", "--n0", "20", "--n", "300",
-               "--alpha", "0.01", "--device", "cpu", "--port", str(port)]
-    server = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "ddrs",
+        "serve",
+        "--expert",
+        f"small={checkpoint}:0.12",
+        "--expert",
+        f"large={checkpoint}:0.5",
+        "--dataset",
+        "digits",
+        "--memory",
+        str(tmp_path / "m.sqlite"),
+        "--samples",
+        "16",
+        "--n0",
+        "20",
+        "--n",
+        "300",
+        "--alpha",
+        "0.01",
+        "--device",
+        "cpu",
+        "--port",
+        str(port),
+    ]
+    server = subprocess.Popen(
+        command,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -482,20 +619,28 @@ def test_no_other_site_can_write_or_read_through_a_browser(checkpoint, digits, t
     with TestClient(app, base_url="http://127.0.0.1:8000") as client:
         plain = client.post("/v1/certify", content=body, headers={"content-type": "text/plain"})
         assert plain.status_code == 415  # what an enctype="text/plain" form sends
-        form = client.post("/v1/certify", files={"file": ("d.png", png_of(digits[0][0]),
-                                                           "image/png")},
-                           headers={"origin": "http://evil.example"})
+        form = client.post(
+            "/v1/certify",
+            files={"file": ("d.png", png_of(digits[0][0]), "image/png")},
+            headers={"origin": "http://evil.example"},
+        )
         assert form.status_code == 403 and "cross-origin" in form.json()["error"]
         rebound = client.get("/health", headers={"host": "evil.example:8000"})
         assert rebound.status_code == 400 and "--allowed-host" in rebound.json()["error"]
-        same = client.post("/v1/certify", content=body, headers={
-            "content-type": "application/json", "origin": "http://127.0.0.1:8000"})
+        same = client.post(
+            "/v1/certify",
+            content=body,
+            headers={"content-type": "application/json", "origin": "http://127.0.0.1:8000"},
+        )
         assert same.status_code == 200
         assert client.get("/health").json()["entries"] == 1
     tokened = create_app(make_service(checkpoint, tmp_path / "t.sqlite")[0], token=TOKEN)
     with TestClient(tokened) as client:
-        good = {"Authorization": f"Bearer {TOKEN}", "content-type": "application/json",
-                "origin": "http://elsewhere.example"}
+        good = {
+            "Authorization": f"Bearer {TOKEN}",
+            "content-type": "application/json",
+            "origin": "http://elsewhere.example",
+        }
         assert client.post("/v1/certify", content=body, headers=good).status_code == 200
 
 
@@ -523,8 +668,9 @@ def test_huge_images_are_refused_before_decoding(checkpoint, tmp_path):
         for side in (12_000, 20_000):
             data = _big_png(side, side)
             assert len(data) < 2 << 20  # a small file of very many pixels
-            response = client.post("/v1/certify", content=data,
-                                   headers={"content-type": "image/png"})
+            response = client.post(
+                "/v1/certify", content=data, headers={"content-type": "image/png"}
+            )
             assert response.status_code == 413, response.text
             assert "pixels" in response.json()["error"]
         assert client.get("/health").json()["entries"] == 0
@@ -541,8 +687,9 @@ def test_an_upload_shrinks_by_area_averaging(digits):
         buffer = io.BytesIO()
         grey.resize((64, 64), Image.NEAREST).save(buffer, format="PNG")
         back = parse_image(buffer.getvalue(), info)
-        assert torch.equal(back, torch.from_numpy(
-            (x.numpy() * 255).round().astype("uint8")).float() / 255)
+        assert torch.equal(
+            back, torch.from_numpy((x.numpy() * 255).round().astype("uint8")).float() / 255
+        )
 
 
 def test_metrics_labels_are_bounded_and_can_be_public(checkpoint, tmp_path):
@@ -578,8 +725,13 @@ def test_a_closed_pipe_is_not_an_error(checkpoint, digits, tmp_path):
     with CertificationMemory(memory, "m", (1, 8, 8)) as store:
         for i in range(3):
             store.resolve_and_store(digits[i][0], i, 0.1, sigma=0.25, idx=i)
-    done = subprocess.run(f"{sys.executable} -m ddrs memory stats {memory} | head -1",
-                          shell=True, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        f"{sys.executable} -m ddrs memory stats {memory} | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.stdout.startswith("memory ") and "Traceback" not in done.stderr, done.stderr
     assert done.stderr == ""
 
@@ -598,15 +750,34 @@ def test_contract_fuzzing_finds_no_failure_of_any_check(checkpoint, tmp_path, wi
         extra = ["--token-file", str(tmp_path / "token")]
     server = start_server(checkpoint, tmp_path / "m.sqlite", port, "--n", "200", *extra)
     tests = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks",
-           "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "SCHEMATHESIS_HOOKS": "schemathesis_hooks",
+        "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])),
+    }
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "schemathesis.cli", "run",
-             f"http://127.0.0.1:{port}/openapi.json", "--checks", "all", "--max-examples",
-             "40", "--generation-deterministic", "-w", "1",
-             *(["-H", f"Authorization: Bearer {TOKEN}"] if with_token else [])],
-            capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+            [
+                sys.executable,
+                "-m",
+                "schemathesis.cli",
+                "run",
+                f"http://127.0.0.1:{port}/openapi.json",
+                "--checks",
+                "all",
+                "--max-examples",
+                "40",
+                "--generation-deterministic",
+                "-w",
+                "1",
+                *(["-H", f"Authorization: Bearer {TOKEN}"] if with_token else []),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+            cwd=tmp_path,
+        )
     finally:
         server.kill()
         server.communicate()
@@ -623,8 +794,7 @@ def test_health_stays_fast_while_an_upload_decodes(checkpoint, tmp_path):
     """Decoding runs off the event loop: /health answers during a large upload about as fast
     as when idle (a ratio in the same run, generous)."""
     port = free_port()
-    server = start_server(checkpoint, tmp_path / "m.sqlite", port, "--max-pixels",
-                          str(5000 * 5000))
+    server = start_server(checkpoint, tmp_path / "m.sqlite", port, "--max-pixels", str(5000 * 5000))
     big = _big_png(5000, 5000)  # 25 M pixels to decode and shrink
 
     def health_seconds() -> float:
@@ -638,8 +808,11 @@ def test_health_stays_fast_while_an_upload_decodes(checkpoint, tmp_path):
         uploads, during = [], []
 
         def upload():
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/predict", data=big,
-                                             headers={"Content-Type": "image/png"})
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/predict",
+                data=big,
+                headers={"Content-Type": "image/png"},
+            )
             with urllib.request.urlopen(request, timeout=120) as response:
                 uploads.append(response.status)
 

@@ -55,8 +55,9 @@ def counting_app(checkpoint, memory_path, **app_options):
 
     def make_classifier():
         memory = CertificationMemory(memory_path, fingerprint, info.input_shape)
-        return DataDependentSmoothClassifier(model, 10, memory, 0.25, n0=N0, n=N, alpha=ALPHA,
-                                             search={"grid": 5, "samples": 16})
+        return DataDependentSmoothClassifier(
+            model, 10, memory, 0.25, n0=N0, n=N, alpha=ALPHA, search={"grid": 5, "samples": 16}
+        )
 
     service = CertificationService(make_classifier, info, describe={"alpha": ALPHA})
     return create_app(service, **app_options), model
@@ -79,8 +80,9 @@ def raw_exchange(port: int, request: bytes, wait: float = 0.0, host="127.0.0.1")
 
 
 # -- secrets ------------------------------------------------------------------------------------
-def test_no_password_reaches_a_client_a_log_or_a_file(digits_checkpoint, postgres, pg_url,
-                                                      digits, tmp_path):
+def test_no_password_reaches_a_client_a_log_or_a_file(
+    digits_checkpoint, postgres, pg_url, digits, tmp_path
+):
     """The service on a PostgreSQL URL with a password: every response (with and without the
     token), the page, the service's log, a 503 while the database is down, a certify run's
     results and settings, and `ddrs memory stats` are searched for the password."""
@@ -91,8 +93,9 @@ def test_no_password_reaches_a_client_a_log_or_a_file(digits_checkpoint, postgre
     shown = pg_url  # the location as it may be shown: the user, the host, no password
     (tmp_path / "token").write_text(TOKEN)
     port = free_port()
-    server = start_server(digits_checkpoint, url, port, "--token-file", str(tmp_path / "token"),
-                          "--log-level", "info")
+    server = start_server(
+        digits_checkpoint, url, port, "--token-file", str(tmp_path / "token"), "--log-level", "info"
+    )
     seen: list[str] = []
 
     def fetch(path, data=None, token=True, expect=200):
@@ -122,8 +125,9 @@ def test_no_password_reaches_a_client_a_log_or_a_file(digits_checkpoint, postgre
         postgres.stop()
         try:
             body = fetch("/v1/certify", json.dumps(as_json(digits[1][0])).encode(), expect=503)
-            assert json.loads(body) == {"error": "the memory's database is unavailable; retry "
-                                                 "in a moment"}  # no host, no driver text
+            assert json.loads(body) == {
+                "error": "the memory's database is unavailable; retry in a moment"
+            }  # no host, no driver text
         finally:
             postgres.start()
     finally:
@@ -131,11 +135,37 @@ def test_no_password_reaches_a_client_a_log_or_a_file(digits_checkpoint, postgre
         log = server.communicate()[0]
     assert shown in log and "cannot be reached" in log  # the details stay in the server's log
     out = tmp_path / "cert.tsv"
-    assert main(["certify", "--checkpoint", digits_checkpoint, "--dataset", "digits", "--sigma",
-                 "0.25", "--n0", "20", "--n", "200", "--max", "3", "--memory", url, "--out",
-                 str(out), "--no-progress"]) == 0
-    stats = subprocess.run([sys.executable, "-m", "ddrs", "memory", "stats", url],
-                           capture_output=True, text=True, timeout=120)
+    assert (
+        main(
+            [
+                "certify",
+                "--checkpoint",
+                digits_checkpoint,
+                "--dataset",
+                "digits",
+                "--sigma",
+                "0.25",
+                "--n0",
+                "20",
+                "--n",
+                "200",
+                "--max",
+                "3",
+                "--memory",
+                url,
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    stats = subprocess.run(
+        [sys.executable, "-m", "ddrs", "memory", "stats", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     files = out.read_text() + (tmp_path / "cert.tsv.settings.json").read_text()
     assert shown in files and shown in stats.stdout
     for text in [*seen, log, files, stats.stdout, stats.stderr]:
@@ -161,8 +191,9 @@ def test_ipv6_loopback_answers_its_own_url(digits_checkpoint, tmp_path):
     try:
         with urllib.request.urlopen(f"{url_of(port, '::1')}/health", timeout=30) as response:
             assert response.status == 200
-        empty = raw_exchange(port, b"GET /health HTTP/1.1\r\nHost: \r\nConnection: close\r\n\r\n",
-                             host="::1")
+        empty = raw_exchange(
+            port, b"GET /health HTTP/1.1\r\nHost: \r\nConnection: close\r\n\r\n", host="::1"
+        )
         assert empty.startswith(b"HTTP/1.1 400")  # an empty Host is no allowed host
     finally:
         server.kill()
@@ -197,20 +228,30 @@ def test_numbers_json_or_python_cannot_hold_are_clear_422s(digits_checkpoint, tm
 def test_405_says_what_is_allowed_and_head_answers_where_get_does(digits_checkpoint, tmp_path):
     app, _ = counting_app(digits_checkpoint, tmp_path / "m.sqlite")
     with TestClient(app) as client:
-        for path in ("/health", "/", "/metrics", "/favicon.ico", "/openapi.json",
-                     "/v1/memory/stats", "/page.js"):
+        for path in (
+            "/health",
+            "/",
+            "/metrics",
+            "/favicon.ico",
+            "/openapi.json",
+            "/v1/memory/stats",
+            "/page.js",
+        ):
             head = client.head(path)
             assert head.status_code == 200 and head.content == b"", path
-        for method, path, allowed in (("PUT", "/v1/certify", {"POST"}),
-                                      ("TRACE", "/health", {"GET", "HEAD"}),
-                                      ("DELETE", "/", {"GET", "HEAD"})):
+        for method, path, allowed in (
+            ("PUT", "/v1/certify", {"POST"}),
+            ("TRACE", "/health", {"GET", "HEAD"}),
+            ("DELETE", "/", {"GET", "HEAD"}),
+        ):
             response = client.request(method, path)
             assert response.status_code == 405 and "error" in response.json()
             assert set(response.headers["allow"].replace(" ", "").split(",")) == allowed
 
 
 def test_responses_forbid_framing_and_sniffing_and_encoded_slashes_go_nowhere(
-        digits_checkpoint, digits, tmp_path):  # fmt: skip
+    digits_checkpoint, digits, tmp_path
+):
     app, _ = counting_app(digits_checkpoint, tmp_path / "m.sqlite")
     with TestClient(app) as client:
         for response in (client.get("/"), client.get("/health"), client.get("/nowhere")):
@@ -224,28 +265,31 @@ def test_responses_forbid_framing_and_sniffing_and_encoded_slashes_go_nowhere(
         assert client.get("/health").json()["entries"] == 0
 
 
-def test_multipart_forms_hold_one_image_and_must_be_complete(digits_checkpoint, digits,
-                                                            tmp_path):
+def test_multipart_forms_hold_one_image_and_must_be_complete(digits_checkpoint, digits, tmp_path):
     from test_serve import png_of
 
     app, _ = counting_app(digits_checkpoint, tmp_path / "m.sqlite")
     png = png_of(digits[0][0])
-    body = (b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"d.png\"\r\n"
-            b"Content-Type: image/png\r\n\r\n" + png + b"\r\n")
+    body = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="d.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + png + b"\r\n"
+    )
     headers = {"content-type": "multipart/form-data; boundary=XyZ"}
     with TestClient(app) as client:
         cut = client.post("/v1/certify", content=body, headers=headers)
         assert cut.status_code == 400 and "closing boundary" in cut.json()["error"]
         renamed = client.post("/v1/certify", files={"image": ("d.png", png, "image/png")})
         assert renamed.status_code == 422 and 'field named "file"' in renamed.json()["error"]
-        extra = client.post("/v1/certify", files={"file": ("d.png", png, "image/png")},
-                            data={"note": "x"})
+        extra = client.post(
+            "/v1/certify", files={"file": ("d.png", png, "image/png")}, data={"note": "x"}
+        )
         assert extra.status_code == 422 and "['note']" in extra.json()["error"]
         whole = client.post("/v1/certify", content=body + b"--XyZ--\r\n", headers=headers)
         assert whole.status_code == 200, whole.text
         schema = client.get("/openapi.json").json()
         form = schema["paths"]["/v1/certify"]["post"]["requestBody"]["content"][
-            "multipart/form-data"]
+            "multipart/form-data"
+        ]
         assert form["schema"]["additionalProperties"] is False
         assert form["schema"]["required"] == ["file"]
         assert form["encoding"]["file"]["contentType"] == "image/png, image/jpeg"
@@ -254,18 +298,33 @@ def test_multipart_forms_hold_one_image_and_must_be_complete(digits_checkpoint, 
 @pytest.mark.slow
 def test_clients_that_go_away_or_are_slow_are_no_server_errors(digits_checkpoint, tmp_path):
     port = free_port()
-    server = start_server(digits_checkpoint, tmp_path / "m.sqlite", port, "--log-level", "info",
-                          "--header-timeout", "1", "--body-timeout", "1")
+    server = start_server(
+        digits_checkpoint,
+        tmp_path / "m.sqlite",
+        port,
+        "--log-level",
+        "info",
+        "--header-timeout",
+        "1",
+        "--body-timeout",
+        "1",
+    )
     try:
         with socket.create_connection(("127.0.0.1", port)) as s:  # gone mid-body
-            s.sendall(b"POST /v1/certify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
-                      b"application/json\r\nContent-Length: 100000\r\n\r\n" + b"[" * 100)
+            s.sendall(
+                b"POST /v1/certify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                b"application/json\r\nContent-Length: 100000\r\n\r\n" + b"[" * 100
+            )
             time.sleep(0.3)
         headers_late = raw_exchange(port, b"GET /health HTTP/1.1\r\nHost: 127.0", wait=0.2)
         assert headers_late.startswith(b"HTTP/1.1 408") and b"headers" in headers_late
-        body_late = raw_exchange(port, b"POST /v1/certify HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                                 b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
-                                 b'{"input"', wait=0.2)  # fmt: skip
+        body_late = raw_exchange(
+            port,
+            b"POST /v1/certify HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+            b'{"input"',
+            wait=0.2,
+        )
         assert body_late.startswith(b"HTTP/1.1 408") and b"body" in body_late
         with urllib.request.urlopen(f"{url_of(port)}/metrics", timeout=30) as response:
             metrics = response.read().decode()
@@ -300,18 +359,20 @@ def test_minus_zero_is_a_repeat_answered_without_sampling(digits_checkpoint, dig
         again = client.post("/v1/certify", json={"input": negated.tolist()}).json()
         assert json.dumps(negated.tolist()).count("-0.0") > 0  # sent as -0.0
         assert model.calls == calls, "a repeat is answered from the memory, not sampled"
-        assert again["repeat"] and {k: again[k] for k in ("predict", "radius", "entry", "sigma",
-                                                          "mc_predict", "mc_radius")} == {
-            k: first[k] for k in ("predict", "radius", "entry", "sigma", "mc_predict",
-                                  "mc_radius")}  # fmt: skip
+        assert again["repeat"] and {
+            k: again[k] for k in ("predict", "radius", "entry", "sigma", "mc_predict", "mc_radius")
+        } == {
+            k: first[k] for k in ("predict", "radius", "entry", "sigma", "mc_predict", "mc_radius")
+        }
         predicted = client.post("/v1/predict", json=as_json(x)).json()
         assert predicted["repeat"] and model.calls == calls  # predict repeats too
         stats = client.get("/v1/memory/stats").json()
         assert stats["entries"] == 1 and stats["repeats"] == 2
 
 
-def test_the_command_line_answers_repeats_from_the_memory_without_sampling(digits_checkpoint,
-                                                                          digits, tmp_path):
+def test_the_command_line_answers_repeats_from_the_memory_without_sampling(
+    digits_checkpoint, digits, tmp_path
+):
     from ddrs.results import read_table
     from ddrs.runs import CertifyRun, certify_dataset
 
@@ -319,9 +380,21 @@ def test_the_command_line_answers_repeats_from_the_memory_without_sampling(digit
     memory = str(tmp_path / "m.sqlite")
 
     def run(out: str) -> dict:
-        certify_dataset(model, digits, CertifyRun(out=str(tmp_path / out), sigma=0.25, n0=N0,
-                                                  n=N, alpha=ALPHA, max=12, memory=memory, batch=64,
-                                                  progress=False))  # fmt: skip
+        certify_dataset(
+            model,
+            digits,
+            CertifyRun(
+                out=str(tmp_path / out),
+                sigma=0.25,
+                n0=N0,
+                n=N,
+                alpha=ALPHA,
+                max=12,
+                memory=memory,
+                batch=64,
+                progress=False,
+            ),
+        )
         return read_table(tmp_path / out)
 
     first = run("first.tsv")

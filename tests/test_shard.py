@@ -22,8 +22,10 @@ from ddrs.runs.shard import part_path, parts_dir
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                       reason="torch.distributed with the gloo backend is not available"),
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()),
+        reason="torch.distributed with the gloo backend is not available",
+    ),
 ]
 
 
@@ -33,9 +35,31 @@ def checkpoint(digits_checkpoint):
 
 
 def certify(ckpt, out, *extra):
-    return ["certify", "--checkpoint", ckpt, "--dataset", "digits", "--device", "cpu",
-            "--sigma", "0.4", "--n0", "20", "--num-samples", "300", "--alpha", "0.01",
-            "--max-index", "30", "--batch", "64", "--no-progress", "--out", str(out), *extra]
+    return [
+        "certify",
+        "--checkpoint",
+        ckpt,
+        "--dataset",
+        "digits",
+        "--device",
+        "cpu",
+        "--sigma",
+        "0.4",
+        "--n0",
+        "20",
+        "--num-samples",
+        "300",
+        "--alpha",
+        "0.01",
+        "--max-index",
+        "30",
+        "--batch",
+        "64",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def without_time(path) -> dict:
@@ -55,8 +79,15 @@ def memory_rows(path) -> list[tuple]:
 def test_two_workers_with_a_memory_equal_one_process(checkpoint, tmp_path, capsys):
     one, two = tmp_path / "one", tmp_path / "two"
     for folder, extra in ((one, []), (two, ["--nproc-per-node", "2"])):
-        args = certify(checkpoint, folder / "cert.tsv", "--memory", str(folder / "mem.sqlite"),
-                       "--counts", str(folder / "counts.tsv"), *extra)
+        args = certify(
+            checkpoint,
+            folder / "cert.tsv",
+            "--memory",
+            str(folder / "mem.sqlite"),
+            "--counts",
+            str(folder / "counts.tsv"),
+            *extra,
+        )
         assert main(args) == 0
     assert "certified accuracy (30 inputs)" in capsys.readouterr().out
     assert without_time(one / "cert.tsv") == without_time(two / "cert.tsv")
@@ -68,8 +99,24 @@ def test_two_workers_with_a_memory_equal_one_process(checkpoint, tmp_path, capsy
 
 
 def test_predict_in_three_workers_equals_one_process(checkpoint, tmp_path):
-    base = ["predict", "--checkpoint", checkpoint, "--dataset", "digits", "--device", "cpu",
-            "--sigma", "0.5", "--n", "200", "--alpha", "0.01", "--max", "25", "--no-progress"]
+    base = [
+        "predict",
+        "--checkpoint",
+        checkpoint,
+        "--dataset",
+        "digits",
+        "--device",
+        "cpu",
+        "--sigma",
+        "0.5",
+        "--n",
+        "200",
+        "--alpha",
+        "0.01",
+        "--max",
+        "25",
+        "--no-progress",
+    ]
     assert main([*base, "--out", str(tmp_path / "one.tsv")]) == 0
     assert main([*base, "--out", str(tmp_path / "three.tsv"), "--nproc-per-node", "3"]) == 0
     assert without_time(tmp_path / "one.tsv") == without_time(tmp_path / "three.tsv")
@@ -85,22 +132,82 @@ def test_routing_among_experts_in_two_workers_equals_one_process(checkpoint, tmp
 
     model = load_checkpoint(checkpoint).model
     experts = Experts(tuple(Expert(f"{s:g}", checkpoint, s, model) for s in (0.12, 0.5)))
-    router = train_router(experts, TrainConfig(
-        dataset="digits", arch="cnn", sigma=0.25, epochs=1, batch=32, eval_max=None,
-        progress=False, out=str(tmp_path / "router")), list(range(0, 400, 4)), samples=8, n=300,
-        alpha=0.01)
+    router = train_router(
+        experts,
+        TrainConfig(
+            dataset="digits",
+            arch="cnn",
+            sigma=0.25,
+            epochs=1,
+            batch=32,
+            eval_max=None,
+            progress=False,
+            out=str(tmp_path / "router"),
+        ),
+        list(range(0, 400, 4)),
+        samples=8,
+        n=300,
+        alpha=0.01,
+    )
     two = ["--expert", f"0.12={checkpoint}:0.12", "--expert", f"0.5={checkpoint}:0.5"]
-    common = [*two, "--dataset", "digits", "--device", "cpu", "--max-index", "20",
-              "--num-samples", "300", "--alpha", "0.01", "--batch", "64", "--no-progress"]
+    common = [
+        *two,
+        "--dataset",
+        "digits",
+        "--device",
+        "cpu",
+        "--max-index",
+        "20",
+        "--num-samples",
+        "300",
+        "--alpha",
+        "0.01",
+        "--batch",
+        "64",
+        "--no-progress",
+    ]
     for folder, extra in ((tmp_path / "one", []), (tmp_path / "two", ["--nproc-per-node", "2"])):
         folder.mkdir()
-        assert main(["sigma", *common, "--samples", "8", "--out", str(folder / "routes.tsv"),
-                     *extra]) == 0
-        assert main(["certify", *common, "--n0", "20", "--sigmas", str(folder / "routes.tsv"),
-                     "--memory", str(folder / "m.sqlite"), "--out", str(folder / "cert.tsv"),
-                     *extra]) == 0
-        assert main(["certify", *common, "--n0", "20", "--router", str(router),
-                     "--router-n", "200", "--out", str(folder / "dual.tsv"), *extra]) == 0
+        assert (
+            main(["sigma", *common, "--samples", "8", "--out", str(folder / "routes.tsv"), *extra])
+            == 0
+        )
+        assert (
+            main(
+                [
+                    "certify",
+                    *common,
+                    "--n0",
+                    "20",
+                    "--sigmas",
+                    str(folder / "routes.tsv"),
+                    "--memory",
+                    str(folder / "m.sqlite"),
+                    "--out",
+                    str(folder / "cert.tsv"),
+                    *extra,
+                ]
+            )
+            == 0
+        )
+        assert (
+            main(
+                [
+                    "certify",
+                    *common,
+                    "--n0",
+                    "20",
+                    "--router",
+                    str(router),
+                    "--router-n",
+                    "200",
+                    "--out",
+                    str(folder / "dual.tsv"),
+                    *extra,
+                ]
+            )
+            == 0
+        )
     for name in ("routes.tsv", "cert.tsv", "dual.tsv"):
         assert without_time(tmp_path / "one" / name) == without_time(tmp_path / "two" / name)
     assert memory_rows(tmp_path / "one" / "m.sqlite") == memory_rows(tmp_path / "two" / "m.sqlite")
@@ -121,9 +228,28 @@ def test_the_documented_two_machine_torchrun_command_equals_one_process(checkpoi
     """README's multi-machine command, as written (static rendezvous, long spellings torchrun
     does not claim), as two 'machines' on this one, each in its own folder: no shared file
     system. Node 1 starts first, and still the machine given --node-rank 0 writes the file."""
-    sigma = ["sigma", "--checkpoint", checkpoint, "--dataset", "digits", "--device", "cpu",
-             "--sigma0", "0.25", "--num-samples", "500", "--alpha", "0.01", "--max-index", "24",
-             "--batch", "128", "--no-progress", "--out", "sigmas.tsv"]
+    sigma = [
+        "sigma",
+        "--checkpoint",
+        checkpoint,
+        "--dataset",
+        "digits",
+        "--device",
+        "cpu",
+        "--sigma0",
+        "0.25",
+        "--num-samples",
+        "500",
+        "--alpha",
+        "0.01",
+        "--max-index",
+        "24",
+        "--batch",
+        "128",
+        "--no-progress",
+        "--out",
+        "sigmas.tsv",
+    ]
     (tmp_path / "single").mkdir()
     assert main([*sigma[:-1], str(tmp_path / "single" / "sigmas.tsv")]) == 0
     port = str(_free_port())
@@ -131,11 +257,33 @@ def test_the_documented_two_machine_torchrun_command_equals_one_process(checkpoi
     for node in (1, 0):
         folder = tmp_path / f"node{node}"
         folder.mkdir()
-        command = ["torchrun", "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
-                   "--master-addr", "127.0.0.1", "--master-port", port, "-m", "ddrs", *sigma]
+        command = [
+            "torchrun",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(node),
+            "--nproc-per-node",
+            "1",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            port,
+            "-m",
+            "ddrs",
+            *sigma,
+        ]
         command[0:1] = [sys.executable, "-m", "torch.distributed.run"]  # torchrun, this Python
-        nodes.append(subprocess.Popen(command, cwd=folder, env=_env(), text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        nodes.append(
+            subprocess.Popen(
+                command,
+                cwd=folder,
+                env=_env(),
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
         if node == 1:
             time.sleep(3)  # node 1 is waiting for the rendezvous before node 0 exists
     for process in nodes:
@@ -166,15 +314,27 @@ def _rows(path: Path) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize("victim, resume_workers", [(0, 2), (1, 1)])
-def test_a_killed_worker_resumes_to_the_one_process_run(checkpoint, tmp_path, victim,
-                                                        resume_workers):
-    args = certify(checkpoint, tmp_path / "cert.tsv", "--memory", str(tmp_path / "mem.sqlite"),
-                   "--nproc-per-node", "2")
+def test_a_killed_worker_resumes_to_the_one_process_run(
+    checkpoint, tmp_path, victim, resume_workers
+):
+    args = certify(
+        checkpoint,
+        tmp_path / "cert.tsv",
+        "--memory",
+        str(tmp_path / "mem.sqlite"),
+        "--nproc-per-node",
+        "2",
+    )
     args[args.index("--num-samples") + 1] = "4000"  # slow enough to be caught mid-run
     args[args.index("--batch") + 1] = "256"
-    run = subprocess.Popen([sys.executable, "-m", "ddrs", *args], cwd=tmp_path, text=True,
-                           env=_env(), stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "ddrs", *args],
+        cwd=tmp_path,
+        text=True,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     part = part_path(tmp_path / "cert.tsv", victim)
     deadline = time.monotonic() + 120
     while _rows(part) < 3 and time.monotonic() < deadline and run.poll() is None:
@@ -190,12 +350,31 @@ def test_a_killed_worker_resumes_to_the_one_process_run(checkpoint, tmp_path, vi
     assert 3 <= len(kept_times) < 15
 
     resume = args if resume_workers == 2 else args[: args.index("--nproc-per-node")]
-    done = subprocess.run([sys.executable, "-m", "ddrs", *resume], cwd=tmp_path, text=True,
-                          env=_env(), capture_output=True, timeout=240)
+    done = subprocess.run(
+        [sys.executable, "-m", "ddrs", *resume],
+        cwd=tmp_path,
+        text=True,
+        env=_env(),
+        capture_output=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     single = tmp_path / "single"
-    assert main(certify(checkpoint, single / "cert.tsv", "--memory", str(single / "mem.sqlite"),
-                        "--num-samples", "4000", "--batch", "256")) == 0
+    assert (
+        main(
+            certify(
+                checkpoint,
+                single / "cert.tsv",
+                "--memory",
+                str(single / "mem.sqlite"),
+                "--num-samples",
+                "4000",
+                "--batch",
+                "256",
+            )
+        )
+        == 0
+    )
     assert without_time(tmp_path / "cert.tsv") == without_time(single / "cert.tsv")
     assert memory_rows(tmp_path / "mem.sqlite") == memory_rows(single / "mem.sqlite")
     resumed = read_table(tmp_path / "cert.tsv")
@@ -213,8 +392,14 @@ def test_errors_of_a_sharded_run_are_one_line(checkpoint, tmp_path, capsys):
     capsys.readouterr()
     resumed = certify(checkpoint, out, "--max-index", "6", "--nproc-per-node", "2")
     resumed[resumed.index("--sigma") + 1] = "0.3"
-    done = subprocess.run([sys.executable, "-m", "ddrs", *resumed], cwd=tmp_path, text=True,
-                          env=_env(), capture_output=True, timeout=240)
+    done = subprocess.run(
+        [sys.executable, "-m", "ddrs", *resumed],
+        cwd=tmp_path,
+        text=True,
+        env=_env(),
+        capture_output=True,
+        timeout=240,
+    )
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert lines == [lines[0]] and lines[0].startswith("ddrs: error: refusing to append"), lines

@@ -154,7 +154,14 @@ def test_certified_search_picks_the_exactly_best_candidate_of_a_linear_classifie
     model, x = _confident_linear(margin)
     alpha = 0.001
     found = certified_sigma_search(
-        model, x, margin, grid=3, spread=(0.125, 8.0), samples=16384, n=n, alpha=alpha,
+        model,
+        x,
+        margin,
+        grid=3,
+        spread=(0.125, 8.0),
+        samples=16384,
+        n=n,
+        alpha=alpha,
         batch=65536,
     )
     candidates = margin * np.array([0.125, 1.0, 8.0])
@@ -164,7 +171,14 @@ def test_certified_search_picks_the_exactly_best_candidate_of_a_linear_classifie
     assert found.radius_after.item() == pytest.approx(exact[1], rel=0.05)  # 16,384 votes
     # ... and on a fine grid over the flat top, its pick is within 1% of the exact best.
     fine = certified_sigma_search(
-        model, x, margin, grid=13, spread=(0.125, 8.0), samples=16384, n=n, alpha=alpha,
+        model,
+        x,
+        margin,
+        grid=13,
+        spread=(0.125, 8.0),
+        samples=16384,
+        n=n,
+        alpha=alpha,
         batch=65536,
     )
     grid = margin * np.logspace(np.log10(0.125), np.log10(8.0), 13)

@@ -123,8 +123,9 @@ def test_adaptive_certificates_keep_the_guarantee_and_save_samples(linear_model)
     margin = linear_model.margin(x)
     true_class = (margin > 0).long()
     smooth = Smooth(linear_model, 2, seed=11)
-    certs = smooth.certify_batch_adaptive(x, sigma, n0=50, n=n, alpha=alpha, pilot=200,
-                                          tolerance=0.02, keys=list(range(count)))
+    certs = smooth.certify_batch_adaptive(
+        x, sigma, n0=50, n=n, alpha=alpha, pilot=200, tolerance=0.02, keys=list(range(count))
+    )
     violations = sum(
         c.predict != ABSTAIN and (c.predict != int(t) or c.radius > abs(float(m)))
         for c, t, m in zip(certs, true_class, margin)

@@ -165,8 +165,10 @@ def cmd_memory_copy(args) -> None:
     from ddrs.memory import copy_memory
 
     count = copy_memory(args.source, args.destination)
-    print(f"copied {count} entries from {shown_location(args.source)} to "
-          f"{shown_location(args.destination)}; every checksum verified")
+    print(
+        f"copied {count} entries from {shown_location(args.source)} to "
+        f"{shown_location(args.destination)}; every checksum verified"
+    )
 
 
 def cmd_train(args) -> None:
@@ -187,10 +189,12 @@ def cmd_train_router(args) -> None:
     labels = from_namespace(RouterLabels, args)
     plain = get_dataset(config.dataset, "train", config.data_root, augment=False)
     experts = load_experts(
-        expert_specs(labels.expert, labels.experts), num_classes=plain.info.num_classes,
-        input_shape=plain.info.input_shape, inputs_name=config.dataset,
+        expert_specs(labels.expert, labels.experts),
+        num_classes=plain.info.num_classes,
+        input_shape=plain.info.input_shape,
+        inputs_name=config.dataset,
         device=device_for(config.device),
-    )  # fmt: skip
+    )
     indices = held_out_indices(experts, len(plain))
     if labels.exclude:
         left_out = set(read_table(labels.exclude)["idx"].tolist())
@@ -198,8 +202,14 @@ def cmd_train_router(args) -> None:
     if labels.images is not None:
         indices = [indices[k] for k in spread_indices(len(indices), labels.images)]
     print(f"router: {len(indices)} held-out images, experts {', '.join(experts.names)}")
-    path = train_router(experts, config, indices, samples=labels.label_samples, n=labels.label_n,
-                        alpha=labels.label_alpha)  # fmt: skip
+    path = train_router(
+        experts,
+        config,
+        indices,
+        samples=labels.label_samples,
+        n=labels.label_n,
+        alpha=labels.label_alpha,
+    )
     print(f"router checkpoint: {path}")
 
 
@@ -258,8 +268,12 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
     "report": cmd_report,
     "quickstart": cmd_quickstart,
 }
-MEMORY_COMMANDS = {"apply": cmd_memory_apply, "stats": cmd_memory_stats,
-                   "check": cmd_memory_check, "copy": cmd_memory_copy}
+MEMORY_COMMANDS = {
+    "apply": cmd_memory_apply,
+    "stats": cmd_memory_stats,
+    "check": cmd_memory_check,
+    "copy": cmd_memory_copy,
+}
 
 
 def run(args: argparse.Namespace, argv: list[str], entry: Entry) -> int | None:

@@ -171,18 +171,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--memory", default=":memory:", help="SQLite memory (default: a fresh one in RAM)"
     )
-    q.add_argument("--out", required=True, help="the resolved results TSV (each row's answer "
-                   "after the memory, and its Monte Carlo one: mc_predict, mc_radius)")
-    q.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="hide the progress bar")
+    q.add_argument(
+        "--out",
+        required=True,
+        help="the resolved results TSV (each row's answer "
+        "after the memory, and its Monte Carlo one: mc_predict, mc_radius)",
+    )
+    q.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="hide the progress bar"
+    )
     memory_help = "the memory: an SQLite file or a postgresql:// URL"
     q = msub.add_parser("stats", help="entries, classes, changed/shrunk answers, radius histogram")
     q.add_argument("memory", help=memory_help)
     q.add_argument("--json", action="store_true", help="print the numbers as JSON")
     q = msub.add_parser("check", help="verify that no two balls of different classes intersect")
     q.add_argument("memory", help=memory_help)
-    q = msub.add_parser("copy", help="copy a memory to another store (SQLite file or "
-                        "postgresql:// URL), every checksum verified")
+    q = msub.add_parser(
+        "copy",
+        help="copy a memory to another store (SQLite file or "
+        "postgresql:// URL), every checksum verified",
+    )
     q.add_argument("source", help="the memory to copy: an SQLite file or a postgresql:// URL")
     q.add_argument("destination", help="where to create the copy (must not hold a memory)")
 
@@ -213,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="runs/quickstart", help="folder of every file it writes")
     p.add_argument("--quick", action="store_true", help="a reduced run (seconds), for tests")
-    p.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="hide progress bars")
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="hide progress bars"
+    )
     return parser

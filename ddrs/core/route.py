@@ -57,9 +57,17 @@ class Routing:
 
 
 def expert_scores(
-    experts: Sequence[Expert], x: Tensor, *, samples: int, n: int, alpha: float, seed: int = 0,
-    keys: Sequence[int] | None = None, batch: int = 256, with_votes: bool = False,
-) -> tuple[np.ndarray, ...]:  # fmt: skip
+    experts: Sequence[Expert],
+    x: Tensor,
+    *,
+    samples: int,
+    n: int,
+    alpha: float,
+    seed: int = 0,
+    keys: Sequence[int] | None = None,
+    batch: int = 256,
+    with_votes: bool = False,
+) -> tuple[np.ndarray, ...]:
     """(top-class share, top class, predicted CERTIFY radius), each (B, E): every expert's
     hard votes on the same `samples` noise draws per input (selection stream). `with_votes`:
     also the vote counts (B, E, C)."""
@@ -97,16 +105,24 @@ def expert_scores(
 
 
 def route_by_certified_radius(
-    experts: Sequence[Expert], x: Tensor, *, samples: int = 64, n: int = DEFAULTS.n,
-    alpha: float = DEFAULTS.alpha, rule: str = ROUTE_RULES[0], seed: int = 0,
-    keys: Sequence[int] | None = None, batch: int = 256,
-) -> Routing:  # fmt: skip
+    experts: Sequence[Expert],
+    x: Tensor,
+    *,
+    samples: int = 64,
+    n: int = DEFAULTS.n,
+    alpha: float = DEFAULTS.alpha,
+    rule: str = ROUTE_RULES[0],
+    seed: int = 0,
+    keys: Sequence[int] | None = None,
+    batch: int = 256,
+) -> Routing:
     """The certified selector over experts (see the module's docstring); `n`, `alpha`: those
     of the certification that follows."""
     if rule not in ROUTE_RULES:
         raise InputError(f"unknown route rule {rule!r}; choose one of {ROUTE_RULES}")
-    _, top, scores = expert_scores(experts, x, samples=samples, n=n, alpha=alpha, seed=seed,
-                                   keys=keys, batch=batch)  # fmt: skip
+    _, top, scores = expert_scores(
+        experts, x, samples=samples, n=n, alpha=alpha, seed=seed, keys=keys, batch=batch
+    )
     order = sorted(range(len(experts)), key=lambda j: (experts[j].sigma, j))
     ranked = scores[:, order]
     if rule == "agree":  # only experts whose top class is the smallest sigma's may win
@@ -126,14 +142,22 @@ class ExpertCertifier:
     groups, with the input's noise keys: the result does not depend on how inputs are
     grouped or batched."""
 
-    def __init__(self, experts: Sequence[Expert], num_classes: int, *, seed: int = 0,
-                 amp: str | None = None, compile: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        experts: Sequence[Expert],
+        num_classes: int,
+        *,
+        seed: int = 0,
+        amp: str | None = None,
+        compile: bool = False,
+    ):
         self.experts = list(experts)
         smooths: dict[int, Smooth] = {}
         for e in self.experts:
             if id(e.model) not in smooths:
-                smooths[id(e.model)] = Smooth(e.model, num_classes, seed=seed, amp=amp,
-                                              compile=compile)  # fmt: skip
+                smooths[id(e.model)] = Smooth(
+                    e.model, num_classes, seed=seed, amp=amp, compile=compile
+                )
         self.smooth = [smooths[id(e.model)] for e in self.experts]
 
     def batch_size(self, batch: int | None, input_shape) -> int:
@@ -143,29 +167,48 @@ class ExpertCertifier:
         for k in sorted(set(int(j) for j in expert)):
             yield k, [i for i, j in enumerate(expert) if int(j) == k]
 
-    def certify_batch(self, x: Tensor, expert: Sequence[int], sigma: Tensor, n0: int, n: int,
-                      alpha: float, batch: int | None, keys: Sequence[int],
-                      pilot: int = 0, tolerance: float = 0.0) -> list[Certificate]:  # fmt: skip
+    def certify_batch(
+        self,
+        x: Tensor,
+        expert: Sequence[int],
+        sigma: Tensor,
+        n0: int,
+        n: int,
+        alpha: float,
+        batch: int | None,
+        keys: Sequence[int],
+        pilot: int = 0,
+        tolerance: float = 0.0,
+    ) -> list[Certificate]:
         """Input i certified by expert[i] at sigma[i] (its expert's, or one chosen for it)."""
         found: list[Certificate | None] = [None] * x.shape[0]
         for k, rows in self._groups(expert):
             smooth, group_keys = self.smooth[k], [keys[i] for i in rows]
             if pilot:
-                certs = smooth.certify_batch_adaptive(x[rows], sigma[rows], n0, n, alpha, pilot,
-                                                      tolerance, batch, group_keys)  # fmt: skip
+                certs = smooth.certify_batch_adaptive(
+                    x[rows], sigma[rows], n0, n, alpha, pilot, tolerance, batch, group_keys
+                )
             else:
-                certs = smooth.certify_batch(x[rows], sigma[rows], n0, n, alpha, batch,
-                                             group_keys)  # fmt: skip
+                certs = smooth.certify_batch(x[rows], sigma[rows], n0, n, alpha, batch, group_keys)
             for i, cert in zip(rows, certs):
                 found[i] = cert
         return found
 
-    def predict_batch(self, x: Tensor, expert: Sequence[int], sigma: Tensor, n: int,
-                      alpha: float, batch: int | None, keys: Sequence[int]) -> list[int]:
+    def predict_batch(
+        self,
+        x: Tensor,
+        expert: Sequence[int],
+        sigma: Tensor,
+        n: int,
+        alpha: float,
+        batch: int | None,
+        keys: Sequence[int],
+    ) -> list[int]:
         found = [ABSTAIN] * x.shape[0]
         for k, rows in self._groups(expert):
-            answers = self.smooth[k].predict_batch(x[rows], sigma[rows], n, alpha, batch,
-                                                   [keys[i] for i in rows])  # fmt: skip
+            answers = self.smooth[k].predict_batch(
+                x[rows], sigma[rows], n, alpha, batch, [keys[i] for i in rows]
+            )
             for i, answer in zip(rows, answers):
                 found[i] = answer
         return found
@@ -214,8 +257,16 @@ class DualSmoothing:
     """Memory-free routing: the smoothed router certifies a route, the routed expert certifies
     a class; the answer holds on the smaller ball (see the module's docstring)."""
 
-    def __init__(self, router: Router, experts: Sequence[Expert], num_classes: int, *,
-                 seed: int = 0, amp: str | None = None, compile: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        router: Router,
+        experts: Sequence[Expert],
+        num_classes: int,
+        *,
+        seed: int = 0,
+        amp: str | None = None,
+        compile: bool = False,
+    ):
         names = tuple(e.name for e in experts)
         if tuple(router.expert_names) != names:
             raise InputError(
@@ -223,57 +274,87 @@ class DualSmoothing:
                 f"order; got {list(names)} (give the same experts, in its order)"
             )
         self.router, self.experts = router, list(experts)
-        self.route_smooth = Smooth(router.model, len(names), seed=router_seed(seed), amp=amp,
-                                   compile=compile)  # fmt: skip
-        self.certifier = ExpertCertifier(experts, num_classes, seed=seed, amp=amp,
-                                         compile=compile)  # fmt: skip
+        self.route_smooth = Smooth(
+            router.model, len(names), seed=router_seed(seed), amp=amp, compile=compile
+        )
+        self.certifier = ExpertCertifier(experts, num_classes, seed=seed, amp=amp, compile=compile)
 
     def batch_size(self, batch: int | None, input_shape) -> int:
         return self.certifier.batch_size(batch, input_shape)
 
-    def certify_batch(self, x: Tensor, *, n0: int, n: int, router_n: int, alpha: float,
-                      router_share: float = 0.5, batch: int | None = None,
-                      keys: Sequence[int]) -> list[RoutedCertificate]:  # fmt: skip
+    def certify_batch(
+        self,
+        x: Tensor,
+        *,
+        n0: int,
+        n: int,
+        router_n: int,
+        alpha: float,
+        router_share: float = 0.5,
+        batch: int | None = None,
+        keys: Sequence[int],
+    ) -> list[RoutedCertificate]:
         alpha_r, alpha_c = alpha_split(alpha, router_share)
-        routes = self.route_smooth.certify_batch(x, self.router.sigma, n0, router_n, alpha_r,
-                                                 batch, keys)  # fmt: skip
+        routes = self.route_smooth.certify_batch(
+            x, self.router.sigma, n0, router_n, alpha_r, batch, keys
+        )
         routed = [i for i, r in enumerate(routes) if r.predict != ABSTAIN]
         certs: list[Certificate | None] = [None] * x.shape[0]
         if routed:
             expert = [routes[i].predict for i in routed]
             sigma = torch.tensor([self.experts[k].sigma for k in expert], dtype=torch.float32)
-            found = self.certifier.certify_batch(x[routed], expert, sigma, n0, n, alpha_c, batch,
-                                                 [keys[i] for i in routed])  # fmt: skip
+            found = self.certifier.certify_batch(
+                x[routed], expert, sigma, n0, n, alpha_c, batch, [keys[i] for i in routed]
+            )
             for i, cert in zip(routed, found):
                 certs[i] = cert
         answers = []
         for route, cert in zip(routes, certs):
             if cert is None:
-                answers.append(RoutedCertificate(ABSTAIN, 0.0, -1, 0.0, 0.0, self.router.sigma,
-                                                 None))  # fmt: skip
+                answers.append(
+                    RoutedCertificate(ABSTAIN, 0.0, -1, 0.0, 0.0, self.router.sigma, None)
+                )
                 continue
             abstain = cert.predict == ABSTAIN
             radius = 0.0 if abstain else min(route.radius, cert.radius)
-            answers.append(RoutedCertificate(
-                cert.predict, radius, route.predict, route.radius, cert.radius, cert.sigma, cert,
-            ))  # fmt: skip
+            answers.append(
+                RoutedCertificate(
+                    cert.predict,
+                    radius,
+                    route.predict,
+                    route.radius,
+                    cert.radius,
+                    cert.sigma,
+                    cert,
+                )
+            )
         return answers
 
-    def predict_batch(self, x: Tensor, *, n: int, router_n: int, alpha: float,
-                      router_share: float = 0.5, batch: int | None = None,
-                      keys: Sequence[int]) -> list[tuple[int, int, float]]:  # fmt: skip
+    def predict_batch(
+        self,
+        x: Tensor,
+        *,
+        n: int,
+        router_n: int,
+        alpha: float,
+        router_share: float = 0.5,
+        batch: int | None = None,
+        keys: Sequence[int],
+    ) -> list[tuple[int, int, float]]:
         """PREDICT through the router: (class or ABSTAIN, expert or -1, sigma) per input. The
         probability of a class other than h(x) is at most alpha (alpha_r + alpha_c)."""
         alpha_r, alpha_c = alpha_split(alpha, router_share)
-        routes = self.route_smooth.predict_batch(x, self.router.sigma, router_n, alpha_r, batch,
-                                                 keys)  # fmt: skip
+        routes = self.route_smooth.predict_batch(
+            x, self.router.sigma, router_n, alpha_r, batch, keys
+        )
         answers = [(ABSTAIN, -1, self.router.sigma)] * x.shape[0]
         routed = [i for i, k in enumerate(routes) if k != ABSTAIN]
         if routed:
             expert = [routes[i] for i in routed]
             sigma = torch.tensor([self.experts[k].sigma for k in expert], dtype=torch.float32)
-            found = self.certifier.predict_batch(x[routed], expert, sigma, n, alpha_c, batch,
-                                                 [keys[i] for i in routed])  # fmt: skip
+            found = self.certifier.predict_batch(
+                x[routed], expert, sigma, n, alpha_c, batch, [keys[i] for i in routed]
+            )
             for i, k, c in zip(routed, expert, found):
                 answers[i] = (c, k, self.experts[k].sigma)
         return answers

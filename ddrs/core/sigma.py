@@ -17,7 +17,7 @@ alpha), which is what the certified accuracy counts. `SEARCHES` names them all.
 
 Soundness note: every search uses its own noise stream, independent of the Monte Carlo noise
 that later certifies x with the chosen sigma, so CERTIFY's guarantee holds for that sigma.
-The resulting classifier (sigma depends on x) is made certifiable by the memory (memory.py).
+The resulting classifier (sigma depends on x) is made certifiable by the memory (ddrs/memory).
 """
 
 from __future__ import annotations
@@ -98,16 +98,20 @@ def _search_keys(x: Tensor, keys: Sequence[int] | None) -> list[int]:
     return keys
 
 
-def input_chunks(x: Tensor, keys: Sequence[int], per_input: int, batch: int, seed: int,
-                 device) -> Iterator[tuple[int, Tensor, PerInputNoise]]:  # fmt: skip
+def input_chunks(
+    x: Tensor, keys: Sequence[int], per_input: int, batch: int, seed: int, device
+) -> Iterator[tuple[int, Tensor, PerInputNoise]]:
     """The skeleton every search shares: the inputs `batch // per_input` at a time (a forward
     pass of at most `batch` samples when each input needs `per_input`), each chunk on the
     model's device with its inputs' noise (keyed, so the result does not depend on `batch`).
     Yields (first position, chunk, noise)."""
     step = max(1, batch // per_input)
     for lo in range(0, x.shape[0], step):
-        yield lo, x[lo : lo + step].to(device, torch.float32), PerInputNoise(
-            keys[lo : lo + step], seed, device)  # fmt: skip
+        yield (
+            lo,
+            x[lo : lo + step].to(device, torch.float32),
+            PerInputNoise(keys[lo : lo + step], seed, device),
+        )
 
 
 def _joined(parts: list[SigmaSearch]) -> SigmaSearch:

@@ -14,8 +14,9 @@ PIXELS = (0.0, 1.0)  # un-normalised images: normalisation is a layer inside the
 def check_pixels(x: Tensor, pixel_range: tuple[float, float] | None = PIXELS) -> None:
     """x holds finite values in `pixel_range` (None: any finite values)."""
     if not bool(torch.isfinite(x).all()):
-        raise InputError("the input holds NaN or infinite values (or numbers too large for "
-                         "float32)")  # fmt: skip
+        raise InputError(
+            "the input holds NaN or infinite values (or numbers too large for float32)"
+        )
     if pixel_range is not None and x.numel():
         low, high = pixel_range
         least, most = float(x.min()), float(x.max())
@@ -27,9 +28,10 @@ def check_pixels(x: Tensor, pixel_range: tuple[float, float] | None = PIXELS) ->
 
 
 def canonical_input(
-    x: Tensor, shape: tuple[int, ...] | None = None,
+    x: Tensor,
+    shape: tuple[int, ...] | None = None,
     pixel_range: tuple[float, float] | None = PIXELS,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """One input, checked (a floating-point tensor of `shape`, finite, in `pixel_range`) and
     canonical: float32, contiguous, on the CPU, with -0.0 made 0.0, so that equal pixel values
     always have equal bytes (the memory finds repeats and computes checksums on the bytes)."""

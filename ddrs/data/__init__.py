@@ -71,10 +71,13 @@ class ImageOptions:
 
     def as_meta(self) -> dict:
         """What a checkpoint records (JSON-like)."""
-        return {"image_size": None if self.image_size is None else list(self.image_size),
-                "channels": self.channels,
-                "normalize": self.normalize if not isinstance(self.normalize, tuple)
-                else [list(v) for v in self.normalize]}  # fmt: skip
+        return {
+            "image_size": None if self.image_size is None else list(self.image_size),
+            "channels": self.channels,
+            "normalize": self.normalize
+            if not isinstance(self.normalize, tuple)
+            else [list(v) for v in self.normalize],
+        }
 
     @classmethod
     def from_meta(cls, meta: dict | None) -> ImageOptions:
@@ -276,8 +279,9 @@ def get_dataset(
     options = _check_options(key, options)
     if augment is None:
         augment = split == "train"
-    return _module(key).load(key, split, resolve_data_root(root), augment,
-                             **_with_options(key, options))
+    return _module(key).load(
+        key, split, resolve_data_root(root), augment, **_with_options(key, options)
+    )
 
 
 __all__ = [

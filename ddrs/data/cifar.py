@@ -32,8 +32,17 @@ from ddrs.data.transforms import random_crop_flip
 from ddrs.errors import DatasetError
 
 CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 BATCHES = {"train": [f"data_batch_{k}" for k in range(1, 6)], "test": ["test_batch"]}
 PICKLE_DIR = "cifar-10-batches-py"
 SIDE = 32

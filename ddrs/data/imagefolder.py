@@ -213,8 +213,9 @@ def _samples(name: str, root: Path, split: str) -> tuple[list[str], list[Sample]
     return classes, samples
 
 
-def load(name: str, split: str, root: Path | None, augment: bool,
-         options: ImageOptions | None = None) -> ImageFolderDataset:  # fmt: skip
+def load(
+    name: str, split: str, root: Path | None, augment: bool, options: ImageOptions | None = None
+) -> ImageFolderDataset:
     root = require_root(root, name)
     classes, samples = _samples(name, root, split)
     if name == "imagenet":
@@ -263,8 +264,12 @@ def own_info(root: Path, options: ImageOptions) -> DatasetInfo:
     if key in _OWN_INFO:
         return _OWN_INFO[key]
     classes = reference_classes("imagefolder", root)
-    paths = [p for split in SPLITS if find_split_dir("imagefolder", root, split) is not None
-             for p, _ in _samples("imagefolder", root, split)[1]]  # fmt: skip
+    paths = [
+        p
+        for split in SPLITS
+        if find_split_dir("imagefolder", root, split) is not None
+        for p, _ in _samples("imagefolder", root, split)[1]
+    ]
     if options.image_size is None or options.channels is None:
         sizes, grey = _scan(paths)
     if options.image_size is not None:
@@ -279,14 +284,17 @@ def own_info(root: Path, options: ImageOptions) -> DatasetInfo:
         )
     channels = options.channels or (1 if grey else 3)
     mean, std = _normalization(options.normalize, channels)
-    described = DatasetInfo("imagefolder", len(classes), (channels, height, width), mean, std,
-                            tuple(classes))  # fmt: skip
+    described = DatasetInfo(
+        "imagefolder", len(classes), (channels, height, width), mean, std, tuple(classes)
+    )
     if options.normalize == "auto":
-        train = load("imagefolder", "train", root, False, ImageOptions(
-            (height, width), channels, "none"))  # fmt: skip
+        train = load(
+            "imagefolder", "train", root, False, ImageOptions((height, width), channels, "none")
+        )
         mean, std = channel_statistics(train)
-        described = DatasetInfo("imagefolder", len(classes), (channels, height, width), mean,
-                                std, tuple(classes))  # fmt: skip
+        described = DatasetInfo(
+            "imagefolder", len(classes), (channels, height, width), mean, std, tuple(classes)
+        )
     _OWN_INFO[key] = described
     return described
 

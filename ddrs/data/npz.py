@@ -44,8 +44,7 @@ def _read(path: Path) -> dict[str, np.ndarray]:
             missing = [k for k in KEYS if k not in arrays.files]
             if missing:
                 raise DatasetError(
-                    f"{path} lacks {', '.join(missing)}; it needs x_train, y_train, x_test, "
-                    "y_test"
+                    f"{path} lacks {', '.join(missing)}; it needs x_train, y_train, x_test, y_test"
                 )
             return {k: arrays[k] for k in KEYS}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
@@ -75,8 +74,9 @@ def _inputs(name: str, x: np.ndarray, path: Path) -> np.ndarray:
 
 def _labels(name: str, y: np.ndarray, count: int, path: Path) -> np.ndarray:
     if y.ndim != 1 or len(y) != count:
-        raise DatasetError(f"{path}: {name} has shape {y.shape}; expected ({count},), a label "
-                           "per input")  # fmt: skip
+        raise DatasetError(
+            f"{path}: {name} has shape {y.shape}; expected ({count},), a label per input"
+        )
     if not np.issubdtype(y.dtype, np.integer):
         if not (np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0)):
             raise DatasetError(f"{path}: {name} must hold integer labels, got dtype {y.dtype}")
@@ -110,5 +110,6 @@ def info(name: str, root: Path | None) -> DatasetInfo:
 def load(name: str, split: str, root: Path | None, augment: bool) -> ArrayDataset:
     arrays, described = _load_checked(require_root(root, name))
     split = check_split(split)
-    return ArrayDataset(torch.from_numpy(arrays[f"x_{split}"]),
-                        arrays[f"y_{split}"].tolist(), described, split)  # fmt: skip
+    return ArrayDataset(
+        torch.from_numpy(arrays[f"x_{split}"]), arrays[f"y_{split}"].tolist(), described, split
+    )

@@ -22,21 +22,26 @@ class TensorInputs(IndexedDataset):
         if not isinstance(x, Tensor) or not isinstance(y, Tensor):
             raise InputError("give the inputs and labels as two tensors (x, y)")
         if x.dim() < 2 or y.dim() != 1 or len(x) != len(y) or len(x) == 0:
-            raise InputError(f"x must be (N, C, H, W) or (N, D) and y (N,); got x "
-                             f"{tuple(x.shape)} and y {tuple(y.shape)}")  # fmt: skip
+            raise InputError(
+                f"x must be (N, C, H, W) or (N, D) and y (N,); got x "
+                f"{tuple(x.shape)} and y {tuple(y.shape)}"
+            )
         x = x.detach().to("cpu", torch.float32).contiguous()
         check_pixels(x)
         if y.is_floating_point() and not bool((y == y.round()).all()):
             raise InputError("labels y must be whole numbers (class indices)")
         y = y.detach().to("cpu").long()
         if int(num_classes) < 2 or bool((y < 0).any()) or bool((y >= num_classes).any()):
-            raise InputError(f"labels must lie in 0..{int(num_classes) - 1} (num_classes "
-                             f"{num_classes}); got {int(y.min())}..{int(y.max())}")  # fmt: skip
+            raise InputError(
+                f"labels must lie in 0..{int(num_classes) - 1} (num_classes "
+                f"{num_classes}); got {int(y.min())}..{int(y.max())}"
+            )
         digest = hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()[:12]
         shape = tuple(int(s) for s in x.shape[1:])
         channels = shape[0] if len(shape) == 3 else 1
-        info = DatasetInfo(f"tensors-{digest}", int(num_classes), shape, (0.0,) * channels,
-                           (1.0,) * channels)  # fmt: skip
+        info = DatasetInfo(
+            f"tensors-{digest}", int(num_classes), shape, (0.0,) * channels, (1.0,) * channels
+        )
         super().__init__(info, "given", y.tolist())
         self.x = x
 

@@ -111,8 +111,10 @@ def large_test(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     """ImageNet's test transform at any `size` (W, H): resize to cover W x H x 256/224,
     centre crop W x H."""
     scale = max(size[0] / img.size[0], size[1] / img.size[1]) * IMAGENET_RESIZE / IMAGENET_CROP
-    covered = img.resize((max(size[0], round(img.size[0] * scale)),
-                          max(size[1], round(img.size[1] * scale))), Image.BILINEAR)
+    covered = img.resize(
+        (max(size[0], round(img.size[0] * scale)), max(size[1], round(img.size[1] * scale))),
+        Image.BILINEAR,
+    )
     left, top = (covered.size[0] - size[0]) // 2, (covered.size[1] - size[1]) // 2
     return covered.crop((left, top, left + size[0], top + size[1]))
 

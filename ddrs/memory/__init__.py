@@ -8,5 +8,14 @@ from ddrs.memory.copy import copy_memory
 from ddrs.memory.rule import ABSTAIN, TOLERANCE, Answer, resolve
 from ddrs.memory.store import MemoryUnavailable, entry_checksum
 
-__all__ = ["ABSTAIN", "TOLERANCE", "Answer", "CertificationMemory", "MemoryUnavailable",
-           "copy_memory", "entry_checksum", "open_store", "resolve"]  # fmt: skip
+__all__ = [
+    "ABSTAIN",
+    "TOLERANCE",
+    "Answer",
+    "CertificationMemory",
+    "MemoryUnavailable",
+    "copy_memory",
+    "entry_checksum",
+    "open_store",
+    "resolve",
+]

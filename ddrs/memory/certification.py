@@ -48,6 +48,7 @@ from ddrs.memory.tools import intersecting_pairs, memory_stats
 
 CHUNK_BYTES = 64 << 20  # float32 inputs read per chunk (5,461 CIFAR rows, 111 ImageNet rows)
 
+
 def open_store(location: str, *, must_exist: bool = False) -> Store:
     """The store at `location`: a postgresql:// URL or an SQLite path (":memory:" in RAM)."""
     location = str(location)
@@ -56,8 +57,9 @@ def open_store(location: str, *, must_exist: bool = False) -> Store:
     try:
         from ddrs.memory.postgres import PostgresStore
     except ImportError:
-        raise MemoryStoreError("a postgresql:// memory needs psycopg: pip install "
-                               "'ddrs[postgres]'") from None  # fmt: skip
+        raise MemoryStoreError(
+            "a postgresql:// memory needs psycopg: pip install 'ddrs[postgres]'"
+        ) from None
     return PostgresStore(location)
 
 
@@ -90,8 +92,9 @@ class CertificationMemory:
         try:
             if not self.store.exists():
                 if not create:
-                    raise MemoryStoreError(f"{shown_location(self.path)!r} is an empty "
-                                           "database, not a memory")  # fmt: skip
+                    raise MemoryStoreError(
+                        f"{shown_location(self.path)!r} is an empty database, not a memory"
+                    )
                 self.store.create(new_meta(self.fingerprint, self.input_shape, time.time()))
             self._check_meta(self.store.meta())
         except BaseException:
@@ -104,8 +107,9 @@ class CertificationMemory:
         store = open_store(os.fspath(location), must_exist=True)
         try:
             if not store.exists():
-                raise MemoryStoreError(f"{shown_location(os.fspath(location))!r} is an empty "
-                                       "database, not a memory")  # fmt: skip
+                raise MemoryStoreError(
+                    f"{shown_location(os.fspath(location))!r} is an empty database, not a memory"
+                )
             meta = store.meta()
         finally:
             store.close()
@@ -155,9 +159,16 @@ class CertificationMemory:
                 if repeat is not None:
                     return self._repeat(repeat)
             new_c, new_r, _ = resolve(xf, predict, radius, *found)
-            answer = Answer(new_c, new_r, sigma, new_c != predict,
-                            new_c == predict and new_r < radius, predict, radius,
-                            entry=self._next_order())  # fmt: skip
+            answer = Answer(
+                new_c,
+                new_r,
+                sigma,
+                new_c != predict,
+                new_c == predict and new_r < radius,
+                predict,
+                radius,
+                entry=self._next_order(),
+            )
             self._insert(xf, answer, idx)
             return answer
 
@@ -182,8 +193,9 @@ class CertificationMemory:
         verified; drop the index if it outgrows its budget."""
         if self.index is None:
             return
-        for rows in self.store.rows((*CHECKED, "sigma"), self.index.last_order + 1, None,
-                                    self.chunk_size):  # fmt: skip
+        for rows in self.store.rows(
+            (*CHECKED, "sigma"), self.index.last_order + 1, None, self.chunk_size
+        ):
             if self.index.nbytes(self.index.n + len(rows)) > self.cache_bytes:
                 self.index = None  # too large for RAM: scan the store instead
                 return
@@ -205,19 +217,37 @@ class CertificationMemory:
             keep = (c != predict) & (distances(xf, x) < r + radius)
             kept.append((x[keep], c[keep], r[keep]))
         if not kept:
-            return None, (torch.empty(0, self.dim), torch.empty(0, dtype=torch.long),
-                          torch.empty(0, dtype=torch.float64))  # fmt: skip
+            return None, (
+                torch.empty(0, self.dim),
+                torch.empty(0, dtype=torch.long),
+                torch.empty(0, dtype=torch.float64),
+            )
         return None, tuple(torch.cat(parts) for parts in zip(*kept))
 
     def _repeat(self, order: int) -> Answer:
         """The stored answer of entry `order`, as it was given (its Monte Carlo certificate and
         what the memory did to it), counted as a repeat (inside `serialised`)."""
         self.store.add_repeat()
-        rows = next(self.store.rows(("predict", "radius", "sigma", "mc_predict", "mc_radius",
-                                     "changed", "shrunk"), order, order + 1, 1))  # fmt: skip
+        rows = next(
+            self.store.rows(
+                ("predict", "radius", "sigma", "mc_predict", "mc_radius", "changed", "shrunk"),
+                order,
+                order + 1,
+                1,
+            )
+        )
         _, c, r, sigma, mc_c, mc_r, changed, shrunk = rows[0]
-        return Answer(int(c), float(r), float(sigma), bool(changed), bool(shrunk), int(mc_c),
-                      float(mc_r), repeat=True, entry=order)  # fmt: skip
+        return Answer(
+            int(c),
+            float(r),
+            float(sigma),
+            bool(changed),
+            bool(shrunk),
+            int(mc_c),
+            float(mc_r),
+            repeat=True,
+            entry=order,
+        )
 
     def _next_order(self) -> int:
         if self.index is not None:
@@ -237,8 +267,9 @@ class CertificationMemory:
     ) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]]:
         """Chunks (x [k, *shape] float32, c, r, sigma, order, idx) in insertion order; c and
         order int64, r and sigma float64, idx int64 with -1 where none was given."""
-        for rows in self.store.rows(("x", "predict", "radius", "sigma", "idx"), 0, None,
-                                    chunk_size or self.chunk_size):  # fmt: skip
+        for rows in self.store.rows(
+            ("x", "predict", "radius", "sigma", "idx"), 0, None, chunk_size or self.chunk_size
+        ):
             x, c, r, order = decode(rows, self.dim, self.path)
             sigma = torch.tensor([row[4] for row in rows], dtype=torch.float64)
             idx = torch.tensor([-1 if row[5] is None else row[5] for row in rows]).long()
@@ -259,8 +290,9 @@ class CertificationMemory:
 
     def chunks(self, start: int = 0, stop: int | None = None, size: int | None = None):
         """Decoded chunks (x [k, D], c, r, order) of the entries start <= order < stop."""
-        for rows in self.store.rows(("x", "predict", "radius"), start, stop,
-                                    size or self.chunk_size):  # fmt: skip
+        for rows in self.store.rows(
+            ("x", "predict", "radius"), start, stop, size or self.chunk_size
+        ):
             yield decode(rows, self.dim, self.path)
 
     def allocate_keys(self, count: int) -> list[int]:

@@ -23,11 +23,20 @@ def entry_row(xf: Tensor, answer: Answer, idx: int | None) -> tuple:
     """The stored row (ENTRY_COLUMNS order) of an answer for the flat canonical input xf."""
     x_bytes = xf.numpy().astype("<f4", copy=False).tobytes()
     return Entry(
-        answer.entry, None if idx is None else int(idx), x_bytes,
-        float(xf.double().square().sum()), answer.predict, answer.radius, answer.sigma,
-        answer.mc_predict, answer.mc_radius, int(answer.changed), int(answer.shrunk),
-        time.time(), entry_checksum(answer.entry, x_bytes, answer.predict, answer.radius),
-    )  # fmt: skip
+        answer.entry,
+        None if idx is None else int(idx),
+        x_bytes,
+        float(xf.double().square().sum()),
+        answer.predict,
+        answer.radius,
+        answer.sigma,
+        answer.mc_predict,
+        answer.mc_radius,
+        int(answer.changed),
+        int(answer.shrunk),
+        time.time(),
+        entry_checksum(answer.entry, x_bytes, answer.predict, answer.radius),
+    )
 
 
 def verify(rows: list[tuple], location: str) -> None:
@@ -45,8 +54,9 @@ def decode(rows: list[tuple], dim: int, location: str) -> tuple[Tensor, Tensor, 
     """Rows (ord, x, predict, radius, ...) -> (x [k, D] float32, c, r, order) tensors."""
     blobs = [bytes(row[1]) for row in rows]
     if any(len(b) != dim * 4 for b in blobs):
-        raise MemoryStoreError(f"{shown_location(location)!r} holds an input of the wrong "
-                               "size (corrupt)")  # fmt: skip
+        raise MemoryStoreError(
+            f"{shown_location(location)!r} holds an input of the wrong size (corrupt)"
+        )
     x = np.frombuffer(bytearray(b"".join(blobs)), dtype="<f4").reshape(len(rows), dim)
     return (
         torch.from_numpy(x.astype(np.float32, copy=False)),

@@ -23,8 +23,9 @@ def copy_memory(source: str, destination: str, chunk: int = 2048) -> int:
         target = open_store(destination)
         try:
             if target.exists():
-                raise MemoryStoreError(f"{shown_location(destination)} already holds a memory; "
-                                       "copy into a new one")  # fmt: skip
+                raise MemoryStoreError(
+                    f"{shown_location(destination)} already holds a memory; copy into a new one"
+                )
             target.create({k: meta[k] for k in meta if k != "next_key"})
             copied = 0
             for rows in src.store.rows(ENTRY_COLUMNS[1:], 0, None, chunk):
@@ -39,8 +40,9 @@ def copy_memory(source: str, destination: str, chunk: int = 2048) -> int:
                 verify([_checked(Entry(*row)) for row in back], destination)
                 written += len(back)
             if written != copied:
-                raise MemoryStoreError(f"copied {copied} entries, {shown_location(destination)} "
-                                       f"holds {written}")  # fmt: skip
+                raise MemoryStoreError(
+                    f"copied {copied} entries, {shown_location(destination)} holds {written}"
+                )
         finally:
             target.close()
     return copied

@@ -67,8 +67,13 @@ class Index:
             for name in ("x", "c", "r", "sigma", "order", "norm", "to_pivot"):
                 setattr(self, name, _grown(getattr(self, name), cap))
         start = self.n
-        for buf, rows in ((self.x, x), (self.c, c), (self.r, r), (self.sigma, sigma),
-                          (self.order, order)):  # fmt: skip
+        for buf, rows in (
+            (self.x, x),
+            (self.c, c),
+            (self.r, r),
+            (self.sigma, sigma),
+            (self.order, order),
+        ):
             buf[start:need] = rows
         self.norm[start:need] = x.double().norm(dim=1)
         for k in range(len(x)):
@@ -112,11 +117,18 @@ class Index:
         q_norm = float(x.double().norm())
         reach = radius + self.max_radius
         margin = ROUNDING * (1.0 + q_norm + reach)
-        lo = int(torch.searchsorted(self.sorted_norm, torch.tensor(q_norm - reach - margin,
-                                                                   dtype=torch.float64)))
-        hi = int(torch.searchsorted(self.sorted_norm, torch.tensor(q_norm + reach + margin,
-                                                                   dtype=torch.float64),
-                                    right=True))  # fmt: skip
+        lo = int(
+            torch.searchsorted(
+                self.sorted_norm, torch.tensor(q_norm - reach - margin, dtype=torch.float64)
+            )
+        )
+        hi = int(
+            torch.searchsorted(
+                self.sorted_norm,
+                torch.tensor(q_norm + reach + margin, dtype=torch.float64),
+                right=True,
+            )
+        )
         rows = torch.cat([self.sorted_pos[lo:hi], torch.tensor(self.unsorted, dtype=torch.long)])
         rows = rows[self.c[rows] != predict]
         if len(rows) == 0:

@@ -84,18 +84,27 @@ class PostgresStore(Store):
 
     def _sql(self, query: str) -> str:
         """The shared SQL with this store's table names and placeholders."""
-        return (query.replace("FROM entries", "FROM ddrs_entries")
-                .replace("FROM meta", "FROM ddrs_meta").replace("?", "%s"))  # fmt: skip
+        return (
+            query.replace("FROM entries", "FROM ddrs_entries")
+            .replace("FROM meta", "FROM ddrs_meta")
+            .replace("?", "%s")
+        )
 
     def exists(self) -> bool:
         with self.errors():
-            found = self._connect().execute(
-                "SELECT COUNT(*) FROM information_schema.tables WHERE table_name IN "
-                "('ddrs_meta', 'ddrs_entries') AND table_schema = current_schema()"
-            ).fetchone()[0]
+            found = (
+                self._connect()
+                .execute(
+                    "SELECT COUNT(*) FROM information_schema.tables WHERE table_name IN "
+                    "('ddrs_meta', 'ddrs_entries') AND table_schema = current_schema()"
+                )
+                .fetchone()[0]
+            )
         if found == 1:
-            raise MemoryStoreError(f"{shown_location(self.location)} holds a broken memory (one of "
-                                   "its two tables is missing)")  # fmt: skip
+            raise MemoryStoreError(
+                f"{shown_location(self.location)} holds a broken memory (one of "
+                "its two tables is missing)"
+            )
         return found == 2
 
     def create(self, meta: dict) -> None:
@@ -107,8 +116,9 @@ class PostgresStore(Store):
                 if statement.strip():
                     self.conn.execute(statement)
             with self.conn.cursor() as cursor:
-                cursor.executemany("INSERT INTO ddrs_meta VALUES (%s, %s)",
-                                   [(k, str(v)) for k, v in meta.items()])
+                cursor.executemany(
+                    "INSERT INTO ddrs_meta VALUES (%s, %s)", [(k, str(v)) for k, v in meta.items()]
+                )
 
     def meta(self) -> dict:
         with self.errors():
@@ -119,8 +129,10 @@ class PostgresStore(Store):
                 meta[key] = int(meta[key])
         missing = set(META_KEYS) - set(meta)
         if missing:
-            raise MemoryStoreError(f"{shown_location(self.location)} has an incomplete meta table "
-                                   f"(missing {sorted(missing)})")  # fmt: skip
+            raise MemoryStoreError(
+                f"{shown_location(self.location)} has an incomplete meta table "
+                f"(missing {sorted(missing)})"
+            )
         return meta
 
     @contextmanager
@@ -129,20 +141,25 @@ class PostgresStore(Store):
             self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
             yield
 
-    def rows(self, columns: tuple[str, ...], start: int, stop: int | None,
-             chunk: int) -> Iterator[list]:  # fmt: skip
+    def rows(
+        self, columns: tuple[str, ...], start: int, stop: int | None, chunk: int
+    ) -> Iterator[list]:
         stop = (1 << 62) if stop is None else stop
         columns = column_list(columns)
         while True:
             with self.errors():
-                rows = self._connect().execute(
-                    f"SELECT ord, {columns} FROM ddrs_entries WHERE ord >= %s AND ord < %s "
-                    "ORDER BY ord LIMIT %s", (start, stop, chunk),
-                ).fetchall()  # fmt: skip
+                rows = (
+                    self._connect()
+                    .execute(
+                        f"SELECT ord, {columns} FROM ddrs_entries WHERE ord >= %s AND ord < %s "
+                        "ORDER BY ord LIMIT %s",
+                        (start, stop, chunk),
+                    )
+                    .fetchall()
+                )
             if not rows:
                 return
-            yield [tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
-                   for row in rows]  # fmt: skip
+            yield [tuple(bytes(v) if isinstance(v, memoryview) else v for v in row) for row in rows]
             start = rows[-1][0] + 1
 
     def insert(self, row: tuple) -> None:
@@ -150,8 +167,9 @@ class PostgresStore(Store):
         self.conn.execute(f"INSERT INTO ddrs_entries VALUES ({placeholders})", row)
 
     def add_repeat(self) -> None:
-        self.conn.execute("UPDATE ddrs_meta SET value = (value::bigint + 1)::text "
-                          "WHERE key = 'repeats'")  # fmt: skip
+        self.conn.execute(
+            "UPDATE ddrs_meta SET value = (value::bigint + 1)::text WHERE key = 'repeats'"
+        )
 
     def _scalar(self, query: str) -> object:
         with self.errors():
@@ -166,13 +184,17 @@ class PostgresStore(Store):
         before (kept in the meta table, under the lock)."""
         with self.serialised():
             stored = self.conn.execute(
-                "SELECT COALESCE(MAX(idx) + 1, 0) FROM ddrs_entries").fetchone()[0]
+                "SELECT COALESCE(MAX(idx) + 1, 0) FROM ddrs_entries"
+            ).fetchone()[0]
             given = self.conn.execute(
-                "SELECT value FROM ddrs_meta WHERE key = 'next_key'").fetchone()
+                "SELECT value FROM ddrs_meta WHERE key = 'next_key'"
+            ).fetchone()
             first = max(int(stored), int(given[0]) if given else 0)
             self.conn.execute(
                 "INSERT INTO ddrs_meta VALUES ('next_key', %s) ON CONFLICT (key) DO UPDATE "
-                "SET value = EXCLUDED.value", (str(first + count),))
+                "SET value = EXCLUDED.value",
+                (str(first + count),),
+            )
         return list(range(first, first + count))
 
     def close(self) -> None:

@@ -129,8 +129,9 @@ class SQLiteStore(Store):
                 raise
             self.conn.execute("COMMIT")
 
-    def rows(self, columns: tuple[str, ...], start: int, stop: int | None,
-             chunk: int) -> Iterator[list]:  # fmt: skip
+    def rows(
+        self, columns: tuple[str, ...], start: int, stop: int | None, chunk: int
+    ) -> Iterator[list]:
         stop = (1 << 62) if stop is None else stop
         columns = column_list(columns)
         while True:
@@ -171,4 +172,3 @@ class SQLiteStore(Store):
 
     def close(self) -> None:
         self.conn.close()
-

@@ -24,15 +24,33 @@ from urllib.parse import urlsplit, urlunsplit
 from ddrs.errors import MemoryStoreError
 
 SCHEMA_VERSION = 2  # 2: a checksum per entry (a version-1 SQLite memory is upgraded on opening)
-ENTRY_COLUMNS = ("ord", "idx", "x", "sqnorm", "predict", "radius", "sigma", "mc_predict",
-                 "mc_radius", "changed", "shrunk", "created", "checksum")  # fmt: skip
+ENTRY_COLUMNS = (
+    "ord",
+    "idx",
+    "x",
+    "sqnorm",
+    "predict",
+    "radius",
+    "sigma",
+    "mc_predict",
+    "mc_radius",
+    "changed",
+    "shrunk",
+    "created",
+    "checksum",
+)
 META_KEYS = ("schema_version", "fingerprint", "input_shape", "repeats")
 
 
 def new_meta(fingerprint: str, input_shape, created: float) -> dict:
     """The meta rows of a new memory."""
-    return {"schema_version": SCHEMA_VERSION, "fingerprint": fingerprint,
-            "input_shape": json.dumps(list(input_shape)), "created": created, "repeats": 0}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "fingerprint": fingerprint,
+        "input_shape": json.dumps(list(input_shape)),
+        "created": created,
+        "repeats": 0,
+    }
 
 
 def entry_checksum(order: int, x_bytes: bytes, predict: int, radius: float) -> str:
@@ -68,8 +86,9 @@ class Store:
         durably at the end, rolled back on an error."""
         raise NotImplementedError
 
-    def rows(self, columns: tuple[str, ...], start: int, stop: int | None,
-             chunk: int) -> Iterator[list]:  # fmt: skip
+    def rows(
+        self, columns: tuple[str, ...], start: int, stop: int | None, chunk: int
+    ) -> Iterator[list]:
         """Pages of (ord, *columns) rows with start <= ord < stop, in order; `columns` are
         names of ENTRY_COLUMNS."""
         raise NotImplementedError
@@ -142,8 +161,11 @@ def shown_location(location: str) -> str:
     if "@" in netloc:
         credentials, host = netloc.rsplit("@", 1)
         netloc = f"{credentials.split(':', 1)[0]}@{host}"
-    query = "&".join(pair for pair in parts.query.split("&") if pair and pair.split("=", 1)[
-        0].lower() not in ("password", "sslpassword"))  # fmt: skip
+    query = "&".join(
+        pair
+        for pair in parts.query.split("&")
+        if pair and pair.split("=", 1)[0].lower() not in ("password", "sslpassword")
+    )
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 

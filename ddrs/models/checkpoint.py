@@ -198,8 +198,7 @@ def _check_expect(meta: dict[str, Any], expect: Mapping[str, Any], path: Path) -
         if key not in meta:
             raise CheckpointError(f"{path}: checkpoint does not record {key!r} (need {wanted!r})")
         if _plain(meta[key]) != _plain(wanted):
-            raise CheckpointMismatch(f"{path}: checkpoint has {key}={meta[key]!r}, need "
-                                     f"{wanted!r}")  # fmt: skip
+            raise CheckpointMismatch(f"{path}: checkpoint has {key}={meta[key]!r}, need {wanted!r}")
 
 
 def _plain(value: Any) -> Any:

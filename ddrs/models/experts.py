@@ -115,9 +115,12 @@ def load_experts(
             own = not Path(spec.source).is_file() or _is_torchscript(spec.source)
             kind = "model" if own else "checkpoint"
             models[spec.source] = load_model(
-                **{kind: spec.source}, num_classes=num_classes, input_shape=input_shape,
-                inputs_name=inputs_name, device=device,
-            )  # fmt: skip
+                **{kind: spec.source},
+                num_classes=num_classes,
+                input_shape=input_shape,
+                inputs_name=inputs_name,
+                device=device,
+            )
     return Experts(tuple(Expert(s.name, s.source, s.sigma, models[s.source]) for s in specs))
 
 

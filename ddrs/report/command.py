@@ -21,8 +21,12 @@ from ddrs.report.tables import format_table
 def _check_outputs(args: argparse.Namespace) -> None:
     """Refuse to write over a results file: reporting never modifies them."""
     inputs = {Path(p).resolve() for p in args.runs}
-    for option, out in (("--out", args.out), ("--plot", args.plot),
-                        ("--sigma-plot", args.sigma_plot), ("--expert-plot", args.expert_plot)):
+    for option, out in (
+        ("--out", args.out),
+        ("--plot", args.plot),
+        ("--sigma-plot", args.sigma_plot),
+        ("--expert-plot", args.expert_plot),
+    ):
         if out and Path(out).resolve() in inputs:
             raise InputError(f"{option} {out} is one of the results files being reported")
 
@@ -35,11 +39,16 @@ def report_command(args: argparse.Namespace) -> None:
     mismatch = idx_mismatch(runs)
     if mismatch and args.common:
         runs = restrict_to_common(runs)
-        print(f"note: {mismatch}; comparing on the {runs[0].size} common inputs (--common)",
-              file=sys.stderr)
+        print(
+            f"note: {mismatch}; comparing on the {runs[0].size} common inputs (--common)",
+            file=sys.stderr,
+        )
     elif mismatch:
-        print(f"warning: {mismatch}; their numbers are not comparable one to one "
-              "(--common compares on the inputs all runs share)", file=sys.stderr)
+        print(
+            f"warning: {mismatch}; their numbers are not comparable one to one "
+            "(--common compares on the inputs all runs share)",
+            file=sys.stderr,
+        )
     summaries = [run_summary(run, radii) for run in runs]
     table = format_table(summaries, radii, args.format, args.envelope)
     if args.out:
@@ -50,18 +59,24 @@ def report_command(args: argparse.Namespace) -> None:
     else:
         sys.stdout.write(table)
     if args.plot:
-        plot_certified_accuracy(runs, args.plot, title=args.title,
-                                envelope=runs if args.envelope else None)
+        plot_certified_accuracy(
+            runs, args.plot, title=args.title, envelope=runs if args.envelope else None
+        )
         print(f"plot: {args.plot}", file=sys.stderr)
     if args.expert_plot:
         if plot_experts(runs, args.expert_plot, title=args.title):
             print(f"expert plot: {args.expert_plot}", file=sys.stderr)
         else:
-            print("expert plot: no run has an expert column (runs of experts); nothing written",
-                  file=sys.stderr)
+            print(
+                "expert plot: no run has an expert column (runs of experts); nothing written",
+                file=sys.stderr,
+            )
     if args.sigma_plot:
         if plot_sigma_histogram(runs, args.sigma_plot, sigma0=args.sigma0):
             print(f"sigma plot: {args.sigma_plot}", file=sys.stderr)
         else:
-            print("sigma plot: no run has per-input sigmas (a sigma column that varies); "
-                  "nothing written", file=sys.stderr)
+            print(
+                "sigma plot: no run has per-input sigmas (a sigma column that varies); "
+                "nothing written",
+                file=sys.stderr,
+            )

@@ -77,8 +77,10 @@ def load_runs(paths: Sequence[str | os.PathLike], labels: Sequence[str] | None =
         raise InputError(f"--labels: got {len(labels)} label(s) for {len(paths)} run(s)")
     if labels is None:
         labels = [Path(p).stem for p in paths]
-    return [Run(label, Path(p), read_table(p, required=REFERENCE_COLUMNS))
-            for label, p in zip(labels, paths)]
+    return [
+        Run(label, Path(p), read_table(p, required=REFERENCE_COLUMNS))
+        for label, p in zip(labels, paths)
+    ]
 
 
 def idx_mismatch(runs: Sequence[Run]) -> str | None:
@@ -137,8 +139,11 @@ def run_summary(run: Run, radii: Sequence[float]) -> dict:
         "certified": {float(r): certified_accuracy(t, r) for r in radii},
         "ACR": average_certified_radius(t),
         "abstain": float(np.mean(t["predict"] == -1)) if run.size else float("nan"),
-        "changed": None, "shrunk": None,
-        "sigma_min": None, "sigma_median": None, "sigma_max": None,
+        "changed": None,
+        "shrunk": None,
+        "sigma_min": None,
+        "sigma_median": None,
+        "sigma_max": None,
         "experts": expert_shares(t),
     }
     if run.is_memory_run:
@@ -192,12 +197,18 @@ def versus_envelope(run: Run, fixed: Sequence[Run], radius: float) -> dict:
     best = max(fixed, key=lambda f: certified_accuracy(f.table, radius))
     only_run, only_best, p = sign_test(run.table, best.table, radius)
     delta = certified_accuracy(run.table, radius) - certified_accuracy(best.table, radius)
-    return {"delta": 100 * delta, "only_run": only_run, "only_envelope": only_best, "p": p,
-            "envelope_run": best.label}  # fmt: skip
+    return {
+        "delta": 100 * delta,
+        "only_run": only_run,
+        "only_envelope": only_best,
+        "p": p,
+        "envelope_run": best.label,
+    }
 
 
-def significant_claims(runs: Sequence[Run], fixed: Sequence[Run], radii: Sequence[float],
-                       level: float = SIGNIFICANCE) -> str:  # fmt: skip
+def significant_claims(
+    runs: Sequence[Run], fixed: Sequence[Run], radii: Sequence[float], level: float = SIGNIFICANCE
+) -> str:
     """The differences to the envelope that the sign test finds significant, in words: the
     only ones a reader should take as results (the others may change with the CPU)."""
     claims = []
@@ -213,20 +224,29 @@ def significant_claims(runs: Sequence[Run], fixed: Sequence[Run], radii: Sequenc
         if below:
             claims.append(f"{run.label} below it at {', '.join(below)}")
     found = "; ".join(claims) if claims else "none"
-    return (f"Significant at p < {level:g} (two-sided sign test): {found}. Every other "
-            "difference is not significant.")
+    return (
+        f"Significant at p < {level:g} (two-sided sign test): {found}. Every other "
+        "difference is not significant."
+    )
 
 
 def envelope_summary(summaries: Sequence[dict], radii: Sequence[float]) -> dict:
     """Best value over runs at each radius (and the best ACR); other entries are None."""
     return {
-        "label": ENVELOPE_LABEL, "inputs": None,
+        "label": ENVELOPE_LABEL,
+        "inputs": None,
         "clean": _nanmax(s["clean"] for s in summaries),
-        "certified": {float(r): _nanmax(s["certified"][float(r)] for s in summaries)
-                      for r in radii},
+        "certified": {
+            float(r): _nanmax(s["certified"][float(r)] for s in summaries) for r in radii
+        },
         "ACR": _nanmax(s["ACR"] for s in summaries),
-        "abstain": None, "changed": None, "shrunk": None,
-        "sigma_min": None, "sigma_median": None, "sigma_max": None, "experts": None,
+        "abstain": None,
+        "changed": None,
+        "shrunk": None,
+        "sigma_min": None,
+        "sigma_median": None,
+        "sigma_max": None,
+        "experts": None,
     }
 
 

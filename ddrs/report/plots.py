@@ -60,10 +60,13 @@ def radius_label(runs: Sequence[Run]) -> str:
     return "L2 radius (pixel units in [0, 1])"
 
 
-def plot_certified_accuracy(runs: Sequence[Run], path: str | os.PathLike,
-                            title: str | None = None,
-                            envelope: Sequence[Run] | None = None,
-                            envelope_label: str = ENVELOPE_LABEL) -> None:
+def plot_certified_accuracy(
+    runs: Sequence[Run],
+    path: str | os.PathLike,
+    title: str | None = None,
+    envelope: Sequence[Run] | None = None,
+    envelope_label: str = ENVELOPE_LABEL,
+) -> None:
     """Certified accuracy vs radius, one step curve per run, saved as a PNG. With `envelope`,
     also the best of those runs at each radius, as a dashed black curve."""
     plt = _pyplot()
@@ -75,12 +78,24 @@ def plot_certified_accuracy(runs: Sequence[Run], path: str | os.PathLike,
         for run in runs:
             if run.size:
                 acr = average_certified_radius(run.table)
-                ax.plot(grid, certified_accuracy_curve(run.table, grid), drawstyle="steps-post",
-                        linewidth=1.8, label=f"{run.label} (ACR {acr:.3f})")
+                ax.plot(
+                    grid,
+                    certified_accuracy_curve(run.table, grid),
+                    drawstyle="steps-post",
+                    linewidth=1.8,
+                    label=f"{run.label} (ACR {acr:.3f})",
+                )
         curves = [certified_accuracy_curve(r.table, grid) for r in envelope or () if r.size]
         if curves:
-            ax.plot(grid, np.max(curves, axis=0), drawstyle="steps-post", color="black",
-                    linestyle="--", linewidth=1.4, label=envelope_label)
+            ax.plot(
+                grid,
+                np.max(curves, axis=0),
+                drawstyle="steps-post",
+                color="black",
+                linestyle="--",
+                linewidth=1.4,
+                label=envelope_label,
+            )
         ax.set_xlabel(radius_label(runs))
         ax.set_ylabel("certified accuracy")
         ax.set_title(title or "Certified accuracy vs radius")
@@ -96,8 +111,12 @@ def plot_certified_accuracy(runs: Sequence[Run], path: str | os.PathLike,
         plt.close(fig)
 
 
-def plot_sigma_histogram(runs: Sequence[Run], path: str | os.PathLike,
-                         sigma0: float | None = None, title: str | None = None) -> bool:
+def plot_sigma_histogram(
+    runs: Sequence[Run],
+    path: str | os.PathLike,
+    sigma0: float | None = None,
+    title: str | None = None,
+) -> bool:
     """Overlaid histograms of per-input sigmas, `sigma0` marked; False (no file) if no run
     has varying sigmas."""
     from matplotlib.ticker import MaxNLocator
@@ -110,19 +129,27 @@ def plot_sigma_histogram(runs: Sequence[Run], path: str | os.PathLike,
     fig, ax = plt.subplots(figsize=(7, 4.5))
     try:
         for label, s in sigmas:
-            ax.hist(s, bins=bins, alpha=0.5, edgecolor="black", linewidth=0.4,
-                    label=f"{label} (median {np.median(s):.3f})")
+            ax.hist(
+                s,
+                bins=bins,
+                alpha=0.5,
+                edgecolor="black",
+                linewidth=0.4,
+                label=f"{label} (median {np.median(s):.3f})",
+            )
         if sigma0 is not None:
-            ax.axvline(sigma0, color="black", linestyle="--", linewidth=1.2,
-                       label=f"sigma0 = {sigma0:g}")
+            ax.axvline(
+                sigma0, color="black", linestyle="--", linewidth=1.2, label=f"sigma0 = {sigma0:g}"
+            )
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of inputs
         ax.set_xlabel("sigma (noise std, pixel units)")
         ax.set_ylabel("inputs")
         ax.set_title(title or "Per-input sigmas")
         ax.grid(True, alpha=0.3)
         # below the axes, so that it never covers the bars
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, fontsize=8,
-                  frameon=False)
+        ax.legend(
+            loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, fontsize=8, frameon=False
+        )
         _save_atomically(fig, path)
     finally:
         plt.close(fig)
@@ -137,11 +164,17 @@ def plot_experts(runs: Sequence[Run], path: str | os.PathLike, title: str | None
     routed = [run for run in runs if "expert" in run.table and run.size]
     if not routed:
         return False
-    sigmas = sorted({float(s) for run in routed
-                     for s in run.table["sigma"][run.table["expert"].astype(str) != "-"]})
+    sigmas = sorted(
+        {
+            float(s)
+            for run in routed
+            for s in run.table["sigma"][run.table["expert"].astype(str) != "-"]
+        }
+    )
     plt = _pyplot()
-    fig, axes = plt.subplots(len(routed), 1, figsize=(8, 2.6 * len(routed) + 0.8), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        len(routed), 1, figsize=(8, 2.6 * len(routed) + 0.8), squeeze=False, layout="constrained"
+    )
     try:
         for ax, run in zip(axes[:, 0], routed):
             _plot_expert_panel(ax, run, sigmas)
@@ -162,21 +195,38 @@ def _plot_expert_panel(ax, run: Run, sigmas: list[float]) -> None:
         mine = experts == name
         right = mine & (t["correct"] == 1)
         color = f"C{sigmas.index(sigma_of[name]) % 10}"
-        ax.scatter(t["idx"][right], t["sigma"][right], s=12, color=color,
-                   label=f"{name} ({np.mean(mine):.0%})")
-        ax.scatter(t["idx"][mine & ~right], t["sigma"][mine & ~right], s=12,
-                   facecolors="none", edgecolors=color)
+        ax.scatter(
+            t["idx"][right],
+            t["sigma"][right],
+            s=12,
+            color=color,
+            label=f"{name} ({np.mean(mine):.0%})",
+        )
+        ax.scatter(
+            t["idx"][mine & ~right],
+            t["sigma"][mine & ~right],
+            s=12,
+            facecolors="none",
+            edgecolors=color,
+        )
     if abstained.any():
-        ax.scatter(t["idx"][abstained], np.full(abstained.sum(), min(sigmas or [0.0])), s=14,
-                   marker="x", color="0.5", label=f"router abstained ({np.mean(abstained):.0%})")
+        ax.scatter(
+            t["idx"][abstained],
+            np.full(abstained.sum(), min(sigmas or [0.0])),
+            s=14,
+            marker="x",
+            color="0.5",
+            label=f"router abstained ({np.mean(abstained):.0%})",
+        )
     ax.set_ylabel("sigma")
     ax.set_title(run.label, fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
 
-def plot_training_sigmas(logs: Sequence[tuple[str, str | os.PathLike]],
-                         path: str | os.PathLike) -> bool:
+def plot_training_sigmas(
+    logs: Sequence[tuple[str, str | os.PathLike]], path: str | os.PathLike
+) -> bool:
     """The per-sample training sigmas over epochs, from training logs (log.csv with the
     sigma_min/p10/median/p90/max columns): median line, p10-p90 band, min-max dotted.
     `logs` is (label, path) pairs; False (no file) when no log has those columns."""
@@ -187,19 +237,38 @@ def plot_training_sigmas(logs: Sequence[tuple[str, str | os.PathLike]],
         with open(log, newline="") as f:
             rows = list(csv.DictReader(f))
         if rows and "sigma_p10" in rows[0]:
-            series.append((label, {k: np.array([float(r[k]) for r in rows])
-                                   for k in ("epoch", "sigma_min", "sigma_p10", "sigma_median",
-                                             "sigma_p90", "sigma_max")}))
+            series.append(
+                (
+                    label,
+                    {
+                        k: np.array([float(r[k]) for r in rows])
+                        for k in (
+                            "epoch",
+                            "sigma_min",
+                            "sigma_p10",
+                            "sigma_median",
+                            "sigma_p90",
+                            "sigma_max",
+                        )
+                    },
+                )
+            )
     if not series:
         return False
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     try:
         for label, v in series:
-            (line,) = ax.plot(v["epoch"], v["sigma_median"], marker="o", markersize=3,
-                              label=f"{label} (median; band p10-p90; dotted min, max)")
-            ax.fill_between(v["epoch"], v["sigma_p10"], v["sigma_p90"], alpha=0.2,
-                            color=line.get_color())
+            (line,) = ax.plot(
+                v["epoch"],
+                v["sigma_median"],
+                marker="o",
+                markersize=3,
+                label=f"{label} (median; band p10-p90; dotted min, max)",
+            )
+            ax.fill_between(
+                v["epoch"], v["sigma_p10"], v["sigma_p90"], alpha=0.2, color=line.get_color()
+            )
             for key in ("sigma_min", "sigma_max"):
                 ax.plot(v["epoch"], v[key], linestyle=":", color=line.get_color())
         ax.set_xlabel("epoch")

@@ -25,19 +25,29 @@ def _columns(summaries: Sequence[dict], radii: Sequence[float]) -> list[_Column]
         _Column("clean", "percent", lambda s: s["clean"]),
     ]
     # Radius 0 is the clean column already.
-    columns += [_Column(f"r={r:g}", "percent", lambda s, r=float(r): s["certified"][r])
-                for r in radii if r != 0]
-    columns += [_Column("ACR", "radius", lambda s: s["ACR"]),
-                _Column("abstain", "percent", lambda s: s["abstain"])]
+    columns += [
+        _Column(f"r={r:g}", "percent", lambda s, r=float(r): s["certified"][r])
+        for r in radii
+        if r != 0
+    ]
+    columns += [
+        _Column("ACR", "radius", lambda s: s["ACR"]),
+        _Column("abstain", "percent", lambda s: s["abstain"]),
+    ]
     if any(s["changed"] is not None for s in summaries):
-        columns += [_Column("changed", "count", lambda s: s["changed"]),
-                    _Column("shrunk", "count", lambda s: s["shrunk"])]
+        columns += [
+            _Column("changed", "count", lambda s: s["changed"]),
+            _Column("shrunk", "count", lambda s: s["shrunk"]),
+        ]
     if any(s["sigma_min"] is not None for s in summaries):
-        columns += [_Column(f"sigma {k}", "sigma", lambda s, k=k: s[f"sigma_{k}"])
-                    for k in ("min", "median", "max")]
+        columns += [
+            _Column(f"sigma {k}", "sigma", lambda s, k=k: s[f"sigma_{k}"])
+            for k in ("min", "median", "max")
+        ]
     if any(s.get("experts") for s in summaries):
-        columns.append(_Column("experts (share of inputs)", "text",
-                               lambda s: _shares_text(s.get("experts"))))
+        columns.append(
+            _Column("experts (share of inputs)", "text", lambda s: _shares_text(s.get("experts")))
+        )
     return columns
 
 
@@ -70,8 +80,9 @@ def _latex_escape(text: str) -> str:
     return text
 
 
-def format_table(summaries: Sequence[dict], radii: Sequence[float], fmt: str = "markdown",
-                 envelope: bool = False) -> str:
+def format_table(
+    summaries: Sequence[dict], radii: Sequence[float], fmt: str = "markdown", envelope: bool = False
+) -> str:
     """The summaries as a markdown, LaTeX (booktabs) or CSV table, one row per run."""
     if fmt not in ("markdown", "latex", "csv"):
         raise InputError(f"unknown table format {fmt!r}: use markdown, latex or csv")
@@ -102,15 +113,20 @@ def _latex(headers: list[str], rows: list[list[str]], has_envelope: bool) -> str
     body = [" & ".join(row) + r" \\" for row in rows]
     if has_envelope:
         body.insert(len(body) - 1, r"\midrule")
-    return "\n".join([
-        r"\begin{tabular}{l" + "r" * (len(headers) - 1) + "}",
-        r"\toprule",
-        " & ".join(_latex_escape(h) for h in headers) + r" \\",
-        r"\midrule",
-        *body,
-        r"\bottomrule",
-        r"\end{tabular}",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                r"\begin{tabular}{l" + "r" * (len(headers) - 1) + "}",
+                r"\toprule",
+                " & ".join(_latex_escape(h) for h in headers) + r" \\",
+                r"\midrule",
+                *body,
+                r"\bottomrule",
+                r"\end{tabular}",
+            ]
+        )
+        + "\n"
+    )
 
 
 def _csv_field(text: str) -> str:
@@ -119,18 +135,20 @@ def _csv_field(text: str) -> str:
     return text
 
 
-def envelope_comparison(runs: Sequence[Run], fixed: Sequence[Run], radii: Sequence[float],
-                        level: float = SIGNIFICANCE) -> str:  # fmt: skip
+def envelope_comparison(
+    runs: Sequence[Run], fixed: Sequence[Run], radii: Sequence[float], level: float = SIGNIFICANCE
+) -> str:
     """A markdown table: each run against the envelope at each radius, in points, with the
     sign test; a difference with p >= `level` is marked "not significant"."""
-    lines = ["| run | " + " | ".join("clean" if r == 0 else f"r={r:g}" for r in radii) + " |",
-             "| --- |" + " ---: |" * len(radii)]  # fmt: skip
+    lines = [
+        "| run | " + " | ".join("clean" if r == 0 else f"r={r:g}" for r in radii) + " |",
+        "| --- |" + " ---: |" * len(radii),
+    ]
     for run in runs:
         cells = []
         for r in radii:
             c = versus_envelope(run, fixed, r)
             verdict = f"p = {c['p']:.2g}" if c["p"] < level else "not significant"
-            cells.append(f"{c['delta']:+.1f} ({c['only_run']} / {c['only_envelope']}, "
-                         f"{verdict})")  # fmt: skip
+            cells.append(f"{c['delta']:+.1f} ({c['only_run']} / {c['only_envelope']}, {verdict})")
         lines.append(f"| {run.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -27,20 +27,28 @@ class AnswerBody(BaseModel):
 
     predict: int = Field(description="the class, or -1: abstain")
     class_name: str | None = Field(description="the class's name, when the dataset has names")
-    radius: float = Field(description="certified L2 radius, in the inputs' [0, 1] pixel units: "
-                          "the prediction cannot change within this distance (with probability "
-                          ">= 1 - alpha over the sampling); 0 for predict")
+    radius: float = Field(
+        description="certified L2 radius, in the inputs' [0, 1] pixel units: "
+        "the prediction cannot change within this distance (with probability "
+        ">= 1 - alpha over the sampling); 0 for predict"
+    )
     sigma: float = Field(description="the noise level of the certificate")
-    changed: bool = Field(description="the memory gave another class than the Monte Carlo one "
-                          "(the input lies in an earlier answer's ball)")
-    shrunk: bool = Field(description="the memory shrank the radius (a ball of another class is "
-                         "near)")
-    mc_predict: int = Field(description="the Monte Carlo class before the memory (for a repeat: "
-                            "the stored one)")
-    mc_radius: float = Field(description="the Monte Carlo radius before the memory (for a "
-                             "repeat: the stored one)")
-    repeat: bool = Field(description="an exact repeat of a stored input: its stored answer, "
-                         "given without sampling")
+    changed: bool = Field(
+        description="the memory gave another class than the Monte Carlo one "
+        "(the input lies in an earlier answer's ball)"
+    )
+    shrunk: bool = Field(
+        description="the memory shrank the radius (a ball of another class is near)"
+    )
+    mc_predict: int = Field(
+        description="the Monte Carlo class before the memory (for a repeat: the stored one)"
+    )
+    mc_radius: float = Field(
+        description="the Monte Carlo radius before the memory (for a repeat: the stored one)"
+    )
+    repeat: bool = Field(
+        description="an exact repeat of a stored input: its stored answer, given without sampling"
+    )
     entry: int = Field(description="the memory entry holding this answer")
     expert: str = Field(description="the expert that answered (a service of experts), or ''")
 
@@ -66,7 +74,7 @@ class MemoryStatsBody(BaseModel):
 
 MEANING = {
     400: "bad request (not JSON, not an image, a malformed form, a Host not allowed, nested "
-         "too deeply)",
+    "too deeply)",
     401: "missing or wrong token (Authorization: Bearer <token>)",
     403: "a cross-origin write without the token",
     404: "no such path",
@@ -77,7 +85,7 @@ MEANING = {
     422: "the input is not a valid query (shape, values, numbers, fields)",
     500: "the engine failed on this query",
     503: "the memory's database is unavailable (retry after Retry-After seconds)",
-}  # fmt: skip
+}
 
 
 def errors(*statuses: int) -> dict:
@@ -94,10 +102,15 @@ def input_schema(shape) -> dict:
     item: dict = {"type": "number", "minimum": 0, "maximum": 1}
     for size in reversed(tuple(shape)):
         item = {"type": "array", "items": item, "minItems": int(size), "maxItems": int(size)}
-    return {"title": "InputBody", "type": "object", "required": ["input"],
-            "additionalProperties": False,
-            "properties": {"input": {**item, "description": "the input, numbers in [0, 1] "
-                                     "(un-normalised pixels)"}}}  # fmt: skip
+    return {
+        "title": "InputBody",
+        "type": "object",
+        "required": ["input"],
+        "additionalProperties": False,
+        "properties": {
+            "input": {**item, "description": "the input, numbers in [0, 1] (un-normalised pixels)"}
+        },
+    }
 
 
 _IMAGE = {"type": "string", "format": "binary"}
@@ -107,13 +120,21 @@ QUERY_BODY = {
         "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/InputBody"}},
             "multipart/form-data": {
-                "schema": {"type": "object", "required": ["file"], "additionalProperties": False,
-                           "properties": {"file": {**_IMAGE, "description": "the image"}}},
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "additionalProperties": False,
+                    "properties": {"file": {**_IMAGE, "description": "the image"}},
+                },
                 "encoding": {"file": {"contentType": ", ".join(IMAGE_TYPES)}},
             },
             **{media: {"schema": _IMAGE} for media in IMAGE_TYPES},
         },
     },
 }
-PREVIEW_RESPONSE = {200: {"content": {"image/png": {"schema": _IMAGE}},
-                          "description": "the input as the model sees it, enlarged"}}
+PREVIEW_RESPONSE = {
+    200: {
+        "content": {"image/png": {"schema": _IMAGE}},
+        "description": "the input as the model sees it, enlarged",
+    }
+}

@@ -91,13 +91,15 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
     try:
         return await asyncio.wait_for(read(), timeout)
     except asyncio.TimeoutError:
-        raise RequestError(408, f"the request body did not arrive within {timeout:g} s",
-                           Connection="close") from None  # fmt: skip
+        raise RequestError(
+            408, f"the request body did not arrive within {timeout:g} s", Connection="close"
+        ) from None
 
 
 def _too_large(limit: int) -> RequestError:
-    return RequestError(413, f"the request is over this service's limit of {limit / 1e6:.1f} MB "
-                        f"({limit:,} bytes)")  # fmt: skip
+    return RequestError(
+        413, f"the request is over this service's limit of {limit / 1e6:.1f} MB ({limit:,} bytes)"
+    )
 
 
 def create_app(
@@ -124,9 +126,15 @@ def create_app(
             await service.stop()
             decoder.shutdown(wait=False)
 
-    app = FastAPI(title="ddrs", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Certified predictions of a data-dependent smoothed classifier; "
-                  "every answer is stored in the memory before it is sent.")  # fmt: skip
+    app = FastAPI(
+        title="ddrs",
+        version="1",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        description="Certified predictions of a data-dependent smoothed classifier; "
+        "every answer is stored in the memory before it is sent.",
+    )
     info = service.info
     open_paths = OPEN_PATHS | ({"/metrics"} if metrics_public else set())
     hosts = None if allowed_hosts is None else {host_of(h) for h in allowed_hosts}
@@ -142,17 +150,26 @@ def create_app(
         if encoded_slash(request.scope.get("raw_path") or b""):
             return refuse(404, "Not Found")
         if hosts is not None and host_of(request.headers.get("host", "")) not in hosts:
-            return refuse(400, f"Host {request.headers.get('host', '')!r} is not served here "
-                          "(--allowed-host)")  # fmt: skip
+            return refuse(
+                400, f"Host {request.headers.get('host', '')!r} is not served here (--allowed-host)"
+            )
         path = request.url.path
-        if token is not None and path not in open_paths and not authorised(request.headers,
-                                                                            token):
-            return refuse(401, "this service needs its token: send Authorization: Bearer "
-                          "<token>", **{"WWW-Authenticate": "Bearer"})  # fmt: skip
-        if request.method not in GET and cross_origin(request.headers) and not (
-                token is not None and authorised(request.headers, token)):  # fmt: skip
-            return refuse(403, "cross-origin writes are refused (run the service with "
-                          "--token-file and send the token)")  # fmt: skip
+        if token is not None and path not in open_paths and not authorised(request.headers, token):
+            return refuse(
+                401,
+                "this service needs its token: send Authorization: Bearer <token>",
+                **{"WWW-Authenticate": "Bearer"},
+            )
+        if (
+            request.method not in GET
+            and cross_origin(request.headers)
+            and not (token is not None and authorised(request.headers, token))
+        ):
+            return refuse(
+                403,
+                "cross-origin writes are refused (run the service with "
+                "--token-file and send the token)",
+            )
         return None
 
     @app.middleware("http")
@@ -166,8 +183,9 @@ def create_app(
                 log.exception("ddrs serve: %s %s failed", request.method, request.url.path)
                 response = refuse(500, "internal error (see the server's log)")
         secure_headers(response.headers, request.url.path in PAGE_PATHS)
-        service.metrics.observe(request.method, request.url.path, response.status_code,
-                                time.perf_counter() - start)  # fmt: skip
+        service.metrics.observe(
+            request.method, request.url.path, response.status_code, time.perf_counter() - start
+        )
         return response
 
     @app.exception_handler(RequestError)
@@ -176,8 +194,7 @@ def create_app(
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request, error: ClientDisconnect):
-        log.info("ddrs serve: the client went away during %s %s", request.method,
-                 request.url.path)  # fmt: skip
+        log.info("ddrs serve: the client went away during %s %s", request.method, request.url.path)
         return Response(status_code=CLIENT_GONE)
 
     @app.exception_handler(Unavailable)
@@ -199,13 +216,22 @@ def create_app(
     async def invalid(request, error: RequestValidationError):
         return refuse(422, f"invalid request: {error.errors()[0].get('msg', 'see the API')}")
 
-    @app.api_route("/health", methods=GET, response_model=HealthBody,
-                   response_model_exclude_none=True, responses=errors(400))  # fmt: skip
+    @app.api_route(
+        "/health",
+        methods=GET,
+        response_model=HealthBody,
+        response_model_exclude_none=True,
+        responses=errors(400),
+    )
     async def health(request: Request):
         if token is not None and not authorised(request.headers, token):
             return {"status": "ok"}  # settings and the memory's location only with the token
-        return {"status": "ok", "entries": service.entries, "in_flight": service.in_flight,
-                **service.describe}  # fmt: skip
+        return {
+            "status": "ok",
+            "entries": service.entries,
+            "in_flight": service.in_flight,
+            **service.describe,
+        }
 
     async def query_input(request: Request) -> Tensor:
         """The canonical input of a certify / predict / preview request: JSON
@@ -214,10 +240,14 @@ def create_app(
         content_type = request.headers.get("content-type", "")
         media = content_type.split(";")[0].strip().lower()
         if media not in ("application/json", "multipart/form-data") and not (
-                media.startswith("image/")):  # fmt: skip
-            raise RequestError(415, "send application/json, an image (image/png, image/jpeg) "
-                               "or a multipart form with the image in a field named \"file\" "
-                               f"(got Content-Type {media or 'none'!r})")  # fmt: skip
+            media.startswith("image/")
+        ):
+            raise RequestError(
+                415,
+                "send application/json, an image (image/png, image/jpeg) "
+                'or a multipart form with the image in a field named "file" '
+                f"(got Content-Type {media or 'none'!r})",
+            )
         data = await _read_body(request, max_body_bytes, body_timeout)
         if media == "application/json":
             return await decode(inputs.json_input, data, info)
@@ -241,33 +271,52 @@ def create_app(
     async def answer(kind: str, request: Request):
         return _response(await service.submit(kind, await query_input(request)), info)
 
-    @app.post("/v1/certify", response_model=AnswerBody, responses=errors(*QUERY_ERRORS),
-              openapi_extra=QUERY_BODY, summary="certify: a class and a certified radius")
+    @app.post(
+        "/v1/certify",
+        response_model=AnswerBody,
+        responses=errors(*QUERY_ERRORS),
+        openapi_extra=QUERY_BODY,
+        summary="certify: a class and a certified radius",
+    )
     async def certify(request: Request):
         return await answer("certify", request)
 
-    @app.post("/v1/predict", response_model=AnswerBody, responses=errors(*QUERY_ERRORS),
-              openapi_extra=QUERY_BODY, summary="predict: a class (stored with radius 0)")
+    @app.post(
+        "/v1/predict",
+        response_model=AnswerBody,
+        responses=errors(*QUERY_ERRORS),
+        openapi_extra=QUERY_BODY,
+        summary="predict: a class (stored with radius 0)",
+    )
     async def predict(request: Request):
         return await answer("predict", request)
 
-    @app.post("/v1/preview", response_class=Response, openapi_extra=QUERY_BODY,
-              responses={**errors(400, 401, 403, 408, 413, 415, 422), **PREVIEW_RESPONSE},
-              summary="the input as the model sees it (a PNG); nothing is stored")
+    @app.post(
+        "/v1/preview",
+        response_class=Response,
+        openapi_extra=QUERY_BODY,
+        responses={**errors(400, 401, 403, 408, 413, 415, 422), **PREVIEW_RESPONSE},
+        summary="the input as the model sees it (a PNG); nothing is stored",
+    )
     async def preview(request: Request):
         x = await query_input(request)
         return Response(await decode(inputs.preview_png, x), media_type="image/png")
 
-    @app.api_route("/v1/memory/stats", methods=GET, response_model=MemoryStatsBody,
-                   responses=errors(400, 401, 503))  # fmt: skip
+    @app.api_route(
+        "/v1/memory/stats",
+        methods=GET,
+        response_model=MemoryStatsBody,
+        responses=errors(400, 401, 503),
+    )
     async def memory_stats():
         return await service.memory_stats()
 
-    @app.api_route("/metrics", methods=GET, response_class=Response,
-                   responses=errors(400, 401))  # fmt: skip
+    @app.api_route("/metrics", methods=GET, response_class=Response, responses=errors(400, 401))
     async def metrics():
-        return Response(service.metrics.text(service.entries, service.in_flight),
-                        media_type=METRICS_CONTENT_TYPE)  # fmt: skip
+        return Response(
+            service.metrics.text(service.entries, service.in_flight),
+            media_type=METRICS_CONTENT_TYPE,
+        )
 
     @app.api_route("/", methods=GET, response_class=HTMLResponse, responses=errors(400))
     async def page():
@@ -280,8 +329,14 @@ def create_app(
         async def asset(content=content, media=media):
             return Response(content, media_type=media)
 
-        app.add_api_route(f"/{name}", asset, methods=GET, response_class=Response,
-                          responses=errors(400), include_in_schema=False)  # fmt: skip
+        app.add_api_route(
+            f"/{name}",
+            asset,
+            methods=GET,
+            response_class=Response,
+            responses=errors(400),
+            include_in_schema=False,
+        )
 
     @app.api_route("/favicon.ico", methods=GET, response_class=Response, responses=errors(400))
     async def favicon():
@@ -291,12 +346,17 @@ def create_app(
         if app.openapi_schema is None:
             with warnings.catch_warnings():  # GET and HEAD of one route share an id: renamed
                 warnings.simplefilter("ignore", UserWarning)
-                schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
-                                     description=app.description)  # fmt: skip
+                schema = get_openapi(
+                    title=app.title,
+                    version=app.version,
+                    routes=app.routes,
+                    description=app.description,
+                )
             for path, operations in schema["paths"].items():
                 for method, operation in operations.items():
-                    operation["operationId"] = method + (path.replace("/", "_").replace(
-                        ".", "_") if path != "/" else "_page")  # fmt: skip
+                    operation["operationId"] = method + (
+                        path.replace("/", "_").replace(".", "_") if path != "/" else "_page"
+                    )
             components = schema.setdefault("components", {})
             components.setdefault("schemas", {})["InputBody"] = input_schema(info.input_shape)
             if token is not None:

@@ -31,8 +31,10 @@ def check_input(x: Tensor, info: DatasetInfo) -> Tensor:
 
 # -- JSON ---------------------------------------------------------------------------------------
 def _no_constant(name: str):
-    raise RequestError(422, f'"input" holds {name}: NaN and infinite values are not numbers; '
-                       "send numbers in [0, 1]")  # fmt: skip
+    raise RequestError(
+        422,
+        f'"input" holds {name}: NaN and infinite values are not numbers; send numbers in [0, 1]',
+    )
 
 
 def _unique_keys(pairs: list[tuple]) -> dict:
@@ -48,14 +50,17 @@ def read_json(data: bytes) -> object:
     floats (so that 10**400 or an integer of 5,000 digits is a number too large, not an
     error of Python's integer conversion)."""
     try:
-        return json.loads(data, parse_int=float, parse_constant=_no_constant,
-                          object_pairs_hook=_unique_keys)  # fmt: skip
+        return json.loads(
+            data, parse_int=float, parse_constant=_no_constant, object_pairs_hook=_unique_keys
+        )
     except RecursionError:
-        raise RequestError(400, 'the JSON is nested too deeply; send {"input": C x H x W '
-                           "numbers}") from None  # fmt: skip
+        raise RequestError(
+            400, 'the JSON is nested too deeply; send {"input": C x H x W numbers}'
+        ) from None
     except (UnicodeDecodeError, ValueError):  # JSONDecodeError is a ValueError
-        raise RequestError(400, 'the body is not JSON; send {"input": [[[...]]]} or an image '
-                           "upload") from None  # fmt: skip
+        raise RequestError(
+            400, 'the body is not JSON; send {"input": [[[...]]]} or an image upload'
+        ) from None
 
 
 def _numbers(value, depth: int) -> bool:
@@ -69,20 +74,20 @@ def _numbers(value, depth: int) -> bool:
 def parse_input(body: object, info: DatasetInfo) -> Tensor:
     """The JSON body's `input` as the service's canonical input, or a RequestError."""
     if not isinstance(body, dict) or "input" not in body:
-        raise RequestError(422, 'the JSON body needs a field "input": a C x H x W array of '
-                           "numbers")  # fmt: skip
+        raise RequestError(422, 'the JSON body needs a field "input": a C x H x W array of numbers')
     extra = sorted(set(body) - {"input"})
     if extra:
-        raise RequestError(422, f"unknown field(s) {extra}; the body holds only \"input\"")
+        raise RequestError(422, f'unknown field(s) {extra}; the body holds only "input"')
     shape = " x ".join(map(str, info.input_shape))
     if not _numbers(body["input"], len(info.input_shape)):
-        raise RequestError(422, f'"input" must be a {shape} array of numbers (not strings, '
-                           "booleans or deeper lists)")  # fmt: skip
+        raise RequestError(
+            422,
+            f'"input" must be a {shape} array of numbers (not strings, booleans or deeper lists)',
+        )
     try:
         x = torch.tensor(body["input"], dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError, OverflowError):
-        raise RequestError(422, f'"input" must be a rectangular {shape} array of numbers'
-                           ) from None  # fmt: skip
+        raise RequestError(422, f'"input" must be a rectangular {shape} array of numbers') from None
     return check_input(x, info)
 
 
@@ -97,8 +102,11 @@ def _megapixels(pixels: int) -> str:
 
 def too_many_pixels(width: int, height: int, max_pixels: int) -> RequestError:
     size = _megapixels(width * height)
-    return RequestError(413, f"the image is {width} x {height} pixels ({size} megapixels); this "
-                        f"service takes images of up to {_megapixels(max_pixels)} megapixels")
+    return RequestError(
+        413,
+        f"the image is {width} x {height} pixels ({size} megapixels); this "
+        f"service takes images of up to {_megapixels(max_pixels)} megapixels",
+    )
 
 
 def parse_image(data: bytes, info: DatasetInfo, max_pixels: int = MAX_PIXELS) -> Tensor:
@@ -117,11 +125,15 @@ def parse_image(data: bytes, info: DatasetInfo, max_pixels: int = MAX_PIXELS) ->
             img.load()
             return check_input(image_to_input(img, info), info)
     except Image.DecompressionBombError:
-        raise RequestError(413, "the image has more pixels than this service takes "
-                           f"({_megapixels(max_pixels)} megapixels)") from None  # fmt: skip
+        raise RequestError(
+            413,
+            "the image has more pixels than this service takes "
+            f"({_megapixels(max_pixels)} megapixels)",
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise RequestError(400, "the upload is not an image this service can read (send a PNG "
-                           "or JPEG file)") from None  # fmt: skip
+        raise RequestError(
+            400, "the upload is not an image this service can read (send a PNG or JPEG file)"
+        ) from None
 
 
 def boundary_of(content_type: str) -> bytes:
@@ -137,8 +149,9 @@ def check_multipart(data: bytes, content_type: str) -> None:
     """A multipart body must end with its closing boundary (`--BOUNDARY--`): a form cut short
     is malformed, not a form without the file."""
     if b"--" + boundary_of(content_type) + b"--" not in data:
-        raise RequestError(400, "malformed multipart form: it has no closing boundary (the body "
-                           "was cut short?)")  # fmt: skip
+        raise RequestError(
+            400, "malformed multipart form: it has no closing boundary (the body was cut short?)"
+        )
 
 
 def form_fields(form) -> object:
@@ -146,12 +159,12 @@ def form_fields(form) -> object:
     names = sorted(set(form.keys()))
     extra = [name for name in names if name != "file"]
     if extra:
-        raise RequestError(422, f"unknown form field(s) {extra}; the form holds one image in a "
-                           'field named "file"')  # fmt: skip
+        raise RequestError(
+            422, f'unknown form field(s) {extra}; the form holds one image in a field named "file"'
+        )
     uploads = form.getlist("file")
     if len(uploads) != 1 or isinstance(uploads[0], str):
-        raise RequestError(422, 'the multipart form needs one image file in a field named '
-                           '"file"')  # fmt: skip
+        raise RequestError(422, 'the multipart form needs one image file in a field named "file"')
     return uploads[0]
 
 

@@ -21,24 +21,43 @@ class ServiceMetrics:
     def __init__(self, paths: set[str]) -> None:
         self.paths = set(paths)
         self.registry = CollectorRegistry()
-        self.requests = Counter("ddrs_requests", "HTTP requests by method, path and status.",
-                                ["method", "path", "status"], registry=self.registry)
-        self.latency = Histogram("ddrs_request_seconds",
-                                 "Latency of certify and predict requests.",
-                                 buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.batch_queries = Counter("ddrs_batch_queries",
-                                     "Queries by the size of the engine batch they ran in.",
-                                     ["size"], registry=self.registry)
-        self.in_flight = Gauge("ddrs_queries_in_flight", "Queries received and not yet answered.",
-                               registry=self.registry)
-        self.entries = Gauge("ddrs_memory_entries", "Entries in the certification memory.",
-                             registry=self.registry)
-        self.changed = Counter("ddrs_answers_changed", "Answers whose class the memory changed.",
-                               registry=self.registry)
-        self.shrunk = Counter("ddrs_answers_shrunk", "Answers whose radius the memory shrank.",
-                              registry=self.registry)
-        self.repeats = Counter("ddrs_answers_repeat", "Exact repeats answered from the memory.",
-                               registry=self.registry)
+        self.requests = Counter(
+            "ddrs_requests",
+            "HTTP requests by method, path and status.",
+            ["method", "path", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "ddrs_request_seconds",
+            "Latency of certify and predict requests.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_queries = Counter(
+            "ddrs_batch_queries",
+            "Queries by the size of the engine batch they ran in.",
+            ["size"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "ddrs_queries_in_flight",
+            "Queries received and not yet answered.",
+            registry=self.registry,
+        )
+        self.entries = Gauge(
+            "ddrs_memory_entries", "Entries in the certification memory.", registry=self.registry
+        )
+        self.changed = Counter(
+            "ddrs_answers_changed",
+            "Answers whose class the memory changed.",
+            registry=self.registry,
+        )
+        self.shrunk = Counter(
+            "ddrs_answers_shrunk", "Answers whose radius the memory shrank.", registry=self.registry
+        )
+        self.repeats = Counter(
+            "ddrs_answers_repeat", "Exact repeats answered from the memory.", registry=self.registry
+        )
         self.batches: dict[int, int] = {}  # queries by engine batch size, for tests and logs
 
     def observe(self, method: str, path: str, status: int, seconds: float) -> None:

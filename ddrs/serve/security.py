@@ -9,9 +9,11 @@ from urllib.parse import urlsplit
 from ddrs.errors import InputError
 
 # the page loads its own script and style and shows uploads (blob:) and previews (blob:)
-PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
-               "connect-src 'self'; base-uri 'none'; form-action 'none'; "
-               "frame-ancestors 'none'")  # fmt: skip
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
 API_POLICY = "default-src 'none'; frame-ancestors 'none'"
 
 
@@ -42,8 +44,9 @@ def cross_origin(headers) -> bool:
 
 def authorised(headers, token: str) -> bool:
     scheme, _, given = headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
-                                                              token.encode())  # fmt: skip
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    )
 
 
 def encoded_slash(raw_path: bytes) -> bool:

@@ -69,11 +69,16 @@ class HeaderTimeout(H11Protocol):
         if self.transport.is_closing():
             return
         if self.conn.their_state is not h11.IDLE or self.conn.trailing_data[0]:
-            body = json.dumps({"error": f"the request's headers did not arrive within "
-                               f"{self.header_timeout:g} s"}).encode()  # fmt: skip
-            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: "
-                                 b"application/json\r\nConnection: close\r\nContent-Length: "
-                                 + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+            body = json.dumps(
+                {"error": f"the request's headers did not arrive within {self.header_timeout:g} s"}
+            ).encode()
+            self.transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\nContent-Type: "
+                b"application/json\r\nConnection: close\r\nContent-Length: "
+                + str(len(body)).encode()
+                + b"\r\n\r\n"
+                + body
+            )
         self.transport.close()
 
 
@@ -89,18 +94,22 @@ def check_port_free(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as error:
-            raise InputError(f"cannot listen on {url_host(host)}:{port} ({error.strerror}); "
-                             "pass another --port, or stop what uses it") from None  # fmt: skip
+            raise InputError(
+                f"cannot listen on {url_host(host)}:{port} ({error.strerror}); "
+                "pass another --port, or stop what uses it"
+            ) from None
 
 
 def _inputs(run: ServeRun) -> DatasetInfo:
     if run.dataset:
         options = ImageOptions(*recorded_image_options(run.first_source, None, None))
-        return dataset_info(run.dataset, run.data_root,
-                            options if run.dataset == "imagefolder" else None)  # fmt: skip
+        return dataset_info(
+            run.dataset, run.data_root, options if run.dataset == "imagefolder" else None
+        )
     channels = run.input_shape[0]
-    return DatasetInfo("custom", run.num_classes, tuple(run.input_shape), (0.0,) * channels,
-                       (1.0,) * channels)  # fmt: skip
+    return DatasetInfo(
+        "custom", run.num_classes, tuple(run.input_shape), (0.0,) * channels, (1.0,) * channels
+    )
 
 
 def _log_lines(level: str) -> None:
@@ -125,39 +134,82 @@ def serve(run: ServeRun) -> None:
     def make_classifier():
         memory = CertificationMemory(run.memory, fingerprint, info.input_shape)
         return DataDependentSmoothClassifier(
-            experts, info.num_classes, memory, run.noise_level, n0=run.n0, n=run.n,
-            alpha=run.alpha, batch=run.batch, seed=run.seed, selector=run.selector,
-            search=run.options, router=router, router_n=run.router_n,
-            router_share=run.router_share, route_rule=run.route_rule, amp=run.amp,
+            experts,
+            info.num_classes,
+            memory,
+            run.noise_level,
+            n0=run.n0,
+            n=run.n,
+            alpha=run.alpha,
+            batch=run.batch,
+            seed=run.seed,
+            selector=run.selector,
+            search=run.options,
+            router=router,
+            router_n=run.router_n,
+            router_share=run.router_share,
+            route_rule=run.route_rule,
+            amp=run.amp,
             compile=run.compile,
-        )  # fmt: skip
+        )
 
     make_classifier().memory.close()  # a memory of another model or a corrupt one: say so now
     memory = shown_location(run.memory)  # never the password, wherever it is shown
     describe = {
-        "model": fingerprint[:16], "dataset": info.name, "input_shape": list(info.input_shape),
-        "num_classes": info.num_classes, "sigma": run.sigma, "sigma0": run.sigma0,
-        "search": run.selector, "n0": run.n0, "n": run.n, "alpha": run.alpha, "memory": memory,
-    }  # fmt: skip
+        "model": fingerprint[:16],
+        "dataset": info.name,
+        "input_shape": list(info.input_shape),
+        "num_classes": info.num_classes,
+        "sigma": run.sigma,
+        "sigma0": run.sigma0,
+        "search": run.selector,
+        "n0": run.n0,
+        "n": run.n,
+        "alpha": run.alpha,
+        "memory": memory,
+    }
     if not experts.is_model:
-        describe.update(experts=experts.describe(), route=(
-            f"router (sigma_r {router.sigma:g})" if router else f"selector ({run.route_rule})"))
+        describe.update(
+            experts=experts.describe(),
+            route=(
+                f"router (sigma_r {router.sigma:g})" if router else f"selector ({run.route_rule})"
+            ),
+        )
     describe = {key: value for key, value in describe.items() if value is not None}
-    service = CertificationService(make_classifier, info, max_batch=run.max_batch,
-                                   max_wait=run.max_wait, describe=describe)  # fmt: skip
-    app = create_app(service, token=token, max_body_bytes=run.max_body_bytes,
-                     allowed_hosts=run.allowed_hosts, max_pixels=run.max_pixels,
-                     metrics_public=run.metrics_public, body_timeout=run.body_timeout)
+    service = CertificationService(
+        make_classifier, info, max_batch=run.max_batch, max_wait=run.max_wait, describe=describe
+    )
+    app = create_app(
+        service,
+        token=token,
+        max_body_bytes=run.max_body_bytes,
+        allowed_hosts=run.allowed_hosts,
+        max_pixels=run.max_pixels,
+        metrics_public=run.metrics_public,
+        body_timeout=run.body_timeout,
+    )
     auth = "token required" if token else "no token"
     if token is None and run.host not in LOOPBACK:
-        print(f"warning: listening on {run.host} without --token-file: anyone who can reach "
-              "it can query the model and grow the memory", flush=True)
+        print(
+            f"warning: listening on {run.host} without --token-file: anyone who can reach "
+            "it can query the model and grow the memory",
+            flush=True,
+        )
     if run.allowed_host is None and run.host not in LOOPBACK:
-        print(f"note: requests are answered for the Host names {', '.join(run.allowed_hosts)}; "
-              "give --allowed-host NAME for the name clients use", flush=True)
-    print(f"ddrs serve: http://{url_host(run.host)}:{run.port}/  memory {memory}  {auth}",
-          flush=True)
+        print(
+            f"note: requests are answered for the Host names {', '.join(run.allowed_hosts)}; "
+            "give --allowed-host NAME for the name clients use",
+            flush=True,
+        )
+    print(
+        f"ddrs serve: http://{url_host(run.host)}:{run.port}/  memory {memory}  {auth}", flush=True
+    )
     _log_lines(run.log_level)
-    uvicorn.run(app, host=run.host, port=run.port, log_level=run.log_level,
-                timeout_graceful_shutdown=run.drain_seconds,
-                http=header_timeout(run.header_timeout))  # fmt: skip
+    uvicorn.run(
+        app,
+        host=run.host,
+        port=run.port,
+        log_level=run.log_level,
+        timeout_graceful_shutdown=run.drain_seconds,
+        http=header_timeout(run.header_timeout),
+    )

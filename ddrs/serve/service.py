@@ -25,8 +25,19 @@ from ddrs.options import default_of
 from ddrs.serve.metrics import ServiceMetrics
 from ddrs.serve.spec import ServeRun
 
-PATHS = {"/", "/page.js", "/page.css", "/health", "/favicon.ico", "/v1/certify", "/v1/predict",
-         "/v1/preview", "/v1/memory/stats", "/metrics", "/openapi.json"}  # fmt: skip
+PATHS = {
+    "/",
+    "/page.js",
+    "/page.css",
+    "/health",
+    "/favicon.ico",
+    "/v1/certify",
+    "/v1/predict",
+    "/v1/preview",
+    "/v1/memory/stats",
+    "/metrics",
+    "/openapi.json",
+}
 
 
 class EngineError(Exception):
@@ -140,8 +151,11 @@ class CertificationService:
             try:
                 answers = await self.call(self._answer, queries)
             except Exception as error:  # the engine failed: every query of the batch fails
-                failure = (Unavailable(str(error)) if isinstance(error, MemoryUnavailable)
-                           else EngineError(f"{type(error).__name__}: {error}"))
+                failure = (
+                    Unavailable(str(error))
+                    if isinstance(error, MemoryUnavailable)
+                    else EngineError(f"{type(error).__name__}: {error}")
+                )
                 for q in queries:
                     if not q.future.done():
                         q.future.set_exception(failure)
@@ -154,5 +168,3 @@ class CertificationService:
 
     async def memory_stats(self) -> dict:
         return await self.call(self.classifier.memory.stats)
-
-

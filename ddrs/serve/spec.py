@@ -29,20 +29,31 @@ class ServeRun(SearchSettings, Models):
         None, "without --dataset: C,H,W of the inputs", type="shape"
     )
     num_classes: int | None = setting(None, "without --dataset: number of classes", type=int)
-    memory: str = setting(None, "certification memory (created if new): an SQLite file, or a "
-                          "postgresql:// URL that several replicas share", required=True)
+    memory: str = setting(
+        None,
+        "certification memory (created if new): an SQLite file, or a "
+        "postgresql:// URL that several replicas share",
+        required=True,
+    )
     sigma: float | None = setting(
-        None, "one model: one noise level for every query", group="sigma", type=float,
+        None,
+        "one model: one noise level for every query",
+        group="sigma",
+        type=float,
         group_required=False,
-    )  # fmt: skip
+    )
     sigma0: float | None = setting(
-        None, "one model, data-dependent: the search's centre", group="sigma", type=float,
+        None,
+        "one model, data-dependent: the search's centre",
+        group="sigma",
+        type=float,
         group_required=False,
-    )  # fmt: skip
+    )
     route_rule: str = setting(
-        ROUTE_RULES[0], "experts: radius or agree (see `ddrs sigma --help`)",
+        ROUTE_RULES[0],
+        "experts: radius or agree (see `ddrs sigma --help`)",
         choices=list(ROUTE_RULES),
-    )  # fmt: skip
+    )
     router: str | None = setting(None, "experts: a router checkpoint (dual smoothing)")
     router_n: int | None = setting(None, "the router's samples (default: --n)", type=int)
     router_share: float = setting(0.5, "the share of --alpha spent on the router")
@@ -59,24 +70,29 @@ class ServeRun(SearchSettings, Models):
     seed: int = setting(0, "seed of all Monte Carlo noise")
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...")
     host: str = setting(
-        "127.0.0.1", "address to listen on: 127.0.0.1 or ::1 (loopback, the default), or "
+        "127.0.0.1",
+        "address to listen on: 127.0.0.1 or ::1 (loopback, the default), or "
         "0.0.0.0 / :: (every interface: give --token-file)",
-    )  # fmt: skip
+    )
     port: int = setting(8000, "port to listen on")
     token_file: str | None = setting(None, "require Authorization: Bearer <the file's token>")
     max_batch: int = setting(32, "queries answered in one engine call (1: off)")
     max_wait_ms: float = setting(
-        0.0, "how long a query waits for others to share its engine call (0: none; queries "
+        0.0,
+        "how long a query waits for others to share its engine call (0: none; queries "
         "that arrive while the engine is busy share the next call anyway)",
-    )  # fmt: skip
+    )
     max_body_bytes: int = setting(8 << 20, "larger requests get 413")
-    max_pixels: int = setting(4096 * 4096, "larger uploaded images get 413 (checked from the "
-                              "image's header, before decoding)")  # fmt: skip
+    max_pixels: int = setting(
+        4096 * 4096,
+        "larger uploaded images get 413 (checked from the image's header, before decoding)",
+    )
     allowed_host: tuple[str, ...] | None = setting(
-        None, "a Host name the service answers to (repeatable; default: the --host address, "
+        None,
+        "a Host name the service answers to (repeatable; default: the --host address, "
         "localhost, 127.0.0.1 and ::1): other Host headers get 400, against DNS rebinding",
         repeatable=True,
-    )  # fmt: skip
+    )
     metrics_public: bool = setting(False, "let /metrics be scraped without the token")
     header_timeout: float = setting(
         10.0, "seconds a client may take to send a request's headers (then 408, closed)"
@@ -86,9 +102,10 @@ class ServeRun(SearchSettings, Models):
     )
     drain_seconds: int = setting(60, "on SIGTERM, time given to queries in flight")
     log_level: str = setting(
-        "warning", "log level of the server's lines (uvicorn's and the service's)",
+        "warning",
+        "log level of the server's lines (uvicorn's and the service's)",
         choices=["critical", "error", "warning", "info", "debug", "trace"],
-    )  # fmt: skip
+    )
 
     def __post_init__(self) -> None:
         Models.__post_init__(self)

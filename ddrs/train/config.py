@@ -26,15 +26,18 @@ class TrainConfig:
 
     dataset: str = setting(None, DATASETS_HELP, required=True)
     arch: str = setting(
-        None, "cnn, cnn_small, cifar_resnet20, cifar_resnet110, cifar_resnet18, resnet50",
+        None,
+        "cnn, cnn_small, cifar_resnet20, cifar_resnet110, cifar_resnet18, resnet50",
         required=True,
-    )  # fmt: skip
+    )
     out: str = setting(None, "run folder: last.pt, best.pt, log.csv", required=True)
     method: str = setting("gaussian", "gaussian, smoothadv, macer, consistency")
     method_settings: dict = setting(
-        help="a method hyper-parameter, e.g. --setting eps=0.5 (repeatable; see "
-        "docs/METHODS.md)", factory=dict, flag="--setting", metavar="KEY=VALUE",
-    )  # fmt: skip
+        help="a method hyper-parameter, e.g. --setting eps=0.5 (repeatable; see docs/METHODS.md)",
+        factory=dict,
+        flag="--setting",
+        metavar="KEY=VALUE",
+    )
     sigma: float = setting(0.25, "training noise level (pixel units)", required=True)
     epochs: int = setting(90, "training epochs")
     batch: int = setting(256, "training batch size")
@@ -44,30 +47,32 @@ class TrainConfig:
     lr_step: int = setting(30, "multiply lr by --lr-gamma every this many epochs")
     lr_gamma: float = setting(0.1, "lr factor every --lr-step")
     seed: int = setting(0, "seed of initialisation, order, noise")
-    data_root: str | None = setting(None, "dataset folder, or the .npz file (default: "
-                                    "$DDRS_DATA_ROOT)")  # fmt: skip
+    data_root: str | None = setting(
+        None, "dataset folder, or the .npz file (default: $DDRS_DATA_ROOT)"
+    )
     image_size: tuple[int, int] | None = setting(None, IMAGE_SIZE_HELP, type="image_size")
     channels: int | None = setting(None, CHANNELS_HELP, type=int)
     normalize: str | tuple | None = setting(
-        None, "imagefolder: the model's normalisation: imagenet, none, auto (the training "
-        "split's per-channel mean and std) or MEAN,STD (default: 0.5,0.5)", type="normalize",
-    )  # fmt: skip
+        None,
+        "imagefolder: the model's normalisation: imagenet, none, auto (the training "
+        "split's per-channel mean and std) or MEAN,STD (default: 0.5,0.5)",
+        type="normalize",
+    )
     train_subset: int | None = setting(
         None, "train on a fixed random subset of this size", type=int
     )
     eval_max: int | None = setting(2000, "test inputs for per-epoch accuracy", type=int)
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...")
     workers: int = setting(0, "data loader worker processes")
-    data_dependent: bool = setting(
-        False, "per-sample sigma, warm-started", section=DD_SECTION
-    )
+    data_dependent: bool = setting(False, "per-sample sigma, warm-started", section=DD_SECTION)
     dd_iterations: int = setting(
         10, "ascent steps per batch (authors: 10 CIFAR, 1 ImageNet)", section=DD_SECTION
     )
     dd_lr: float = setting(
-        1e-4, "ascent step (authors: 1e-4 over 440 epochs; short runs: see docs/METHODS.md)",
+        1e-4,
+        "ascent step (authors: 1e-4 over 440 epochs; short runs: see docs/METHODS.md)",
         section=DD_SECTION,
-    )  # fmt: skip
+    )
     dd_samples: int = setting(
         64, "noise samples per step (authors: 64 CIFAR, 1 ImageNet)", section=DD_SECTION
     )
@@ -110,23 +115,29 @@ class RouterLabels:
     labels (the router itself is a TrainConfig: --arch, --sigma (its sigma_r), --epochs...)."""
 
     expert: tuple[str, ...] | None = setting(
-        None, "an expert, SOURCE:SIGMA or NAME=SOURCE:SIGMA (repeatable; the router's classes "
-        "follow their order)", group="experts", repeatable=True,
-    )  # fmt: skip
+        None,
+        "an expert, SOURCE:SIGMA or NAME=SOURCE:SIGMA (repeatable; the router's classes "
+        "follow their order)",
+        group="experts",
+        repeatable=True,
+    )
     experts: str | None = setting(
         None, "a file of experts, one per line: NAME SOURCE SIGMA", group="experts"
     )
     images: int | None = setting(
-        None, "label this many of the training images no expert trained on, spread evenly "
-        "(default: all of them)", type=int,
-    )  # fmt: skip
+        None,
+        "label this many of the training images no expert trained on, spread evenly "
+        "(default: all of them)",
+        type=int,
+    )
     exclude: str | None = setting(
         None, "a TSV whose idx column lists training images to leave out (e.g. validation)"
     )
     label_samples: int = setting(64, "votes per expert and image for the labels")
     label_n: int = setting(DEFAULTS.n, "the N of the certification the labels score for")
-    label_alpha: float = setting(DEFAULTS.alpha, "the alpha of the certification the labels "
-                                 "score for")  # fmt: skip
+    label_alpha: float = setting(
+        DEFAULTS.alpha, "the alpha of the certification the labels score for"
+    )
 
     def __post_init__(self) -> None:
         expert_specs(self.expert, self.experts)

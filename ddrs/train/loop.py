@@ -3,7 +3,7 @@
 Data-dependent training (Alfarra et al., 2022): each training sample keeps its own sigma in
 a buffer indexed by dataset index, initialised to `sigma` and warm-started every time the
 sample is seen: before the method's loss, a few ascent steps of the radius surrogate
-(sigma.py) run on the batch, the result is written back, and the method's noise uses it.
+(core/sigma.py) run on the batch, the result is written back, and the method's noise uses it.
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ class Trainer:
     config's dataset splits (a router trains on relabelled images); `extra_meta`: more entries
     recorded in the checkpoints' meta."""
 
-    def __init__(self, config: TrainConfig, *, train_set=None, test_set=None,
-                 extra_meta: dict | None = None):  # fmt: skip
+    def __init__(
+        self, config: TrainConfig, *, train_set=None, test_set=None, extra_meta: dict | None = None
+    ):
         self.config = config
         self.device = device_for(config.device)
         self.dist = join("nccl" if self.device.type == "cuda" else "gloo")
@@ -55,8 +56,9 @@ class Trainer:
         if train_set is None:
             train_set = get_dataset(config.dataset, "train", config.data_root, options=options)
         if test_set is None:
-            test_set = get_dataset(config.dataset, "test", config.data_root, augment=False,
-                                   options=options)
+            test_set = get_dataset(
+                config.dataset, "test", config.data_root, augment=False, options=options
+            )
         self.train_set, self.test_set = train_set, test_set
         self.extra_meta = dict(extra_meta or {})
         self.info = self.train_set.info
@@ -113,9 +115,12 @@ class Trainer:
             "epoch": epoch,
             "data_dependent": c.data_dependent,
             "train_config": dataclasses.asdict(c),
-            "data_options": {"image_size": list(self.info.input_shape[1:]),
-                             "channels": self.info.input_shape[0]}
-            if c.dataset == "imagefolder" else None,
+            "data_options": {
+                "image_size": list(self.info.input_shape[1:]),
+                "channels": self.info.input_shape[0],
+            }
+            if c.dataset == "imagefolder"
+            else None,
             **self.extra_meta,
         }
 
@@ -352,8 +357,13 @@ def spread_indices(total: int, count: int | None) -> list[int]:
     return [i * total // count for i in range(count)]
 
 
-SIGMA_QUANTILES = {"sigma_min": 0.0, "sigma_p10": 0.1, "sigma_median": 0.5, "sigma_p90": 0.9,
-                   "sigma_max": 1.0}
+SIGMA_QUANTILES = {
+    "sigma_min": 0.0,
+    "sigma_p10": 0.1,
+    "sigma_median": 0.5,
+    "sigma_p90": 0.9,
+    "sigma_max": 1.0,
+}
 
 
 def sigma_summary(buffer: torch.Tensor) -> dict:

@@ -63,8 +63,13 @@ def held_out_indices(experts: Experts, total: int) -> list[int]:
     return held_out
 
 
-def label_routes(share_of_label: np.ndarray, top: np.ndarray, score: np.ndarray, y: np.ndarray,
-                 sigmas: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def label_routes(
+    share_of_label: np.ndarray,
+    top: np.ndarray,
+    score: np.ndarray,
+    y: np.ndarray,
+    sigmas: Sequence[float],
+) -> tuple[np.ndarray, np.ndarray]:
     """(route, number of right experts) per image, from every expert's top class `top`, score
     and share of votes for the true label (all (B, E)); see the module's docstring."""
     order = np.array(sorted(range(len(sigmas)), key=lambda j: (sigmas[j], j)))
@@ -76,14 +81,28 @@ def label_routes(share_of_label: np.ndarray, top: np.ndarray, score: np.ndarray,
 
 
 def router_labels(
-    experts: Experts, dataset, indices: Sequence[int], out: str | Path, *, samples: int = 64,
-    n: int = DEFAULTS.n, alpha: float = DEFAULTS.alpha, seed: int = 0, batch: int = 256,
+    experts: Experts,
+    dataset,
+    indices: Sequence[int],
+    out: str | Path,
+    *,
+    samples: int = 64,
+    n: int = DEFAULTS.n,
+    alpha: float = DEFAULTS.alpha,
+    seed: int = 0,
+    batch: int = 256,
     group: int = 64,
-) -> dict[int, int]:  # fmt: skip
+) -> dict[int, int]:
     """{dataset index: expert index}; written to `out` (LABEL_COLUMNS) as it goes, and
     resumed from it."""
-    settings = {"experts": experts.describe(), "samples": samples, "n": n, "alpha": alpha,
-                "seed": seed, "dataset": dataset.info.name}  # fmt: skip
+    settings = {
+        "experts": experts.describe(),
+        "samples": samples,
+        "n": n,
+        "alpha": alpha,
+        "seed": seed,
+        "dataset": dataset.info.name,
+    }
     sigmas = [e.sigma for e in experts]
     with ResultsWriter(out, LABEL_COLUMNS, settings) as writer:
         todo = [i for i in indices if i not in writer.done]
@@ -92,15 +111,30 @@ def router_labels(
             items = [dataset[i] for i in chunk]
             x = torch.stack([item[0] for item in items])
             y = np.array([int(item[1]) for item in items])
-            share, top, score, votes = expert_scores(experts, x, samples=samples, n=n,
-                                                     alpha=alpha, seed=seed, keys=chunk,
-                                                     batch=batch, with_votes=True)  # fmt: skip
+            share, top, score, votes = expert_scores(
+                experts,
+                x,
+                samples=samples,
+                n=n,
+                alpha=alpha,
+                seed=seed,
+                keys=chunk,
+                batch=batch,
+                with_votes=True,
+            )
             of_label = votes[np.arange(len(chunk)), :, y] / samples
             route, right = label_routes(of_label, top, score, y, sigmas)
             for k, idx in enumerate(chunk):
-                writer.write({"idx": idx, "label": int(y[k]), "route": int(route[k]),
-                              "expert": experts[int(route[k])].name, "right": int(right[k]),
-                              "score": float(score[k, route[k]])})  # fmt: skip
+                writer.write(
+                    {
+                        "idx": idx,
+                        "label": int(y[k]),
+                        "route": int(route[k]),
+                        "expert": experts[int(route[k])].name,
+                        "right": int(right[k]),
+                        "score": float(score[k, route[k]]),
+                    }
+                )
     table = read_table(out, required=LABEL_COLUMNS)
     return dict(zip(table["idx"].tolist(), table["route"].tolist()))
 
@@ -112,8 +146,9 @@ class RoutedImages:
         self.base, self.indices = base, list(indices)
         self.targets = [int(routes[i]) for i in self.indices]
         info = base.info
-        self.info = DatasetInfo(f"{info.name}-routes", len(names), info.input_shape, info.mean,
-                                info.std, tuple(names))  # fmt: skip
+        self.info = DatasetInfo(
+            f"{info.name}-routes", len(names), info.input_shape, info.mean, info.std, tuple(names)
+        )
         self.split = f"router images of {info.name} {base.split}"
 
     def __len__(self) -> int:
@@ -125,11 +160,17 @@ class RoutedImages:
 
 
 def train_router(
-    experts: Experts, config: TrainConfig, indices: Sequence[int] | None = None, *,
-    samples: int = 64, n: int = DEFAULTS.n, alpha: float = DEFAULTS.alpha,
+    experts: Experts,
+    config: TrainConfig,
+    indices: Sequence[int] | None = None,
+    *,
+    samples: int = 64,
+    n: int = DEFAULTS.n,
+    alpha: float = DEFAULTS.alpha,
     eval_share: float = 0.1,
-    batch: int = 256, labels: str | Path | None = None,
-) -> Path:  # fmt: skip
+    batch: int = 256,
+    labels: str | Path | None = None,
+) -> Path:
     """Label `indices` of the training split (default: every image no expert trained on) and
     train a router on them at sigma_r = config.sigma; `eval_share` of the images (spread
     evenly) are kept for the per-epoch accuracy instead. `labels`: the labels file (default
@@ -141,16 +182,34 @@ def train_router(
     indices = sorted(int(i) for i in indices)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    routes = router_labels(experts, plain, indices, labels or out / "labels.tsv",
-                           samples=samples, n=n, alpha=alpha, seed=config.seed,
-                           batch=batch)  # fmt: skip
+    routes = router_labels(
+        experts,
+        plain,
+        indices,
+        labels or out / "labels.tsv",
+        samples=samples,
+        n=n,
+        alpha=alpha,
+        seed=config.seed,
+        batch=batch,
+    )
     step = max(2, round(1 / eval_share)) if eval_share > 0 else len(indices) + 1
     held = indices[step // 2 :: step]
     fit = [i for i in indices if i not in set(held)] or indices
     augmented = get_dataset(config.dataset, "train", config.data_root)
     names = experts.names
     shares = np.bincount([routes[i] for i in indices], minlength=len(names)) / len(indices)
-    meta = {"router": {"experts": list(names), "sigma": config.sigma,
-                       "label_shares": shares.tolist(), "images": len(indices)}}  # fmt: skip
-    return train(config, train_set=RoutedImages(augmented, fit, routes, names),
-                 test_set=RoutedImages(plain, held or fit, routes, names), extra_meta=meta)
+    meta = {
+        "router": {
+            "experts": list(names),
+            "sigma": config.sigma,
+            "label_shares": shares.tolist(),
+            "images": len(indices),
+        }
+    }
+    return train(
+        config,
+        train_set=RoutedImages(augmented, fit, routes, names),
+        test_set=RoutedImages(plain, held or fit, routes, names),
+        extra_meta=meta,
+    )

@@ -1,0 +1,178 @@
+"""What every run over a dataset shares: its results file, the inputs it covers, its identity
+in the resume settings; and, for CERTIFY and PREDICT, where each input's sigma comes from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ddrs.core.checks import integer, optional_integer, positive, probability
+from torch import nn
+
+from ddrs.core.experts import Experts, as_experts
+from ddrs.core.smooth import DEFAULTS
+from ddrs.data import radius_units
+from ddrs.errors import InputError, ResultsFileError
+from ddrs.models import memory_fingerprint, model_fingerprint
+from ddrs.options import setting
+from ddrs.results import (
+    EXPERT_COLUMNS,
+    ROUTER_COLUMNS,
+    ResultsWriter,
+    file_digest,
+    read_routes,
+    read_sigmas,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetRun:
+    """What every run over a dataset shares: its results file and the inputs it covers
+    (Cohen et al.'s --skip / --max: every skip-th index below max)."""
+
+    out: str = setting(None, "results TSV (resumed if it exists)", required=True)
+    skip: int = setting(1, "use every SKIP-th input (Cohen's --skip)")
+    max: int | None = setting(
+        None, "stop before this dataset index (default: all; --max-index under torchrun)",
+        aliases=("--max-index",), type=int,
+    )
+    batch: int | None = setting(
+        None, "noisy samples per forward pass (default: automatic)", type=int
+    )
+    seed: int = setting(0, "seed of all Monte Carlo noise")
+    progress: bool = setting(True, "hide progress bars", flag="--no-progress")
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise InputError("give --out, the results file")
+        integer("--skip", self.skip)
+        optional_integer("--batch", self.batch)
+        integer("--seed", self.seed, minimum=0)
+        if self.max is not None:
+            integer("--max", self.max, minimum=-1)  # -1: all (Cohen et al.'s scripts)
+
+    def indices(self, length: int) -> list[int]:
+        """The dataset indices this run covers."""
+        stop = length if self.max is None or self.max < 0 else min(self.max, length)
+        return list(range(0, stop, self.skip))
+
+    def base_settings(self, command: str, experts: Experts | nn.Module, dataset) -> dict:
+        experts = as_experts(experts)
+        if experts.is_model:
+            identity = {"model": model_fingerprint(experts[0].model)[:16]}
+        else:
+            shape = dataset.info.input_shape
+            identity = {"model": memory_fingerprint(experts, dataset.info.name, shape)[:16],
+                        "experts": experts.describe()}
+        return {
+            "command": command,
+            **identity,
+            "radius_units": radius_units(dataset.info.input_shape),
+            "dataset": dataset.info.name,
+            "split": dataset.split,
+            "seed": self.seed,
+            "skip": self.skip,  # --max may grow on resume: the rows stay a prefix
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class SmoothingRun(DatasetRun):
+    """CERTIFY or PREDICT over a dataset: one sigma, or a sigma per input from a file."""
+
+    sigma: float | None = setting(
+        None, "one noise level for all inputs (pixel units)", group="sigma source", type=float
+    )
+    sigmas: str | None = setting(
+        None, "TSV with idx and sigma columns (from `ddrs sigma`)", group="sigma source"
+    )
+    n: int = setting(DEFAULTS.n, "estimation samples (--num-samples under torchrun)",
+                     aliases=("--num-samples",))
+    alpha: float = setting(DEFAULTS.alpha, "failure probability")
+    amp: str | None = setting(
+        None, "CUDA only: autocast the base classifier (changes its arithmetic, not the "
+        "soundness of the statistics)", choices=["fp16", "bf16"],
+    )
+    compile: bool = setting(
+        False, "torch.compile the model (pays off for long runs; 10-40 s per shape)"
+    )
+
+    def sigma_sources(self) -> list:
+        return [self.sigma, self.sigmas]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if sum(source is not None for source in self.sigma_sources()) != 1:
+            raise InputError(
+                "give exactly one of a fixed --sigma or a per-input --sigmas file"
+                + (" or a --router" if len(self.sigma_sources()) > 2 else "")
+            )
+        if self.sigma is not None:
+            positive("--sigma", self.sigma)
+        if self.sigmas is not None and not Path(self.sigmas).is_file():
+            raise InputError(
+                f"--sigmas {self.sigmas}: no such file; write it first with `ddrs sigma ... "
+                f"--out {self.sigmas}`"
+            )
+        integer("--n", self.n)
+        probability("--alpha", self.alpha)
+
+    def sigma_by_index(self, indices: list[int]) -> dict[int, float] | None:
+        """Each covered input's sigma; a sigmas file must hold every one of them. None when
+        a router chooses them."""
+        if self.sigmas is None:
+            return None if self.sigma is None else dict.fromkeys(indices, float(self.sigma))
+        sigmas = read_sigmas(self.sigmas)
+        missing = [i for i in indices if i not in sigmas]
+        if missing:
+            raise ResultsFileError(
+                f"the sigmas file has no row for dataset index {missing[0]} ({len(missing)} of "
+                f"the {len(indices)} selected inputs missing); run `ddrs sigma` with the same "
+                "--skip/--max"
+            )
+        return {i: sigmas[i] for i in indices}
+
+    def routes(self, experts: Experts, indices: list[int]) -> dict[int, tuple[int, float]] | None:
+        """Each covered input's (expert, sigma): expert 0 at the run's sigmas for one model;
+        for experts, the routes file's; None when a router chooses at certification time."""
+        experts = as_experts(experts)
+        if experts.is_model:
+            if getattr(self, "router", None):
+                raise InputError("--router routes among experts: give them with --expert or "
+                                 "--experts")
+            return {i: (0, s) for i, s in self.sigma_by_index(indices).items()}
+        if self.sigma is not None:
+            raise InputError("experts certify at their own sigmas: give --sigmas from `ddrs "
+                             "sigma --expert ...` (or a --router), not --sigma")
+        if self.sigmas is None:
+            return None
+        routes = read_routes(self.sigmas)
+        self.sigma_by_index(indices)  # every input has a row
+        return {i: (experts.index(routes[i][0]), routes[i][1]) for i in indices}
+
+    def check(self, experts: Experts, dataset, settings: dict | None = None):
+        """What the run checks before it writes anything (and before a sharded run starts its
+        workers); returns each covered input's (expert, sigma) (`routes`)."""
+        check_resumable(self, experts, dataset, settings)
+        return self.routes(experts, self.indices(len(dataset)))
+
+    def extra_columns(self, experts: Experts) -> tuple[str, ...]:
+        """What experts add to a results file: which one answered (and the router's radius)."""
+        if as_experts(experts).is_model:
+            return ()
+        return ROUTER_COLUMNS if getattr(self, "router", None) else EXPERT_COLUMNS
+
+    def smoothing_settings(self, command: str, experts: Experts, dataset) -> dict:
+        source = {"sigma": self.sigma}
+        if self.sigmas is not None:
+            source = {"sigmas": str(self.sigmas), "sigmas_sha256": file_digest(self.sigmas)}
+        return {
+            **self.base_settings(command, experts, dataset), **source, "n": self.n,
+            "alpha": self.alpha, "amp": self.amp, "compile": self.compile,
+        }
+
+
+def check_resumable(run, experts: Experts, dataset, settings: dict | None = None) -> None:
+    """A results file to resume must have been written with these settings and columns."""
+    if Path(run.out).is_file() and Path(run.out).stat().st_size > 0:
+        settings = settings or run.settings(experts, dataset)
+        ResultsWriter.check_settings(Path(run.out), run.columns(experts), settings)

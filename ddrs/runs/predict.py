@@ -1,0 +1,75 @@
+"""`ddrs predict` over a dataset: PREDICT every covered input (the binomial test on the top
+two counts; abstain when it cannot tell), with one model or with experts along a routes file."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ddrs.core.experts import Experts
+from ddrs.core.route import ExpertCertifier
+from ddrs.core.smooth import DEFAULTS
+from ddrs.launch import ONE_PROCESS, Rank
+from ddrs.options import setting
+from ddrs.results import PREDICT_COLUMNS, ResultsWriter
+from ddrs.runs.dataset import SmoothingRun
+from ddrs.runs.loop import RowSource, group_size, stack, write_rows
+from ddrs.runs.source import as_experts, inputs_of
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictRun(SmoothingRun):
+    """PREDICT every covered input."""
+
+    n: int = setting(DEFAULTS.n, "noise samples per input (--num-samples under torchrun)",
+                     aliases=("--num-samples",))
+    alpha: float = setting(
+        DEFAULTS.alpha, "bound on the probability of returning a wrong class (else abstain)"
+    )
+
+    def columns(self, experts: Experts) -> tuple[str, ...]:
+        return PREDICT_COLUMNS + self.extra_columns(experts)
+
+    def settings(self, experts: Experts, dataset) -> dict:
+        return self.smoothing_settings("predict", experts, dataset)
+
+
+def predict_dataset(model: nn.Module | Experts, dataset, run: PredictRun, *,
+                    rank: Rank = ONE_PROCESS) -> str:
+    """PREDICT every input `run` covers; rows `idx label predict correct time` (and the
+    expert, for experts)."""
+    experts = as_experts(model)
+    dataset = inputs_of(dataset, experts)
+    settings = run.settings(experts, dataset)
+    routes = run.check(experts, dataset, settings)
+    certifier = ExpertCertifier(experts, dataset.info.num_classes, seed=run.seed, amp=run.amp,
+                                compile=run.compile)
+    extra = run.extra_columns(experts)
+
+    def rows_of(group: list[int]) -> list[dict]:
+        x, labels = stack(dataset, group)
+        expert = [routes[i][0] for i in group]
+        sigma = torch.tensor([routes[i][1] for i in group], dtype=torch.float32)
+        t0 = time.perf_counter()
+        answers = certifier.predict_batch(x, expert, sigma, run.n, run.alpha, run.batch, group)
+        elapsed = round((time.perf_counter() - t0) / len(group), 4)
+        rows = [
+            {"idx": idx, "label": label, "predict": answer, "correct": int(answer == label),
+             "time": elapsed}
+            for idx, label, answer in zip(group, labels, answers)
+        ]
+        if extra:
+            for row, k in zip(rows, expert):
+                row["expert"] = experts[k].name
+        return rows
+
+    columns = run.columns(experts)
+    batch = certifier.batch_size(run.batch, dataset.info.input_shape)
+    source = RowSource("predict", columns, group_size(run.n, batch), rows_of, dataset=dataset)
+    write_rows(source, out=run.out, settings=settings, selected=run.indices(len(dataset)),
+               open_outputs=lambda: ResultsWriter(run.out, columns, settings),
+               progress=run.progress, rank=rank)
+    return run.out
