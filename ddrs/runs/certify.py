@@ -46,28 +46,31 @@ class CertifyRun(SmoothingRun):
 
     n0: int = setting(DEFAULTS.n0, "selection samples")
     memory: str | None = setting(
-        None, "certification memory (an SQLite file, or a postgresql:// URL): resolve answers "
+        None,
+        "certification memory (an SQLite file, or a postgresql:// URL): resolve answers "
         "online in index order",
     )
     counts: str | None = setting(
-        None, "also write each input's vote counts here (selected class, its count, top two "
+        None,
+        "also write each input's vote counts here (selected class, its count, top two "
         "counts, N, N0, sigma, seed), for `ddrs recertify` at another alpha",
     )
     pilot: int = setting(
-        0, "input-specific N: a pilot of this many samples picks each input's N (at most --n) "
+        0,
+        "input-specific N: a pilot of this many samples picks each input's N (at most --n) "
         "within --radius-tolerance of the radius predicted at --n; 0: off",
     )
     radius_tolerance: float = setting(
         0.01, "with --pilot: the predicted radius an input may lose to a smaller N"
     )
     router: str | None = setting(
-        None, "dual smoothing: a router checkpoint (`ddrs train-router`) that certifies each "
+        None,
+        "dual smoothing: a router checkpoint (`ddrs train-router`) that certifies each "
         "input's route to one of the experts; the answer holds on the smaller of its ball and "
-        "the expert's", group="sigma source",
+        "the expert's",
+        group="sigma source",
     )
-    router_n: int | None = setting(
-        None, "the router's CERTIFY samples (default: --n)", type=int
-    )
+    router_n: int | None = setting(None, "the router's CERTIFY samples (default: --n)", type=int)
     router_share: float = setting(
         0.5, "the share of --alpha spent on the router's certificate (the expert gets the rest)"
     )
@@ -89,11 +92,13 @@ class CertifyRun(SmoothingRun):
         probability("--router-share", self.router_share)
         if self.router is not None:
             if not Path(self.router).is_file():
-                raise InputError(f"--router {self.router}: no such file; train one with "
-                                 "`ddrs train-router`")
+                raise InputError(
+                    f"--router {self.router}: no such file; train one with `ddrs train-router`"
+                )
             if self.pilot or self.counts:
-                raise InputError("--router certifies with fixed N; it takes neither --pilot "
-                                 "nor --counts")
+                raise InputError(
+                    "--router certifies with fixed N; it takes neither --pilot nor --counts"
+                )
 
     def columns(self, experts: Experts) -> tuple[str, ...]:
         """The results file's columns."""
@@ -111,8 +116,12 @@ class CertifyRun(SmoothingRun):
                 f"{self.out} already has rows and {self.counts} has none: --counts must be "
                 "given from the start of a run (or choose another --out)"
             )
-        if self.memory and not is_url(self.memory) and not Path(self.memory).exists() and (
-                row_count(self.out)):
+        if (
+            self.memory
+            and not is_url(self.memory)
+            and not Path(self.memory).exists()
+            and (row_count(self.out))
+        ):
             raise ResultsFileError(
                 f"cannot resume {self.out}: its rows were resolved against a memory, and "
                 f"{self.memory} does not exist; restore that memory, or start both afresh"
@@ -120,18 +129,26 @@ class CertifyRun(SmoothingRun):
 
     def settings(self, experts: Experts, dataset) -> dict:
         memory = None if self.memory is None else shown_location(self.memory)  # no password
-        settings = {**self.smoothing_settings("certify", experts, dataset), "n0": self.n0,
-                    "memory": memory}
+        settings = {
+            **self.smoothing_settings("certify", experts, dataset),
+            "n0": self.n0,
+            "memory": memory,
+        }
         if self.pilot:
             settings.update(pilot=self.pilot, radius_tolerance=self.radius_tolerance)
         if self.router:
-            settings.update(router=str(self.router), router_sha256=file_digest(self.router),
-                            router_n=self.router_samples, router_share=self.router_share)
+            settings.update(
+                router=str(self.router),
+                router_sha256=file_digest(self.router),
+                router_n=self.router_samples,
+                router_share=self.router_share,
+            )
         return settings
 
 
-def certify_dataset(model: nn.Module | Experts, dataset, run: CertifyRun, *,
-                    rank: Rank = ONE_PROCESS) -> str:
+def certify_dataset(
+    model: nn.Module | Experts, dataset, run: CertifyRun, *, rank: Rank = ONE_PROCESS
+) -> str:
     """CERTIFY every input `run` covers: one model at its fixed sigma or its sigmas file's
     sigma per input, or experts, each input by the expert its routes file names (a sigmas
     file of `ddrs sigma --expert`), or dual smoothing with `run.router` (docs/METHODS.md).
@@ -150,12 +167,19 @@ def certify_dataset(model: nn.Module | Experts, dataset, run: CertifyRun, *,
     num_classes = dataset.info.num_classes
     if routes is None:
         device = model_device(experts[0].model)
-        dual = DualSmoothing(load_router(run.router, experts, device), experts, num_classes,
-                             seed=run.seed, amp=run.amp, compile=run.compile)
+        dual = DualSmoothing(
+            load_router(run.router, experts, device),
+            experts,
+            num_classes,
+            seed=run.seed,
+            amp=run.amp,
+            compile=run.compile,
+        )
         certifier = dual.certifier
     else:
-        certifier = ExpertCertifier(experts, num_classes, seed=run.seed, amp=run.amp,
-                                    compile=run.compile)
+        certifier = ExpertCertifier(
+            experts, num_classes, seed=run.seed, amp=run.amp, compile=run.compile
+        )
     extra = run.extra_columns(experts)
     inputs: dict[int, torch.Tensor] = {}  # the group being certified, for the memory
 
@@ -165,8 +189,13 @@ def certify_dataset(model: nn.Module | Experts, dataset, run: CertifyRun, *,
         inputs.update(zip(group, x))
         t0 = time.perf_counter()
         repeats = _repeats(x, group) if look_up_repeats else {}
-        rows = [_repeat_row(idx, labels[i], repeats[idx], time.perf_counter() - t0, run.seed,
-                            experts, extra) for i, idx in enumerate(group) if idx in repeats]
+        rows = [
+            _repeat_row(
+                idx, labels[i], repeats[idx], time.perf_counter() - t0, run.seed, experts, extra
+            )
+            for i, idx in enumerate(group)
+            if idx in repeats
+        ]
         todo = [i for i, idx in enumerate(group) if idx not in repeats]
         if todo:
             rows += sample_rows([group[i] for i in todo], x[todo], [labels[i] for i in todo])
@@ -175,19 +204,40 @@ def certify_dataset(model: nn.Module | Experts, dataset, run: CertifyRun, *,
     def sample_rows(group: list[int], x: torch.Tensor, labels: list[int]) -> list[dict]:
         t0 = time.perf_counter()
         if routes is None:
-            found = dual.certify_batch(x, n0=run.n0, n=run.n, router_n=run.router_samples,
-                                       alpha=run.alpha, router_share=run.router_share,
-                                       batch=run.batch, keys=group)
+            found = dual.certify_batch(
+                x,
+                n0=run.n0,
+                n=run.n,
+                router_n=run.router_samples,
+                alpha=run.alpha,
+                router_share=run.router_share,
+                batch=run.batch,
+                keys=group,
+            )
             elapsed = (time.perf_counter() - t0) / len(group)
-            return [_routed_part_row(idx, labels[i], found[i], experts.names, run.n0, run.seed,
-                                     elapsed) for i, idx in enumerate(group)]
+            return [
+                _routed_part_row(idx, labels[i], found[i], experts.names, run.n0, run.seed, elapsed)
+                for i, idx in enumerate(group)
+            ]
         expert = [routes[i][0] for i in group]
         sigma = torch.tensor([routes[i][1] for i in group], dtype=torch.float32)
-        found = certifier.certify_batch(x, expert, sigma, run.n0, run.n, run.alpha, run.batch,
-                                        group, run.pilot, run.radius_tolerance)
+        found = certifier.certify_batch(
+            x,
+            expert,
+            sigma,
+            run.n0,
+            run.n,
+            run.alpha,
+            run.batch,
+            group,
+            run.pilot,
+            run.radius_tolerance,
+        )
         elapsed = (time.perf_counter() - t0) / len(group)
-        rows = [_part_row(idx, labels[i], found[i], run.n0, run.seed, elapsed)
-                for i, idx in enumerate(group)]
+        rows = [
+            _part_row(idx, labels[i], found[i], run.n0, run.seed, elapsed)
+            for i, idx in enumerate(group)
+        ]
         if extra:
             for row, k in zip(rows, expert):
                 row["expert"] = experts[k].name
@@ -207,20 +257,35 @@ def certify_dataset(model: nn.Module | Experts, dataset, run: CertifyRun, *,
 
         def open_outputs() -> CertifyOutputs:
             return CertifyOutputs(
-                run.out, run.columns(experts), settings, run.counts, memory,
+                run.out,
+                run.columns(experts),
+                settings,
+                run.counts,
+                memory,
                 lambda idx: inputs[idx] if idx in inputs else dataset[idx][0],
             )
 
         batch = certifier.batch_size(run.batch, dataset.info.input_shape)
         router_n = run.router_samples if routes is None else 0
         source = RowSource(
-            "certify", CERTIFY_PART_COLUMNS + extra, group_size(run.n, batch), rows_of,
+            "certify",
+            CERTIFY_PART_COLUMNS + extra,
+            group_size(run.n, batch),
+            rows_of,
             dataset=dataset,
-            samples_of=lambda rows: sum(run.n0 + run.pilot + row["n"] + router_n
-                                        for row in rows if "repeat" not in row),
+            samples_of=lambda rows: sum(
+                run.n0 + run.pilot + row["n"] + router_n for row in rows if "repeat" not in row
+            ),
         )
-        write_rows(source, out=run.out, settings=settings, selected=run.indices(len(dataset)),
-                    open_outputs=open_outputs, progress=run.progress, rank=rank)
+        write_rows(
+            source,
+            out=run.out,
+            settings=settings,
+            selected=run.indices(len(dataset)),
+            open_outputs=open_outputs,
+            progress=run.progress,
+            rank=rank,
+        )
     finally:
         if memory is not None:
             memory.close()
@@ -229,17 +294,30 @@ def certify_dataset(model: nn.Module | Experts, dataset, run: CertifyRun, *,
 
 # -- the rows and where they go -----------------------------------------------------------------
 def resolved_row(
-    memory: CertificationMemory, x: torch.Tensor, idx: int, label: int, predict: int,
-    radius: float, sigma: float, seconds: float, repeat: Answer | None = None,
+    memory: CertificationMemory,
+    x: torch.Tensor,
+    idx: int,
+    label: int,
+    predict: int,
+    radius: float,
+    sigma: float,
+    seconds: float,
+    repeat: Answer | None = None,
 ) -> dict:
     """A results row (MEMORY_COLUMNS) for a Monte Carlo certificate (predict, radius) of input
     x: resolved against the memory, which stores the answer (`repeat`: the stored answer of an
     exact repeat, found before sampling)."""
     r = repeat or memory.resolve_and_store(x, predict, radius, sigma=sigma, idx=idx)
     return {
-        "idx": idx, "label": label, "predict": r.predict, "radius": r.radius,
-        "correct": int(r.predict == label), "sigma": sigma, "time": seconds,
-        "mc_predict": predict, "mc_radius": radius,
+        "idx": idx,
+        "label": label,
+        "predict": r.predict,
+        "radius": r.radius,
+        "correct": int(r.predict == label),
+        "sigma": sigma,
+        "time": seconds,
+        "mc_predict": predict,
+        "mc_radius": radius,
     }
 
 
@@ -248,8 +326,15 @@ class CertifyOutputs:
     counts) goes to the counts file if asked for, then, resolved against the memory if there
     is one (`load_input(idx)` gives the input it needs), to the results file (`columns`)."""
 
-    def __init__(self, out: str, columns: tuple[str, ...], settings: dict, counts: str | None,
-                 memory: CertificationMemory | None, load_input: Callable[[int], torch.Tensor]):
+    def __init__(
+        self,
+        out: str,
+        columns: tuple[str, ...],
+        settings: dict,
+        counts: str | None,
+        memory: CertificationMemory | None,
+        load_input: Callable[[int], torch.Tensor],
+    ):
         self.memory, self.load_input, self.columns = memory, load_input, columns
         self.results = ResultsWriter(out, columns, settings)
         self.done = self.results.done
@@ -271,9 +356,17 @@ class CertifyOutputs:
             # before the results row: a kill between the two repeats identical counts
             self.counts.write({c: part[c] for c in COUNTS_COLUMNS})
         if self.memory is not None:
-            row = resolved_row(self.memory, self.load_input(idx), idx, label, part["predict"],
-                               part["radius"], part["sigma"], part["time"],
-                               part.get("repeat"))
+            row = resolved_row(
+                self.memory,
+                self.load_input(idx),
+                idx,
+                label,
+                part["predict"],
+                part["radius"],
+                part["sigma"],
+                part["time"],
+                part.get("repeat"),
+            )
         else:
             row = {"correct": int(part["predict"] == label)}
         self.results.write({**part, **row})
@@ -303,37 +396,80 @@ def check_results_agree_with_memory(out: str, memory: CertificationMemory) -> No
 def _part_row(idx: int, label: int, cert, n0: int, seed: int, elapsed: float) -> dict:
     """A Monte Carlo certificate with its counts (CERTIFY_PART_COLUMNS)."""
     return {
-        "idx": idx, "label": label, "predict": cert.predict, "radius": cert.radius,
-        "sigma": cert.sigma, "time": round(elapsed, 4), "selected": cert.selected,
-        "count": cert.count, "top1": cert.top2[0], "top2": cert.top2[1], "n": cert.n,
-        "n0": n0, "seed": seed,
+        "idx": idx,
+        "label": label,
+        "predict": cert.predict,
+        "radius": cert.radius,
+        "sigma": cert.sigma,
+        "time": round(elapsed, 4),
+        "selected": cert.selected,
+        "count": cert.count,
+        "top1": cert.top2[0],
+        "top2": cert.top2[1],
+        "n": cert.n,
+        "n0": n0,
+        "seed": seed,
     }
 
 
-def _routed_part_row(idx: int, label: int, found: RoutedCertificate, names, n0: int,
-                     seed: int, elapsed: float) -> dict:
+def _routed_part_row(
+    idx: int, label: int, found: RoutedCertificate, names, n0: int, seed: int, elapsed: float
+) -> dict:
     """A dual-smoothing certificate (ROUTER_COLUMNS besides CERTIFY_PART_COLUMNS)."""
     cert = found.certificate
-    counts = {"selected": -1, "count": 0, "top1": 0, "top2": 0, "n": 0} if cert is None else {
-        "selected": cert.selected, "count": cert.count, "top1": cert.top2[0],
-        "top2": cert.top2[1], "n": cert.n,
-    }
+    counts = (
+        {"selected": -1, "count": 0, "top1": 0, "top2": 0, "n": 0}
+        if cert is None
+        else {
+            "selected": cert.selected,
+            "count": cert.count,
+            "top1": cert.top2[0],
+            "top2": cert.top2[1],
+            "n": cert.n,
+        }
+    )
     return {
-        "idx": idx, "label": label, "predict": found.predict, "radius": found.radius,
-        "sigma": found.sigma, "time": round(elapsed, 4), **counts, "n0": n0, "seed": seed,
+        "idx": idx,
+        "label": label,
+        "predict": found.predict,
+        "radius": found.radius,
+        "sigma": found.sigma,
+        "time": round(elapsed, 4),
+        **counts,
+        "n0": n0,
+        "seed": seed,
         "expert": names[found.expert] if found.expert >= 0 else NO_EXPERT,
-        "route_radius": found.route_radius, "expert_radius": found.expert_radius,
+        "route_radius": found.route_radius,
+        "expert_radius": found.expert_radius,
     }
 
 
-def _repeat_row(idx: int, label: int, answer: Answer, elapsed: float, seed: int,
-                experts: Experts, extra: tuple[str, ...]) -> dict:
+def _repeat_row(
+    idx: int,
+    label: int,
+    answer: Answer,
+    elapsed: float,
+    seed: int,
+    experts: Experts,
+    extra: tuple[str, ...],
+) -> dict:
     """An exact repeat of a stored input: the stored Monte Carlo certificate, no votes (n 0);
     `repeat` carries the stored answer to the memory's writer."""
     row = {
-        "idx": idx, "label": label, "predict": answer.mc_predict, "radius": answer.mc_radius,
-        "sigma": answer.sigma, "time": round(elapsed, 4), "selected": -1, "count": 0,
-        "top1": 0, "top2": 0, "n": 0, "n0": 0, "seed": seed, "repeat": answer,
+        "idx": idx,
+        "label": label,
+        "predict": answer.mc_predict,
+        "radius": answer.mc_radius,
+        "sigma": answer.sigma,
+        "time": round(elapsed, 4),
+        "selected": -1,
+        "count": 0,
+        "top1": 0,
+        "top2": 0,
+        "n": 0,
+        "n0": 0,
+        "seed": seed,
+        "repeat": answer,
     }
     if extra:
         names = [e.name for e in experts if e.sigma == answer.sigma]

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ddrs.core.checks import integer, optional_integer, positive, probability
 from torch import nn
 
+from ddrs.core.checks import integer, optional_integer, positive, probability
 from ddrs.core.experts import Experts, as_experts
 from ddrs.core.smooth import DEFAULTS
 from ddrs.data import radius_units
@@ -33,8 +33,10 @@ class DatasetRun:
     out: str = setting(None, "results TSV (resumed if it exists)", required=True)
     skip: int = setting(1, "use every SKIP-th input (Cohen's --skip)")
     max: int | None = setting(
-        None, "stop before this dataset index (default: all; --max-index under torchrun)",
-        aliases=("--max-index",), type=int,
+        None,
+        "stop before this dataset index (default: all; --max-index under torchrun)",
+        aliases=("--max-index",),
+        type=int,
     )
     batch: int | None = setting(
         None, "noisy samples per forward pass (default: automatic)", type=int
@@ -62,8 +64,10 @@ class DatasetRun:
             identity = {"model": model_fingerprint(experts[0].model)[:16]}
         else:
             shape = dataset.info.input_shape
-            identity = {"model": memory_fingerprint(experts, dataset.info.name, shape)[:16],
-                        "experts": experts.describe()}
+            identity = {
+                "model": memory_fingerprint(experts, dataset.info.name, shape)[:16],
+                "experts": experts.describe(),
+            }
         return {
             "command": command,
             **identity,
@@ -85,12 +89,15 @@ class SmoothingRun(DatasetRun):
     sigmas: str | None = setting(
         None, "TSV with idx and sigma columns (from `ddrs sigma`)", group="sigma source"
     )
-    n: int = setting(DEFAULTS.n, "estimation samples (--num-samples under torchrun)",
-                     aliases=("--num-samples",))
+    n: int = setting(
+        DEFAULTS.n, "estimation samples (--num-samples under torchrun)", aliases=("--num-samples",)
+    )
     alpha: float = setting(DEFAULTS.alpha, "failure probability")
     amp: str | None = setting(
-        None, "CUDA only: autocast the base classifier (changes its arithmetic, not the "
-        "soundness of the statistics)", choices=["fp16", "bf16"],
+        None,
+        "CUDA only: autocast the base classifier (changes its arithmetic, not the "
+        "soundness of the statistics)",
+        choices=["fp16", "bf16"],
     )
     compile: bool = setting(
         False, "torch.compile the model (pays off for long runs; 10-40 s per shape)"
@@ -137,12 +144,15 @@ class SmoothingRun(DatasetRun):
         experts = as_experts(experts)
         if experts.is_model:
             if getattr(self, "router", None):
-                raise InputError("--router routes among experts: give them with --expert or "
-                                 "--experts")
+                raise InputError(
+                    "--router routes among experts: give them with --expert or --experts"
+                )
             return {i: (0, s) for i, s in self.sigma_by_index(indices).items()}
         if self.sigma is not None:
-            raise InputError("experts certify at their own sigmas: give --sigmas from `ddrs "
-                             "sigma --expert ...` (or a --router), not --sigma")
+            raise InputError(
+                "experts certify at their own sigmas: give --sigmas from `ddrs "
+                "sigma --expert ...` (or a --router), not --sigma"
+            )
         if self.sigmas is None:
             return None
         routes = read_routes(self.sigmas)
@@ -166,8 +176,12 @@ class SmoothingRun(DatasetRun):
         if self.sigmas is not None:
             source = {"sigmas": str(self.sigmas), "sigmas_sha256": file_digest(self.sigmas)}
         return {
-            **self.base_settings(command, experts, dataset), **source, "n": self.n,
-            "alpha": self.alpha, "amp": self.amp, "compile": self.compile,
+            **self.base_settings(command, experts, dataset),
+            **source,
+            "n": self.n,
+            "alpha": self.alpha,
+            "amp": self.amp,
+            "compile": self.compile,
         }
 
 

@@ -86,8 +86,13 @@ def write_rows(
 
     try:
         run_in_index_order(
-            rank, out=out, columns=source.part_columns, settings=settings,
-            open_results=open_and_check, selected=selected, compute=compute,
+            rank,
+            out=out,
+            columns=source.part_columns,
+            settings=settings,
+            open_results=open_and_check,
+            selected=selected,
+            compute=compute,
             merge=lambda row: opened[0].write(row),
         )
     finally:
@@ -105,9 +110,11 @@ def note_class_coverage(dataset, indices: list[int]) -> str | None:
     total = len(set(targets))
     if covered >= 0.5 * min(len(indices), total):
         return None
-    return (f"note: the {len(indices)} inputs this run covers hold {covered} of the dataset's "
-            f"{total} classes (is it sorted by class?); spread them with --skip instead of "
-            "cutting with --max")
+    return (
+        f"note: the {len(indices)} inputs this run covers hold {covered} of the dataset's "
+        f"{total} classes (is it sorted by class?); spread them with --skip instead of "
+        "cutting with --max"
+    )
 
 
 def refuse_strays(indices: list[int], outputs: Outputs, out: str) -> None:

@@ -27,7 +27,11 @@ from ddrs.runs.source import as_experts, open_memory
 
 
 def apply_memory(
-    results: str, model: nn.Module | Experts, dataset, out: str, memory: str,
+    results: str,
+    model: nn.Module | Experts,
+    dataset,
+    out: str,
+    memory: str,
     progress: bool = True,
 ) -> str:
     """Resolve a finished certify run against a memory, offline, in dataset-index order;
@@ -43,9 +47,12 @@ def apply_memory(
     seconds = table["time"] if "time" in table else [0.0] * len(table["idx"])
     experts = as_experts(model)
     settings = {
-        "command": "memory apply", "results": str(results),
-        "results_sha256": file_digest(results), "memory": shown_location(memory),
-        "model": model_fingerprint(experts[0].model)[:16], "dataset": dataset.info.name,
+        "command": "memory apply",
+        "results": str(results),
+        "results_sha256": file_digest(results),
+        "memory": shown_location(memory),
+        "model": model_fingerprint(experts[0].model)[:16],
+        "dataset": dataset.info.name,
         "split": dataset.split,
     }
     with (
@@ -65,10 +72,18 @@ def apply_memory(
                     f"{results}: idx {idx} has label {int(table['label'][row])}, the dataset "
                     f"says {int(label)} — wrong dataset or split?"
                 )
-            writer.write(resolved_row(
-                store, x, idx, int(label), int(mc_predict[row]), float(mc_radius[row]),
-                float(table["sigma"][row]), float(seconds[row]),
-            ))
+            writer.write(
+                resolved_row(
+                    store,
+                    x,
+                    idx,
+                    int(label),
+                    int(mc_predict[row]),
+                    float(mc_radius[row]),
+                    float(table["sigma"][row]),
+                    float(seconds[row]),
+                )
+            )
         bar.close()
     return out
 
@@ -88,15 +103,24 @@ def recertify(counts: str, out: str, alpha: float) -> str:
     rows = []
     for k in range(len(table["idx"])):
         cert = certificate_from_counts(
-            int(table["selected"][k]), int(table["count"][k]), int(table["n"][k]), alpha,
+            int(table["selected"][k]),
+            int(table["count"][k]),
+            int(table["n"][k]),
+            alpha,
             float(table["sigma"][k]),
         )
         label = int(table["label"][k])
-        rows.append({
-            "idx": int(table["idx"][k]), "label": label, "predict": cert.predict,
-            "radius": cert.radius, "correct": int(cert.predict == label),
-            "sigma": float(table["sigma"][k]), "time": 0.0,
-        })
+        rows.append(
+            {
+                "idx": int(table["idx"][k]),
+                "label": label,
+                "predict": cert.predict,
+                "radius": cert.radius,
+                "correct": int(cert.predict == label),
+                "sigma": float(table["sigma"][k]),
+                "time": 0.0,
+            }
+        )
     with ResultsWriter(out, CERTIFY_COLUMNS, {"recertify": str(counts), "alpha": alpha}) as writer:
         for row in rows:
             if row["idx"] not in writer.done:

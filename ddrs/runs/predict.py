@@ -24,8 +24,11 @@ from ddrs.runs.source import as_experts, inputs_of
 class PredictRun(SmoothingRun):
     """PREDICT every covered input."""
 
-    n: int = setting(DEFAULTS.n, "noise samples per input (--num-samples under torchrun)",
-                     aliases=("--num-samples",))
+    n: int = setting(
+        DEFAULTS.n,
+        "noise samples per input (--num-samples under torchrun)",
+        aliases=("--num-samples",),
+    )
     alpha: float = setting(
         DEFAULTS.alpha, "bound on the probability of returning a wrong class (else abstain)"
     )
@@ -37,16 +40,18 @@ class PredictRun(SmoothingRun):
         return self.smoothing_settings("predict", experts, dataset)
 
 
-def predict_dataset(model: nn.Module | Experts, dataset, run: PredictRun, *,
-                    rank: Rank = ONE_PROCESS) -> str:
+def predict_dataset(
+    model: nn.Module | Experts, dataset, run: PredictRun, *, rank: Rank = ONE_PROCESS
+) -> str:
     """PREDICT every input `run` covers; rows `idx label predict correct time` (and the
     expert, for experts)."""
     experts = as_experts(model)
     dataset = inputs_of(dataset, experts)
     settings = run.settings(experts, dataset)
     routes = run.check(experts, dataset, settings)
-    certifier = ExpertCertifier(experts, dataset.info.num_classes, seed=run.seed, amp=run.amp,
-                                compile=run.compile)
+    certifier = ExpertCertifier(
+        experts, dataset.info.num_classes, seed=run.seed, amp=run.amp, compile=run.compile
+    )
     extra = run.extra_columns(experts)
 
     def rows_of(group: list[int]) -> list[dict]:
@@ -57,8 +62,13 @@ def predict_dataset(model: nn.Module | Experts, dataset, run: PredictRun, *,
         answers = certifier.predict_batch(x, expert, sigma, run.n, run.alpha, run.batch, group)
         elapsed = round((time.perf_counter() - t0) / len(group), 4)
         rows = [
-            {"idx": idx, "label": label, "predict": answer, "correct": int(answer == label),
-             "time": elapsed}
+            {
+                "idx": idx,
+                "label": label,
+                "predict": answer,
+                "correct": int(answer == label),
+                "time": elapsed,
+            }
             for idx, label, answer in zip(group, labels, answers)
         ]
         if extra:
@@ -69,7 +79,13 @@ def predict_dataset(model: nn.Module | Experts, dataset, run: PredictRun, *,
     columns = run.columns(experts)
     batch = certifier.batch_size(run.batch, dataset.info.input_shape)
     source = RowSource("predict", columns, group_size(run.n, batch), rows_of, dataset=dataset)
-    write_rows(source, out=run.out, settings=settings, selected=run.indices(len(dataset)),
-               open_outputs=lambda: ResultsWriter(run.out, columns, settings),
-               progress=run.progress, rank=rank)
+    write_rows(
+        source,
+        out=run.out,
+        settings=settings,
+        selected=run.indices(len(dataset)),
+        open_outputs=lambda: ResultsWriter(run.out, columns, settings),
+        progress=run.progress,
+        rank=rank,
+    )
     return run.out

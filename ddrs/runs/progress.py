@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 PLAIN_SECONDS = 30.0
 
+
 class PlainProgress:
     """Progress for logs and pipes (no terminal): one plain line every `interval` seconds."""
 

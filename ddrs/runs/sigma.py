@@ -36,13 +36,15 @@ class SearchSettings:
     """The data-dependent sigma search's flags (`ddrs sigma`, `ddrs serve`)."""
 
     search: str = setting(
-        "certified", "certified: by the predicted certified radius (default); ascent: the "
+        "certified",
+        "certified: by the predicted certified radius (default); ascent: the "
         "paper's gradient ascent; grid: forward-only, by the paper's surrogate",
         choices=["certified", "ascent", "grid"],
     )
     samples: int | None = setting(
-        None, "noise samples: per candidate (default: certified 64, grid 8) or per ascent "
-        "step (1)", type=int,
+        None,
+        "noise samples: per candidate (default: certified 64, grid 8) or per ascent step (1)",
+        type=int,
     )
     grid: int | None = setting(
         None, "number of candidates (default: certified 9, grid 12)", type=int
@@ -56,12 +58,16 @@ class SearchSettings:
         DEFAULT_CLAMP, "ascent, grid: low,high clamp of pA, pB", type="pair"
     )
     min_sigma: float | None = setting(
-        None, "lower bound on sigma (default: 1e-3); certified: with --max-sigma, the "
-        "candidates span this absolute range instead of sigma0 * spread", type=float,
+        None,
+        "lower bound on sigma (default: 1e-3); certified: with --max-sigma, the "
+        "candidates span this absolute range instead of sigma0 * spread",
+        type=float,
     )
     max_sigma: float | None = setting(
-        None, "upper bound on sigma (default: none); certified: with --min-sigma, the top of "
-        "the candidates' absolute range", type=float,
+        None,
+        "upper bound on sigma (default: none); certified: with --min-sigma, the top of "
+        "the candidates' absolute range",
+        type=float,
     )
 
     def __post_init__(self) -> None:
@@ -104,21 +110,28 @@ class SigmaRun(SearchSettings, DatasetRun):
     """Choose a sigma for every covered input."""
 
     out: str = setting(
-        None, "TSV of idx and sigma (one model: radius_before / radius_after, the search's "
-        "score at sigma0 and at the chosen sigma; experts: expert and score)", required=True,
+        None,
+        "TSV of idx and sigma (one model: radius_before / radius_after, the search's "
+        "score at sigma0 and at the chosen sigma; experts: expert and score)",
+        required=True,
     )
     sigma0: float | None = setting(
-        None, "centre of the candidates / ascent start (one model; experts have their own)",
+        None,
+        "centre of the candidates / ascent start (one model; experts have their own)",
         type=float,
     )
     route_rule: str = setting(
-        ROUTE_RULES[0], "experts: radius (the largest predicted radius wins) or agree (only an "
-        "expert whose top class is the smallest sigma's may win)", choices=list(ROUTE_RULES),
+        ROUTE_RULES[0],
+        "experts: radius (the largest predicted radius wins) or agree (only an "
+        "expert whose top class is the smallest sigma's may win)",
+        choices=list(ROUTE_RULES),
     )
-    n: int = setting(DEFAULTS.n, "certified: the N of the certification that follows "
-                     "(--num-samples under torchrun)", aliases=("--num-samples",))
-    alpha: float = setting(DEFAULTS.alpha, "certified: the alpha of the certification that "
-                           "follows")
+    n: int = setting(
+        DEFAULTS.n,
+        "certified: the N of the certification that follows (--num-samples under torchrun)",
+        aliases=("--num-samples",),
+    )
+    alpha: float = setting(DEFAULTS.alpha, "certified: the alpha of the certification that follows")
 
     def __post_init__(self) -> None:
         DatasetRun.__post_init__(self)
@@ -140,20 +153,31 @@ class SigmaRun(SearchSettings, DatasetRun):
     def check(self, experts: Experts, dataset, settings: dict | None = None) -> None:
         check_resumable(self, experts, dataset, settings)
         if as_experts(experts).is_model == (self.sigma0 is None):
-            raise InputError("give --sigma0 for one model's sigma search; experts have their "
-                             "own sigmas (no --sigma0)")
+            raise InputError(
+                "give --sigma0 for one model's sigma search; experts have their "
+                "own sigmas (no --sigma0)"
+            )
 
     def settings(self, experts: Experts | nn.Module, dataset) -> dict:
         if not as_experts(experts).is_model:
-            return {**self.base_settings("sigma", experts, dataset),
-                    "route_rule": self.route_rule, "samples": self.options["samples"],
-                    "n": self.n, "alpha": self.alpha}
-        return {**self.base_settings("sigma", experts, dataset), "sigma0": self.sigma0,
-                "search": self.search, **self.options}
+            return {
+                **self.base_settings("sigma", experts, dataset),
+                "route_rule": self.route_rule,
+                "samples": self.options["samples"],
+                "n": self.n,
+                "alpha": self.alpha,
+            }
+        return {
+            **self.base_settings("sigma", experts, dataset),
+            "sigma0": self.sigma0,
+            "search": self.search,
+            **self.options,
+        }
 
 
-def sigma_dataset(model: nn.Module | Experts, dataset, run: SigmaRun, *,
-                  rank: Rank = ONE_PROCESS) -> str:
+def sigma_dataset(
+    model: nn.Module | Experts, dataset, run: SigmaRun, *, rank: Rank = ONE_PROCESS
+) -> str:
     """Choose a sigma for every input `run` covers: for one model with its search (rows `idx
     sigma sigma0 radius_before radius_after time`: the search's score at sigma0 and at the
     chosen sigma); for experts, an expert (and its sigma) by the certified selector over
@@ -171,11 +195,18 @@ def sigma_dataset(model: nn.Module | Experts, dataset, run: SigmaRun, *,
     else:
         rows_of = _route_rows(experts, dataset, run, batch)
         per_input = options["samples"] * len(experts)
-    source = RowSource("sigma", columns, max(1, min(100, batch // per_input)), rows_of,
-                       dataset=dataset)
-    write_rows(source, out=run.out, settings=settings, selected=run.indices(len(dataset)),
-               open_outputs=lambda: ResultsWriter(run.out, columns, settings),
-               progress=run.progress, rank=rank)
+    source = RowSource(
+        "sigma", columns, max(1, min(100, batch // per_input)), rows_of, dataset=dataset
+    )
+    write_rows(
+        source,
+        out=run.out,
+        settings=settings,
+        selected=run.indices(len(dataset)),
+        open_outputs=lambda: ResultsWriter(run.out, columns, settings),
+        progress=run.progress,
+        rank=rank,
+    )
     return run.out
 
 
@@ -183,13 +214,19 @@ def _sigma_rows(model: nn.Module, dataset, run: SigmaRun, batch: int):
     def rows_of(group: list[int]) -> list[dict]:
         x, _ = stack(dataset, group)
         t0 = time.perf_counter()
-        found = SEARCHES[run.search](model, x, run.sigma0, seed=run.seed, keys=group,
-                                     batch=batch, **run.options)
+        found = SEARCHES[run.search](
+            model, x, run.sigma0, seed=run.seed, keys=group, batch=batch, **run.options
+        )
         elapsed = round((time.perf_counter() - t0) / len(group), 4)
         return [
-            {"idx": idx, "sigma": float(found.sigma[i]), "sigma0": run.sigma0,
-             "radius_before": float(found.radius_before[i]),
-             "radius_after": float(found.radius_after[i]), "time": elapsed}
+            {
+                "idx": idx,
+                "sigma": float(found.sigma[i]),
+                "sigma0": run.sigma0,
+                "radius_before": float(found.radius_before[i]),
+                "radius_after": float(found.radius_after[i]),
+                "time": elapsed,
+            }
             for i, idx in enumerate(group)
         ]
 
@@ -201,13 +238,25 @@ def _route_rows(experts: Experts, dataset, run: SigmaRun, batch: int):
         x, _ = stack(dataset, group)
         t0 = time.perf_counter()
         found = route_by_certified_radius(
-            experts, x, samples=run.options["samples"], n=run.n, alpha=run.alpha,
-            rule=run.route_rule, seed=run.seed, keys=group, batch=batch,
+            experts,
+            x,
+            samples=run.options["samples"],
+            n=run.n,
+            alpha=run.alpha,
+            rule=run.route_rule,
+            seed=run.seed,
+            keys=group,
+            batch=batch,
         )
         elapsed = round((time.perf_counter() - t0) / len(group), 4)
         return [
-            {"idx": idx, "expert": experts[int(found.expert[i])].name,
-             "sigma": float(found.sigma[i]), "score": float(found.score[i]), "time": elapsed}
+            {
+                "idx": idx,
+                "expert": experts[int(found.expert[i])].name,
+                "sigma": float(found.sigma[i]),
+                "score": float(found.score[i]),
+                "time": elapsed,
+            }
             for i, idx in enumerate(group)
         ]
 

@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.data import TensorDataset
 
-from ddrs.core.experts import Experts, as_experts
+from ddrs.core.experts import Experts
 from ddrs.core.route import Router
 from ddrs.core.torchutil import model_device
 from ddrs.data.tensors import as_dataset
@@ -23,8 +22,10 @@ from ddrs.models.experts import expert_specs, load_experts
 from ddrs.options import setting
 
 DATASETS_HELP = "digits, mnist, cifar10, imagenet, imagefolder (your images), npz (arrays)"
-IMAGE_SIZE_HELP = ("imagefolder: H[,W] of the inputs (default: the images' own size when they "
-                   "all share it; a checkpoint's recorded size)")
+IMAGE_SIZE_HELP = (
+    "imagefolder: H[,W] of the inputs (default: the images' own size when they "
+    "all share it; a checkpoint's recorded size)"
+)
 CHANNELS_HELP = "imagefolder: 1 (grey) or 3 (default: 1 when every image is grey)"
 
 
@@ -39,9 +40,11 @@ class Models:
         None, "your own model: package.module:factory, or a TorchScript file", group="model"
     )
     expert: tuple[str, ...] | None = setting(
-        None, "an expert, SOURCE:SIGMA or NAME=SOURCE:SIGMA (SOURCE a checkpoint or "
+        None,
+        "an expert, SOURCE:SIGMA or NAME=SOURCE:SIGMA (SOURCE a checkpoint or "
         "package.module:factory; repeatable): inputs are routed among the experts",
-        group="model", repeatable=True,
+        group="model",
+        repeatable=True,
     )
     experts: str | None = setting(
         None, "a file of experts, one per line: NAME SOURCE SIGMA", group="model"
@@ -67,12 +70,15 @@ class Models:
 
     def load_for(self, num_classes: int, input_shape, inputs_name: str, device) -> Experts:
         """The model (as the one expert) or the experts, each checked against the inputs."""
-        inputs = {"num_classes": num_classes, "input_shape": input_shape,
-                  "inputs_name": inputs_name, "device": device}
+        inputs = {
+            "num_classes": num_classes,
+            "input_shape": input_shape,
+            "inputs_name": inputs_name,
+            "device": device,
+        }
         if self.has_experts:
             return load_experts(expert_specs(self.expert, self.experts), **inputs)
-        return Experts.of_model(load_model(checkpoint=self.checkpoint, model=self.model,
-                                           **inputs))
+        return Experts.of_model(load_model(checkpoint=self.checkpoint, model=self.model, **inputs))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,8 +86,9 @@ class ModelSource(Models):
     """The model (a checkpoint, your own, or experts) and the dataset split it is run on."""
 
     dataset: str | None = setting(None, DATASETS_HELP, required=True)
-    data_root: str | None = setting(None, "dataset folder, or the .npz file (default: "
-                                    "$DDRS_DATA_ROOT)")
+    data_root: str | None = setting(
+        None, "dataset folder, or the .npz file (default: $DDRS_DATA_ROOT)"
+    )
     split: str = setting("test", "dataset split", choices=["train", "test"])
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...")
     image_size: tuple[int, int] | None = setting(None, IMAGE_SIZE_HELP, type="image_size")
@@ -102,11 +109,17 @@ class ModelSource(Models):
         if self.dataset is None:
             raise InputError("give --dataset")
         options = self.image_options()
-        dataset = get_dataset(self.dataset, self.split, self.data_root, augment=False,
-                              options=options if self.dataset == "imagefolder" else None)
+        dataset = get_dataset(
+            self.dataset,
+            self.split,
+            self.data_root,
+            augment=False,
+            options=options if self.dataset == "imagefolder" else None,
+        )
         info = dataset.info
-        experts = self.load_for(info.num_classes, info.input_shape, self.dataset,
-                                device_for(self.device))
+        experts = self.load_for(
+            info.num_classes, info.input_shape, self.dataset, device_for(self.device)
+        )
         return experts, dataset
 
     def image_options(self):
@@ -114,8 +127,9 @@ class ModelSource(Models):
         expert's) records."""
         from ddrs.data import ImageOptions
 
-        return ImageOptions(*recorded_image_options(self.first_source, self.image_size,
-                                                    self.channels))
+        return ImageOptions(
+            *recorded_image_options(self.first_source, self.image_size, self.channels)
+        )
 
 
 def recorded_image_options(source: str | None, image_size, channels) -> tuple:
