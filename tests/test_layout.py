@@ -125,3 +125,13 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
     edges = graph(root)
     assert core_violations(edges) == ["ddrs.core.smooth imports ddrs.models"]
     assert cycles(edges) == [["ddrs.models", "ddrs.models.checkpoint"]]
+
+
+def test_every_module_imports():
+    """What the checks above read from the sources also loads (a name moved away fails here,
+    not in a user's first command)."""
+    import importlib
+
+    for name in modules():
+        if not name.endswith("__main__"):
+            importlib.import_module(name)

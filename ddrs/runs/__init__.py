@@ -9,12 +9,13 @@ so a call from Python validates and resumes exactly as the command line does. Ro
 the results file (same settings) are skipped.
 """
 
+from ddrs.core.experts import as_experts
 from ddrs.runs.certify import CertifyRun, certify_dataset
 from ddrs.runs.dataset import DatasetRun, SmoothingRun
 from ddrs.runs.offline import apply_memory, recertify
 from ddrs.runs.predict import PredictRun, predict_dataset
 from ddrs.runs.sigma import SearchSettings, SigmaRun, sigma_dataset
-from ddrs.runs.source import Models, ModelSource, as_experts, load_router, open_memory
+from ddrs.runs.source import Models, ModelSource, load_router, open_memory
 
 __all__ = [
     "CertifyRun",

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ddrs.core.checks import integer, number, optional_integer, probability
-from ddrs.core.experts import Experts
+from ddrs.core.experts import Experts, as_experts
 from ddrs.core.route import DualSmoothing, ExpertCertifier, RoutedCertificate
 from ddrs.core.smooth import DEFAULTS
 from ddrs.core.torchutil import model_device
@@ -36,7 +36,7 @@ from ddrs.results import (
 )
 from ddrs.runs.dataset import SmoothingRun
 from ddrs.runs.loop import RowSource, group_size, stack, write_rows
-from ddrs.runs.source import as_experts, inputs_of, load_router, open_memory
+from ddrs.runs.source import inputs_of, load_router, open_memory
 
 
 @dataclass(frozen=True, kw_only=True)

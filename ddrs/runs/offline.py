@@ -8,7 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from ddrs.core.checks import check_alpha
-from ddrs.core.experts import Experts
+from ddrs.core.experts import Experts, as_experts
 from ddrs.core.smooth import certificate_from_counts
 from ddrs.errors import ResultsFileError
 from ddrs.memory.store import shown_location
@@ -23,7 +23,7 @@ from ddrs.results import (
 )
 from ddrs.runs.certify import resolved_row
 from ddrs.runs.progress import progress_bar
-from ddrs.runs.source import as_experts, open_memory
+from ddrs.runs.source import open_memory
 
 
 def apply_memory(

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ddrs.core.experts import Experts
+from ddrs.core.experts import Experts, as_experts
 from ddrs.core.route import ExpertCertifier
 from ddrs.core.smooth import DEFAULTS
 from ddrs.launch import ONE_PROCESS, Rank
@@ -17,7 +17,7 @@ from ddrs.options import setting
 from ddrs.results import PREDICT_COLUMNS, ResultsWriter
 from ddrs.runs.dataset import SmoothingRun
 from ddrs.runs.loop import RowSource, group_size, stack, write_rows
-from ddrs.runs.source import as_experts, inputs_of
+from ddrs.runs.source import inputs_of
 
 
 @dataclass(frozen=True, kw_only=True)

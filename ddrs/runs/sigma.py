@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ddrs.core.checks import integer, positive, probability
-from ddrs.core.experts import Experts
+from ddrs.core.experts import Experts, as_experts
 from ddrs.core.route import ROUTE_RULES, route_by_certified_radius
 from ddrs.core.sampling import auto_batch_size
 from ddrs.core.sigma import (
@@ -28,7 +28,7 @@ from ddrs.options import setting
 from ddrs.results import ROUTE_COLUMNS, SIGMA_COLUMNS, ResultsWriter
 from ddrs.runs.dataset import DatasetRun, check_resumable
 from ddrs.runs.loop import RowSource, stack, write_rows
-from ddrs.runs.source import as_experts, inputs_of
+from ddrs.runs.source import inputs_of
 
 
 @dataclass(frozen=True, kw_only=True)
