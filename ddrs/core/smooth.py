@@ -151,6 +151,26 @@ class Smooth:
             amp=self.amp,
         )
 
+    def _votes(self, x, sigma, n0, n, batch, keys) -> tuple[Tensor, Tensor]:
+        """CERTIFY's sampling: the class cA chosen on n0 selection samples, and the vote counts
+        (B, C) of n independent estimation samples."""
+        cA = self._counts(x, sigma, n0, batch, STREAM_SELECTION, keys).argmax(dim=1)
+        return cA, self._counts(x, sigma, n, batch, STREAM_ESTIMATION, keys)
+
+    def votes(
+        self,
+        x: Tensor,
+        sigma: Tensor | float,
+        n0: int,
+        n: int,
+        batch: int | None = None,
+        keys: Sequence[int] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """CERTIFY's samples without its conclusion: (cA (B,), counts (B, C)); methods built
+        on CERTIFY's estimates (the cascade) draw them here, on the same noise."""
+        sigma, n0, n, _, batch, keys = self._checked(x, sigma, n0, n, 0.5, batch, keys)
+        return self._votes(x, sigma, n0, n, batch, keys)
+
     def _checked(self, x, sigma, n0, n, alpha, batch, keys):
         """CERTIFY's arguments checked and normalised: (per-input sigmas, n0, n, alpha, batch
         size, noise keys)."""
@@ -175,8 +195,7 @@ class Smooth:
         lower bound pA_lower is below 1/2.
         """
         sigma, n0, n, alpha, batch, keys = self._checked(x, sigma, n0, n, alpha, batch, keys)
-        cA = self._counts(x, sigma, n0, batch, STREAM_SELECTION, keys).argmax(dim=1)
-        counts = self._counts(x, sigma, n, batch, STREAM_ESTIMATION, keys)
+        cA, counts = self._votes(x, sigma, n0, n, batch, keys)
         nA = counts.gather(1, cA[:, None]).squeeze(1)
         top2 = counts.topk(2, dim=1).values.tolist()
         return [

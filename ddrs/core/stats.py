@@ -34,6 +34,20 @@ def clopper_pearson_lower(successes, trials, alpha: float):
     return float(bound) if bound.ndim == 0 else bound
 
 
+def clopper_pearson_upper(successes, trials, alpha: float):
+    """One-sided (1 - alpha) upper confidence bound on a binomial proportion:
+    P(p <= bound) >= 1 - alpha; n successes of n give 1. Scalars or arrays."""
+    check_alpha(alpha)
+    k = np.asarray(successes, dtype=np.float64)
+    n = np.asarray(trials, dtype=np.float64)
+    if np.any(n < 1) or np.any(k < 0) or np.any(k > n):
+        raise InputError("need 0 <= successes <= trials and trials >= 1")
+    with np.errstate(invalid="ignore"):
+        bound = beta.ppf(1 - alpha, k + 1, n - k)
+    bound = np.where(k == n, 1.0, bound)
+    return float(bound) if bound.ndim == 0 else bound
+
+
 def two_sided_binomial_pvalue(count_a: int, count_b: int) -> float:
     """p-value of H0: P(A) = P(B), given the counts of the top two classes (PREDICT's test)."""
     if count_a + count_b == 0:
