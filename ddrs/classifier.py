@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
+from ddrs.core.cascade import Cascade
 from ddrs.core.experts import Experts, as_experts
 from ddrs.core.route import (
     ROUTE_RULES,
@@ -51,7 +52,7 @@ class DataDependentSmoothClassifier:
 
     model: nn.Module | Experts
     num_classes: int
-    memory: CertificationMemory
+    memory: CertificationMemory | None  # None: stateless (a fixed sigma, a router, a cascade)
     sigma0: float | None = None
     n0: int = DEFAULTS.n0
     n: int = DEFAULTS.n
@@ -64,6 +65,7 @@ class DataDependentSmoothClassifier:
     router_n: int | None = None  # the router's N; None: n
     router_share: float = 0.5
     route_rule: str = ROUTE_RULES[0]
+    cascade: float | None = None  # experts: the multi-scale cascade at this threshold p0
     amp: str | None = None  # CUDA: autocast every base classifier (experts and router)
     compile: bool = False  # torch.compile every base classifier
 
@@ -80,12 +82,29 @@ class DataDependentSmoothClassifier:
                 self.search = {"iterations": 100, "lr": 1e-4, "samples": 1}
             if self.selector is not None:
                 check_search_options(self.selector, self.search)
+        if self.memory is None and not self.is_stateless:
+            raise InputError(
+                "a classifier whose sigma or expert depends on the input needs a memory to "
+                "be certifiable; give one, or a fixed sigma, a router or a cascade"
+            )
         engine = {"seed": self.seed, "amp": self.amp, "compile": self.compile}
         self.certifier = ExpertCertifier(self.experts, self.num_classes, **engine)
+        self.cascader = None
+        if self.cascade is not None:
+            if self.experts.is_model or self.router is not None:
+                raise InputError("the cascade runs among experts, without a router")
+            self.cascader = Cascade(self.experts, self.num_classes, self.cascade, **engine)
         self.dual = None
         if self.router is not None:
             self.dual = DualSmoothing(self.router, self.experts, self.num_classes, **engine)
             self.router_n = self.router_n or self.n
+
+    @property
+    def is_stateless(self) -> bool:
+        """Certifiable without a memory: one model at a fixed sigma, a router that certifies
+        the route (dual smoothing), or the cascade; its answers do not depend on the order."""
+        fixed = self.experts.is_model and self.selector is None
+        return fixed or self.router is not None or self.cascade is not None
 
     def routes_for(self, x: Tensor, keys: list[int]) -> tuple[list[int], Tensor]:
         """Each input's expert (index) and sigma (B,): with experts, the certified selector
@@ -137,12 +156,13 @@ class DataDependentSmoothClassifier:
         unknown = sorted(set(kinds) - set(QUERY_KINDS))
         if unknown:
             raise InputError(f"unknown query kind(s) {unknown}; use {QUERY_KINDS}")
-        x = torch.stack([canonical_input(xi, self.memory.input_shape) for xi in x])
+        shape = None if self.memory is None else self.memory.input_shape
+        x = torch.stack([canonical_input(xi, shape) for xi in x])
         answers: dict[int, Answer] = {}
-        for i in range(x.shape[0]):
+        for i in range(x.shape[0] if self.memory is not None else 0):
             repeat = self.memory.repeat_answer(x[i])
             if repeat is not None:
-                answers[i] = replace(repeat, expert=self._expert_of(repeat.sigma))
+                answers[i] = replace(repeat, expert=self.experts.name_at(repeat.sigma))
         mc: dict[int, tuple[int, float, int, float]] = {}  # class, radius, expert, sigma
         for kind in QUERY_KINDS:
             rows = [i for i, k in enumerate(kinds) if k == kind and i not in answers]
@@ -153,13 +173,16 @@ class DataDependentSmoothClassifier:
                 answers[i] = self._resolve(x[i], *mc[i], keys[i])
         return [answers[i] for i in range(x.shape[0])]
 
-    def _expert_of(self, sigma: float) -> str:
-        """The expert a stored answer came from: the one at its sigma, if only one is."""
-        names = [e.name for e in self.experts if e.sigma == sigma]
-        return names[0] if len(names) == 1 else ""
-
     def _monte_carlo(self, kind: str, x: Tensor, keys: list[int]) -> list[tuple]:
         """(class, radius, expert, sigma) of each input before the memory."""
+        if self.cascader is not None:
+            found = self.cascader.certify_batch(
+                x, n0=self.n0, n=self.n, alpha=self.alpha, batch=self.batch, keys=keys
+            )
+            return [
+                (c.predict, c.radius if kind == "certify" else 0.0, c.expert, c.sigma)
+                for c in found
+            ]
         if self.dual is not None:
             if kind == "certify":
                 found = self.dual.certify_batch(
@@ -197,7 +220,10 @@ class DataDependentSmoothClassifier:
         return [(c, r, k, float(s)) for (c, r), k, s in zip(answers, expert, sigma.tolist())]
 
     def _resolve(self, x, predict, radius, expert, sigma, key) -> Answer:
+        name = self.experts[expert].name if expert >= 0 else ""
+        if self.memory is None:  # stateless: the certificate as it is, stored nowhere
+            return Answer(predict, radius, sigma, False, False, predict, radius, expert=name)
         answer = self.memory.resolve_and_store(x, predict, radius, sigma=sigma, idx=key)
         if answer.repeat:  # of an earlier query of this batch
-            return replace(answer, expert=self._expert_of(answer.sigma))
-        return replace(answer, expert=self.experts[expert].name if expert >= 0 else "")
+            return replace(answer, expert=self.experts.name_at(answer.sigma))
+        return replace(answer, expert=name)

@@ -46,6 +46,9 @@ CERTIFY_PART_COLUMNS = (
 # experts: the expert that answered (its name; "-" when a router abstained)
 EXPERT_COLUMNS = ("expert",)
 ROUTER_COLUMNS = ("expert", "route_radius", "expert_radius")
+# the cascade: the answering expert, its level's radius, the larger levels' guard radius, and
+# how many levels were sampled
+CASCADE_COLUMNS = ("expert", "level_radius", "guard_radius", "levels")
 # `ddrs sigma` with experts: each input's expert and sigma, and the winning score
 ROUTE_COLUMNS = ("idx", "expert", "sigma", "score", "time")
 STRING_COLUMNS = {"expert"}
@@ -65,6 +68,7 @@ INTEGER_COLUMNS = {
     "seed",
     "route",
     "right",
+    "levels",
 }
 
 

@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import LinearBinary
 from scipy.stats import norm
 
+from conftest import LinearBinary
 from ddrs.core.cascade import Cascade, check_p0
 from ddrs.core.experts import Expert
 from ddrs.core.smooth import ABSTAIN
@@ -24,8 +24,10 @@ def experts(biases=(0.10, -0.23)):
     """Two levels along w: sigma 0.5 and 0.12, their hyperplanes apart, so that near the small
     level's boundary the large level turns confident in the other class."""
     large, small = biases
-    return [Expert("s0.5", "", 0.5, LinearBinary(W, large)),
-            Expert("s0.12", "", 0.12, LinearBinary(W, small))]  # fmt: skip
+    return [
+        Expert("s0.5", "", 0.5, LinearBinary(W, large)),
+        Expert("s0.12", "", 0.12, LinearBinary(W, small)),
+    ]
 
 
 def truth(t: np.ndarray, biases, sigmas=(0.5, 0.12), p0=P0):
@@ -79,16 +81,18 @@ def test_cascade_certificates_are_true_but_at_the_alpha_rate(closed_form):
     bound = alpha * len(x) + 3 * np.sqrt(len(x) * alpha * (1 - alpha))
     assert _violations(found, t, biases) <= bound
     # the guard matters: the small level's certificates alone would be false far more often
-    unguarded = cascade.certify_batch(x, n0=20, n=400, alpha=alpha, keys=list(range(len(x))),
-                                      guard=False)  # fmt: skip
+    unguarded = cascade.certify_batch(
+        x, n0=20, n=400, alpha=alpha, keys=list(range(len(x))), guard=False
+    )
     assert sum(c.guard_radius < c.level_radius for c in found if c.predict != ABSTAIN) > 20
     assert _violations(unguarded, t, biases) > 3 * bound
 
 
 def test_an_input_confident_at_the_largest_sigma_costs_one_level(closed_form):
     members, _, _, x = closed_form
-    found = Cascade(members, 2, P0).certify_batch(x, n0=20, n=400, alpha=0.01,
-                                                   keys=list(range(len(x))))  # fmt: skip
+    found = Cascade(members, 2, P0).certify_batch(
+        x, n0=20, n=400, alpha=0.01, keys=list(range(len(x)))
+    )
     first = [c for c in found if c.expert == 0]
     assert first and all(c.levels == 1 and math.isinf(c.guard_radius) for c in first)
     assert all(c.levels == 2 for c in found if c.expert == 1)
@@ -107,7 +111,8 @@ def test_cascade_results_do_not_depend_on_the_batch(closed_form):
         )
     ]
     assert [(c.predict, c.radius, c.expert) for c in whole] == [
-        (c.predict, c.radius, c.expert) for c in parts]  # fmt: skip
+        (c.predict, c.radius, c.expert) for c in parts
+    ]
 
 
 @pytest.mark.parametrize("p0", [0.4, 1.0, float("nan"), True, "0.6"])

@@ -88,9 +88,15 @@ def level_bounds(level: LevelVotes, alpha_level: float) -> tuple[float, np.ndarr
     return lower, np.asarray(uppers)
 
 
-def cascade_certificate(levels: Sequence[LevelVotes], order: Sequence[int], p0: float,
-                        alpha: float, total_levels: int, *, guard: bool = True
-                        ) -> CascadeCertificate | None:  # fmt: skip
+def cascade_certificate(
+    levels: Sequence[LevelVotes],
+    order: Sequence[int],
+    p0: float,
+    alpha: float,
+    total_levels: int,
+    *,
+    guard: bool = True,
+) -> CascadeCertificate | None:
     """The certificate from the levels sampled so far (`levels[i]` is expert `order[i]`,
     largest sigma first), or None when none of them is confident yet and more remain.
     `guard=False` drops condition (ii) (for the tests: it is what makes the cascade sound)."""
@@ -108,10 +114,12 @@ def cascade_certificate(levels: Sequence[LevelVotes], order: Sequence[int], p0: 
                 guard_radius = min(guard_radius, sigma * (threshold - norm.ppf(others.max())))
             radius = min(level_radius, guard_radius) if guard else level_radius
             if radius <= 0:
-                return CascadeCertificate(ABSTAIN, 0.0, order[i], level.sigma, level_radius,
-                                          guard_radius, i + 1)  # fmt: skip
-            return CascadeCertificate(c, float(radius), order[i], level.sigma, level_radius,
-                                      guard_radius, i + 1)  # fmt: skip
+                return CascadeCertificate(
+                    ABSTAIN, 0.0, order[i], level.sigma, level_radius, guard_radius, i + 1
+                )
+            return CascadeCertificate(
+                c, float(radius), order[i], level.sigma, level_radius, guard_radius, i + 1
+            )
         uppers_above.append((level.sigma, uppers))
     if len(levels) < total_levels:
         return None
@@ -124,26 +132,45 @@ class Cascade:
     levels are the experts from the largest sigma down; each input samples only the levels it
     needs (all inputs of a level in one engine call)."""
 
-    def __init__(self, experts: Sequence[Expert], num_classes: int, p0: float, *,
-                 seed: int = 0, amp: str | None = None, compile: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        experts: Sequence[Expert],
+        num_classes: int,
+        p0: float,
+        *,
+        seed: int = 0,
+        amp: str | None = None,
+        compile: bool = False,
+    ):
         self.experts, self.p0 = list(experts), check_p0(p0)
         if any(math.isnan(e.sigma) for e in self.experts):
-            raise InputError("the cascade runs experts at their own sigmas: give --expert "
-                             "SOURCE:SIGMA (or --experts)")  # fmt: skip
+            raise InputError(
+                "the cascade runs experts at their own sigmas: give --expert "
+                "SOURCE:SIGMA (or --experts)"
+            )
         self.order = sorted(range(len(self.experts)), key=lambda j: (-self.experts[j].sigma, j))
         smooths: dict[int, Smooth] = {}
         for e in self.experts:
             if id(e.model) not in smooths:
-                smooths[id(e.model)] = Smooth(e.model, num_classes, seed=seed, amp=amp,
-                                              compile=compile)  # fmt: skip
+                smooths[id(e.model)] = Smooth(
+                    e.model, num_classes, seed=seed, amp=amp, compile=compile
+                )
         self.smooth = [smooths[id(e.model)] for e in self.experts]
 
     def batch_size(self, batch: int | None, input_shape) -> int:
         return self.smooth[0].batch_size(batch, input_shape)
 
-    def certify_batch(self, x: Tensor, *, n0: int, n: int, alpha: float,
-                      batch: int | None = None, keys: Sequence[int],
-                      guard: bool = True) -> list[CascadeCertificate]:  # fmt: skip
+    def certify_batch(
+        self,
+        x: Tensor,
+        *,
+        n0: int,
+        n: int,
+        alpha: float,
+        batch: int | None = None,
+        keys: Sequence[int],
+        guard: bool = True,
+    ) -> list[CascadeCertificate]:
         """The cascade's certificate of each input (see the module's docstring)."""
         if len(keys) != x.shape[0]:
             raise InputError(f"got {len(keys)} keys for {x.shape[0]} inputs")
@@ -154,8 +181,9 @@ class Cascade:
             if not todo:
                 break
             sigma = self.experts[k].sigma
-            selected, counts = self.smooth[k].votes(x[todo], sigma, n0, n, batch,
-                                                    [keys[i] for i in todo])  # fmt: skip
+            selected, counts = self.smooth[k].votes(
+                x[todo], sigma, n0, n, batch, [keys[i] for i in todo]
+            )
             for row, i in enumerate(todo):
                 votes[i].append(LevelVotes(sigma, int(selected[row]), counts[row].numpy()))
                 found[i] = cascade_certificate(

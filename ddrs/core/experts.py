@@ -58,6 +58,12 @@ class Experts:
             raise InputError(f"no expert is called {name!r}; the experts are {list(self.names)}")
         return self.names.index(name)
 
+    def name_at(self, sigma: float) -> str:
+        """The name of the one expert at `sigma` (a stored answer records its sigma), or ""
+        when none or several are."""
+        names = [e.name for e in self.members if e.sigma == sigma]
+        return names[0] if len(names) == 1 else ""
+
     def describe(self) -> list[list]:
         """[[name, sigma], ...], for settings and service descriptions."""
         return [[e.name, e.sigma] for e in self.members]

@@ -5,6 +5,7 @@ from the memory without sampling."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ddrs.core.cascade import Cascade, CascadeCertificate
 from ddrs.core.checks import integer, number, optional_integer, probability
 from ddrs.core.experts import Experts, as_experts
 from ddrs.core.route import DualSmoothing, ExpertCertifier, RoutedCertificate
@@ -76,7 +78,7 @@ class CertifyRun(SmoothingRun):
     )
 
     def sigma_sources(self) -> list:
-        return [self.sigma, self.sigmas, self.router]
+        return [*super().sigma_sources(), self.router]
 
     @property
     def router_samples(self) -> int:
@@ -90,15 +92,15 @@ class CertifyRun(SmoothingRun):
         number("--radius-tolerance", self.radius_tolerance, minimum=0)
         optional_integer("--router-n", self.router_n)
         probability("--router-share", self.router_share)
-        if self.router is not None:
-            if not Path(self.router).is_file():
-                raise InputError(
-                    f"--router {self.router}: no such file; train one with `ddrs train-router`"
-                )
-            if self.pilot or self.counts:
-                raise InputError(
-                    "--router certifies with fixed N; it takes neither --pilot nor --counts"
-                )
+        if self.router is not None and not Path(self.router).is_file():
+            raise InputError(
+                f"--router {self.router}: no such file; train one with `ddrs train-router`"
+            )
+        if (self.router or self.cascade) and (self.pilot or self.counts):
+            raise InputError(
+                "--router and --cascade certify with fixed N; they take neither --pilot nor "
+                "--counts"
+            )
 
     def columns(self, experts: Experts) -> tuple[str, ...]:
         """The results file's columns."""
@@ -164,22 +166,7 @@ def certify_dataset(
     dataset = inputs_of(dataset, experts)
     settings = run.settings(experts, dataset)
     routes = run.check(experts, dataset, settings)
-    num_classes = dataset.info.num_classes
-    if routes is None:
-        device = model_device(experts[0].model)
-        dual = DualSmoothing(
-            load_router(run.router, experts, device),
-            experts,
-            num_classes,
-            seed=run.seed,
-            amp=run.amp,
-            compile=run.compile,
-        )
-        certifier = dual.certifier
-    else:
-        certifier = ExpertCertifier(
-            experts, num_classes, seed=run.seed, amp=run.amp, compile=run.compile
-        )
+    sampler = _sampler(run, experts, dataset.info.num_classes, routes)
     extra = run.extra_columns(experts)
     inputs: dict[int, torch.Tensor] = {}  # the group being certified, for the memory
 
@@ -198,50 +185,14 @@ def certify_dataset(
         ]
         todo = [i for i, idx in enumerate(group) if idx not in repeats]
         if todo:
-            rows += sample_rows([group[i] for i in todo], x[todo], [labels[i] for i in todo])
+            t0 = time.perf_counter()
+            keys = [group[i] for i in todo]
+            found = sampler.rows(x[todo], keys, [labels[i] for i in todo])
+            elapsed = round((time.perf_counter() - t0) / len(todo), 4)
+            for row in found:
+                row["time"] = elapsed
+            rows += found
         return sorted(rows, key=lambda row: group.index(row["idx"]))
-
-    def sample_rows(group: list[int], x: torch.Tensor, labels: list[int]) -> list[dict]:
-        t0 = time.perf_counter()
-        if routes is None:
-            found = dual.certify_batch(
-                x,
-                n0=run.n0,
-                n=run.n,
-                router_n=run.router_samples,
-                alpha=run.alpha,
-                router_share=run.router_share,
-                batch=run.batch,
-                keys=group,
-            )
-            elapsed = (time.perf_counter() - t0) / len(group)
-            return [
-                _routed_part_row(idx, labels[i], found[i], experts.names, run.n0, run.seed, elapsed)
-                for i, idx in enumerate(group)
-            ]
-        expert = [routes[i][0] for i in group]
-        sigma = torch.tensor([routes[i][1] for i in group], dtype=torch.float32)
-        found = certifier.certify_batch(
-            x,
-            expert,
-            sigma,
-            run.n0,
-            run.n,
-            run.alpha,
-            run.batch,
-            group,
-            run.pilot,
-            run.radius_tolerance,
-        )
-        elapsed = (time.perf_counter() - t0) / len(group)
-        rows = [
-            _part_row(idx, labels[i], found[i], run.n0, run.seed, elapsed)
-            for i, idx in enumerate(group)
-        ]
-        if extra:
-            for row, k in zip(rows, expert):
-                row["expert"] = experts[k].name
-        return rows
 
     def _repeats(x: torch.Tensor, group: list[int]) -> dict[int, Answer]:
         found = {idx: memory.repeat_answer(x[i]) for i, idx in enumerate(group)}
@@ -265,8 +216,7 @@ def certify_dataset(
                 lambda idx: inputs[idx] if idx in inputs else dataset[idx][0],
             )
 
-        batch = certifier.batch_size(run.batch, dataset.info.input_shape)
-        router_n = run.router_samples if routes is None else 0
+        batch = sampler.engine.batch_size(run.batch, dataset.info.input_shape)
         source = RowSource(
             "certify",
             CERTIFY_PART_COLUMNS + extra,
@@ -274,7 +224,9 @@ def certify_dataset(
             rows_of,
             dataset=dataset,
             samples_of=lambda rows: sum(
-                run.n0 + run.pilot + row["n"] + router_n for row in rows if "repeat" not in row
+                row["n0"] + row["n"] + run.pilot + sampler.router_n
+                for row in rows
+                if "repeat" not in row
             ),
         )
         write_rows(
@@ -290,6 +242,81 @@ def certify_dataset(
         if memory is not None:
             memory.close()
     return run.out
+
+
+# -- how each mode samples -------------------------------------------------------------------
+@dataclass
+class _Sampler:
+    """One way of certifying a group of inputs: `rows(x, keys, labels)` gives their part rows
+    (CERTIFY_PART_COLUMNS, and the mode's columns); `engine` sizes the batches."""
+
+    engine: object
+    rows: Callable[[torch.Tensor, list[int], list[int]], list[dict]]
+    router_n: int = 0  # the router's samples per input, besides the rows' n0 and n
+
+
+def _sampler(run: CertifyRun, experts: Experts, num_classes: int, routes) -> _Sampler:
+    engine = {"seed": run.seed, "amp": run.amp, "compile": run.compile}
+    if run.cascade is not None:
+        cascade = Cascade(experts, num_classes, run.cascade, **engine)
+
+        def cascade_rows(x, keys, labels):
+            found = cascade.certify_batch(
+                x, n0=run.n0, n=run.n, alpha=run.alpha, batch=run.batch, keys=keys
+            )
+            return [
+                _cascade_part_row(k, y, c, experts, run) for k, y, c in zip(keys, labels, found)
+            ]
+
+        return _Sampler(cascade, cascade_rows)
+    if routes is None:
+        device = model_device(experts[0].model)
+        dual = DualSmoothing(
+            load_router(run.router, experts, device), experts, num_classes, **engine
+        )
+
+        def dual_rows(x, keys, labels):
+            found = dual.certify_batch(
+                x,
+                n0=run.n0,
+                n=run.n,
+                router_n=run.router_samples,
+                alpha=run.alpha,
+                router_share=run.router_share,
+                batch=run.batch,
+                keys=keys,
+            )
+            return [
+                _routed_part_row(k, y, c, experts.names, run)
+                for k, y, c in zip(keys, labels, found)
+            ]
+
+        return _Sampler(dual, dual_rows, router_n=run.n0 + run.router_samples)
+    certifier = ExpertCertifier(experts, num_classes, **engine)
+    extra = run.extra_columns(experts)
+
+    def expert_rows(x, keys, labels):
+        expert = [routes[k][0] for k in keys]
+        sigma = torch.tensor([routes[k][1] for k in keys], dtype=torch.float32)
+        found = certifier.certify_batch(
+            x,
+            expert,
+            sigma,
+            run.n0,
+            run.n,
+            run.alpha,
+            run.batch,
+            keys,
+            run.pilot,
+            run.radius_tolerance,
+        )
+        rows = [_part_row(k, y, c, run.n0, run.seed) for k, y, c in zip(keys, labels, found)]
+        if extra:
+            for row, j in zip(rows, expert):
+                row["expert"] = experts[j].name
+        return rows
+
+    return _Sampler(certifier, expert_rows)
 
 
 # -- the rows and where they go -----------------------------------------------------------------
@@ -393,15 +420,15 @@ def check_results_agree_with_memory(out: str, memory: CertificationMemory) -> No
             )
 
 
-def _part_row(idx: int, label: int, cert, n0: int, seed: int, elapsed: float) -> dict:
-    """A Monte Carlo certificate with its counts (CERTIFY_PART_COLUMNS)."""
+def _part_row(idx: int, label: int, cert, n0: int, seed: int) -> dict:
+    """A Monte Carlo certificate with its counts (CERTIFY_PART_COLUMNS; its time is the
+    caller's)."""
     return {
         "idx": idx,
         "label": label,
         "predict": cert.predict,
         "radius": cert.radius,
         "sigma": cert.sigma,
-        "time": round(elapsed, 4),
         "selected": cert.selected,
         "count": cert.count,
         "top1": cert.top2[0],
@@ -413,7 +440,7 @@ def _part_row(idx: int, label: int, cert, n0: int, seed: int, elapsed: float) ->
 
 
 def _routed_part_row(
-    idx: int, label: int, found: RoutedCertificate, names, n0: int, seed: int, elapsed: float
+    idx: int, label: int, found: RoutedCertificate, names, run: CertifyRun
 ) -> dict:
     """A dual-smoothing certificate (ROUTER_COLUMNS besides CERTIFY_PART_COLUMNS)."""
     cert = found.certificate
@@ -434,13 +461,37 @@ def _routed_part_row(
         "predict": found.predict,
         "radius": found.radius,
         "sigma": found.sigma,
-        "time": round(elapsed, 4),
         **counts,
-        "n0": n0,
-        "seed": seed,
+        "n0": run.n0,
+        "seed": run.seed,
         "expert": names[found.expert] if found.expert >= 0 else NO_EXPERT,
         "route_radius": found.route_radius,
         "expert_radius": found.expert_radius,
+    }
+
+
+def _cascade_part_row(
+    idx: int, label: int, found: CascadeCertificate, experts: Experts, run: CertifyRun
+) -> dict:
+    """A cascade certificate (CASCADE_COLUMNS besides CERTIFY_PART_COLUMNS; n and n0 count
+    the samples of every level it drew)."""
+    return {
+        "idx": idx,
+        "label": label,
+        "predict": found.predict,
+        "radius": found.radius,
+        "sigma": found.sigma,
+        "selected": -1,
+        "count": 0,
+        "top1": 0,
+        "top2": 0,
+        "n": found.levels * run.n,
+        "n0": found.levels * run.n0,
+        "seed": run.seed,
+        "expert": experts[found.expert].name if found.expert >= 0 else NO_EXPERT,
+        "level_radius": found.level_radius,
+        "guard_radius": found.guard_radius,
+        "levels": found.levels,
     }
 
 
@@ -472,8 +523,6 @@ def _repeat_row(
         "repeat": answer,
     }
     if extra:
-        names = [e.name for e in experts if e.sigma == answer.sigma]
-        row["expert"] = names[0] if len(names) == 1 else NO_EXPERT
-        if "route_radius" in extra:
-            row.update(route_radius=0.0, expert_radius=answer.mc_radius)
+        row["expert"] = experts.name_at(answer.sigma) or NO_EXPERT
+        row.update({column: math.nan for column in extra if column != "expert"})  # not sampled
     return row

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ddrs.core.cascade import check_p0
 from ddrs.core.checks import integer, optional_integer, positive, probability
 from ddrs.core.experts import Experts, as_experts
 from ddrs.core.smooth import DEFAULTS
@@ -16,6 +17,7 @@ from ddrs.errors import InputError, ResultsFileError
 from ddrs.models import memory_fingerprint, model_fingerprint
 from ddrs.options import setting
 from ddrs.results import (
+    CASCADE_COLUMNS,
     EXPERT_COLUMNS,
     ROUTER_COLUMNS,
     ResultsWriter,
@@ -102,9 +104,18 @@ class SmoothingRun(DatasetRun):
     compile: bool = setting(
         False, "torch.compile the model (pays off for long runs; 10-40 s per shape)"
     )
+    cascade: float | None = setting(
+        None,
+        "experts, memory-free: the multi-scale cascade at threshold P0 in [0.5, 1): from the "
+        "largest sigma down, the first expert whose smoothed class probability exceeds P0 "
+        "answers (docs/METHODS.md)",
+        group="sigma source",
+        type=float,
+        metavar="P0",
+    )
 
     def sigma_sources(self) -> list:
-        return [self.sigma, self.sigmas]
+        return [self.sigma, self.sigmas, self.cascade]
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -115,6 +126,8 @@ class SmoothingRun(DatasetRun):
             )
         if self.sigma is not None:
             positive("--sigma", self.sigma)
+        if self.cascade is not None:
+            check_p0(self.cascade)
         if self.sigmas is not None and not Path(self.sigmas).is_file():
             raise InputError(
                 f"--sigmas {self.sigmas}: no such file; write it first with `ddrs sigma ... "
@@ -143,10 +156,11 @@ class SmoothingRun(DatasetRun):
         for experts, the routes file's; None when a router chooses at certification time."""
         experts = as_experts(experts)
         if experts.is_model:
-            if getattr(self, "router", None):
-                raise InputError(
-                    "--router routes among experts: give them with --expert or --experts"
-                )
+            for option in ("router", "cascade"):
+                if getattr(self, option, None) is not None:
+                    raise InputError(
+                        f"--{option} routes among experts: give them with --expert or --experts"
+                    )
             return {i: (0, s) for i, s in self.sigma_by_index(indices).items()}
         if self.sigma is not None:
             raise InputError(
@@ -169,10 +183,14 @@ class SmoothingRun(DatasetRun):
         """What experts add to a results file: which one answered (and the router's radius)."""
         if as_experts(experts).is_model:
             return ()
+        if self.cascade is not None:
+            return CASCADE_COLUMNS
         return ROUTER_COLUMNS if getattr(self, "router", None) else EXPERT_COLUMNS
 
     def smoothing_settings(self, command: str, experts: Experts, dataset) -> dict:
         source = {"sigma": self.sigma}
+        if self.cascade is not None:
+            source = {"cascade": self.cascade}
         if self.sigmas is not None:
             source = {"sigmas": str(self.sigmas), "sigmas_sha256": file_digest(self.sigmas)}
         return {

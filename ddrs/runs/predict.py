@@ -9,12 +9,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ddrs.core.cascade import Cascade
 from ddrs.core.experts import Experts, as_experts
 from ddrs.core.route import ExpertCertifier
 from ddrs.core.smooth import DEFAULTS
 from ddrs.launch import ONE_PROCESS, Rank
 from ddrs.options import setting
-from ddrs.results import PREDICT_COLUMNS, ResultsWriter
+from ddrs.results import NO_EXPERT, PREDICT_COLUMNS, ResultsWriter
 from ddrs.runs.dataset import SmoothingRun
 from ddrs.runs.loop import RowSource, group_size, stack, write_rows
 from ddrs.runs.source import inputs_of
@@ -49,17 +50,39 @@ def predict_dataset(
     dataset = inputs_of(dataset, experts)
     settings = run.settings(experts, dataset)
     routes = run.check(experts, dataset, settings)
-    certifier = ExpertCertifier(
-        experts, dataset.info.num_classes, seed=run.seed, amp=run.amp, compile=run.compile
-    )
+    engine = {"seed": run.seed, "amp": run.amp, "compile": run.compile}
+    num_classes = dataset.info.num_classes
+    cascade = Cascade(experts, num_classes, run.cascade, **engine) if routes is None else None
+    certifier = cascade or ExpertCertifier(experts, num_classes, **engine)
     extra = run.extra_columns(experts)
+
+    def answers_of(x, group) -> tuple[list[int], list[int], list[dict]]:
+        """Each input's class, its expert, and the mode's extra columns."""
+        if cascade is not None:
+            found = cascade.certify_batch(
+                x, n0=DEFAULTS.n0, n=run.n, alpha=run.alpha, batch=run.batch, keys=group
+            )
+            return (
+                [c.predict for c in found],
+                [c.expert for c in found],
+                [
+                    {
+                        "level_radius": c.level_radius,
+                        "guard_radius": c.guard_radius,
+                        "levels": c.levels,
+                    }
+                    for c in found
+                ],
+            )
+        expert = [routes[i][0] for i in group]
+        sigma = torch.tensor([routes[i][1] for i in group], dtype=torch.float32)
+        answers = certifier.predict_batch(x, expert, sigma, run.n, run.alpha, run.batch, group)
+        return answers, expert, [{} for _ in group]
 
     def rows_of(group: list[int]) -> list[dict]:
         x, labels = stack(dataset, group)
-        expert = [routes[i][0] for i in group]
-        sigma = torch.tensor([routes[i][1] for i in group], dtype=torch.float32)
         t0 = time.perf_counter()
-        answers = certifier.predict_batch(x, expert, sigma, run.n, run.alpha, run.batch, group)
+        answers, expert, more = answers_of(x, group)
         elapsed = round((time.perf_counter() - t0) / len(group), 4)
         rows = [
             {
@@ -68,12 +91,13 @@ def predict_dataset(
                 "predict": answer,
                 "correct": int(answer == label),
                 "time": elapsed,
+                **columns,
             }
-            for idx, label, answer in zip(group, labels, answers)
+            for idx, label, answer, columns in zip(group, labels, answers, more)
         ]
         if extra:
             for row, k in zip(rows, expert):
-                row["expert"] = experts[k].name
+                row["expert"] = experts[k].name if k >= 0 else NO_EXPERT
         return rows
 
     columns = run.columns(experts)

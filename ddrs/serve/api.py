@@ -49,7 +49,9 @@ class AnswerBody(BaseModel):
     repeat: bool = Field(
         description="an exact repeat of a stored input: its stored answer, given without sampling"
     )
-    entry: int = Field(description="the memory entry holding this answer")
+    entry: int = Field(
+        description="the memory entry holding this answer (-1: a service without a memory)"
+    )
     expert: str = Field(description="the expert that answered (a service of experts), or ''")
 
 
@@ -77,7 +79,7 @@ MEANING = {
     "too deeply)",
     401: "missing or wrong token (Authorization: Bearer <token>)",
     403: "a cross-origin write without the token",
-    404: "no such path",
+    404: "no such path (or, for memory statistics, a service without a memory)",
     405: "method not allowed on this path (the Allow header lists those that are)",
     408: "the request body did not arrive in time (--body-timeout)",
     413: "body or image too large",

@@ -228,7 +228,7 @@ def create_app(
             return {"status": "ok"}  # settings and the memory's location only with the token
         return {
             "status": "ok",
-            "entries": service.entries,
+            "entries": service.entries if service.memory is not None else None,
             "in_flight": service.in_flight,
             **service.describe,
         }
@@ -306,10 +306,17 @@ def create_app(
         "/v1/memory/stats",
         methods=GET,
         response_model=MemoryStatsBody,
-        responses=errors(400, 401, 503),
+        responses=errors(400, 401, 404, 503),
     )
     async def memory_stats():
-        return await service.memory_stats()
+        stats = await service.memory_stats()
+        if stats is None:
+            raise RequestError(
+                404,
+                "this service keeps no memory: its answers are certified "
+                "without one (a fixed sigma, a router or a cascade)",
+            )
+        return stats
 
     @app.api_route("/metrics", methods=GET, response_class=Response, responses=errors(400, 401))
     async def metrics():
@@ -320,7 +327,8 @@ def create_app(
 
     @app.api_route("/", methods=GET, response_class=HTMLResponse, responses=errors(400))
     async def page():
-        return HTMLResponse(render_page(service.describe, token is not None))
+        page = render_page(service.describe, token is not None, service.memory is None)
+        return HTMLResponse(page)
 
     static = resources.files("ddrs.serve") / "static"
     for name, media in (("page.js", "text/javascript"), ("page.css", "text/css")):

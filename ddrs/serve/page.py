@@ -15,12 +15,14 @@ FAVICON = (
 PAGE = (resources.files("ddrs.serve") / "static" / "index.html").read_text()
 
 
-def render_page(describe: dict, needs_token: bool) -> str:
-    """The page: alpha (part of the guarantee) for everyone; the other settings only when no
-    token is needed (with a token, `GET /health` with it shows them)."""
+def render_page(describe: dict, needs_token: bool, stateless: bool = False) -> str:
+    """The page: alpha (part of the guarantee) and whether answers are stored, for everyone;
+    the other settings only when no token is needed (with a token, `GET /health` with it
+    shows them)."""
     facts = {
         "alpha": describe.get("alpha"),
         "needs_token": needs_token,
+        "stateless": stateless,
         "settings": None if needs_token else describe,
     }
     text = json.dumps(facts).replace("<", "\\u003c").replace("&", "\\u0026")

@@ -132,7 +132,9 @@ def serve(run: ServeRun) -> None:
     router = load_router(run.router, experts, device) if run.router else None
 
     def make_classifier():
-        memory = CertificationMemory(run.memory, fingerprint, info.input_shape)
+        memory = None
+        if run.memory is not None:
+            memory = CertificationMemory(run.memory, fingerprint, info.input_shape)
         return DataDependentSmoothClassifier(
             experts,
             info.num_classes,
@@ -149,12 +151,14 @@ def serve(run: ServeRun) -> None:
             router_n=run.router_n,
             router_share=run.router_share,
             route_rule=run.route_rule,
+            cascade=run.cascade,
             amp=run.amp,
             compile=run.compile,
         )
 
-    make_classifier().memory.close()  # a memory of another model or a corrupt one: say so now
-    memory = shown_location(run.memory)  # never the password, wherever it is shown
+    if run.memory is not None:  # a memory of another model or a corrupt one: say so now
+        make_classifier().memory.close()
+    memory = shown_location(run.memory) if run.memory else "none (stateless)"  # no password
     describe = {
         "model": fingerprint[:16],
         "dataset": info.name,
@@ -172,7 +176,11 @@ def serve(run: ServeRun) -> None:
         describe.update(
             experts=experts.describe(),
             route=(
-                f"router (sigma_r {router.sigma:g})" if router else f"selector ({run.route_rule})"
+                f"router (sigma_r {router.sigma:g})"
+                if router
+                else f"cascade (p0 {run.cascade:g})"
+                if run.cascade is not None
+                else f"selector ({run.route_rule})"
             ),
         )
     describe = {key: value for key, value in describe.items() if value is not None}

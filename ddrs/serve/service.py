@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ddrs.classifier import Answer, DataDependentSmoothClassifier
+from ddrs.core.noise import content_key
 from ddrs.data import DatasetInfo
 from ddrs.memory import MemoryUnavailable
 from ddrs.options import default_of
@@ -80,24 +81,36 @@ class CertificationService:
         self.batcher: asyncio.Task | None = None
 
     # -- on the writer thread
+    @property
+    def memory(self):
+        """The classifier's memory, or None for a stateless service."""
+        return None if self.classifier is None else self.classifier.memory
+
     def _open(self) -> None:
         self.classifier = self.make_classifier()
-        memory = self.classifier.memory
-        self.entries = len(memory)
+        self.entries = 0 if self.memory is None else len(self.memory)
+
+    def _keys(self, queries: list[Query]) -> list[int]:
+        """Noise keys: from the memory, unique across replicas; without one, from each input's
+        own bytes (the same input, the same answer, on any replica)."""
+        if self.memory is None:
+            return [content_key(q.x) for q in queries]
+        return self.memory.allocate_keys(len(queries))
 
     def _answer(self, queries: list[Query]) -> list[Answer]:
-        keys = self.classifier.memory.allocate_keys(len(queries))  # unique across replicas
+        keys = self._keys(queries)
         x = torch.stack([q.x for q in queries])
         answers = self.classifier.answer_batch(x, [q.kind for q in queries], keys)
-        try:
-            self.entries = len(self.classifier.memory)
-        except MemoryUnavailable:
-            pass  # the answers are committed; the count is only for /health
+        if self.memory is not None:
+            try:
+                self.entries = len(self.memory)
+            except MemoryUnavailable:
+                pass  # the answers are committed; the count is only for /health
         return answers
 
     def _close(self) -> None:
-        if self.classifier is not None:
-            self.classifier.memory.close()
+        if self.memory is not None:
+            self.memory.close()
 
     async def call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.writer, fn, *args)
@@ -166,5 +179,8 @@ class CertificationService:
                 if not q.future.done():
                     q.future.set_result(answer)
 
-    async def memory_stats(self) -> dict:
-        return await self.call(self.classifier.memory.stats)
+    async def memory_stats(self) -> dict | None:
+        """The memory's statistics; None for a stateless service."""
+        if self.memory is None:
+            return None
+        return await self.call(self.memory.stats)

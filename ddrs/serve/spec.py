@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ddrs.core.cascade import check_p0
 from ddrs.core.checks import integer, number, optional_integer, positive, probability
 from ddrs.core.route import ROUTE_RULES
 from ddrs.core.sigma import DEFAULT_SAMPLES
@@ -29,11 +30,11 @@ class ServeRun(SearchSettings, Models):
         None, "without --dataset: C,H,W of the inputs", type="shape"
     )
     num_classes: int | None = setting(None, "without --dataset: number of classes", type=int)
-    memory: str = setting(
+    memory: str | None = setting(
         None,
-        "certification memory (created if new): an SQLite file, or a "
-        "postgresql:// URL that several replicas share",
-        required=True,
+        "certification memory (created if new): an SQLite file, or a postgresql:// URL that "
+        "several replicas share; needed by a sigma search or the selector over experts, not by "
+        "a fixed --sigma, a --router or a --cascade (stateless: replicas share nothing)",
     )
     sigma: float | None = setting(
         None,
@@ -55,6 +56,12 @@ class ServeRun(SearchSettings, Models):
         choices=list(ROUTE_RULES),
     )
     router: str | None = setting(None, "experts: a router checkpoint (dual smoothing)")
+    cascade: float | None = setting(
+        None,
+        "experts: the multi-scale cascade at threshold P0 (memory-free; `ddrs certify --help`)",
+        type=float,
+        metavar="P0",
+    )
     router_n: int | None = setting(None, "the router's samples (default: --n)", type=int)
     router_share: float = setting(0.5, "the share of --alpha spent on the router")
     n0: int = setting(DEFAULTS.n0, "selection samples")
@@ -120,6 +127,17 @@ class ServeRun(SearchSettings, Models):
                 raise InputError("--router routes among experts: give --expert or --experts")
         if self.router is not None and not Path(self.router).is_file():
             raise InputError(f"--router {self.router}: no such file")
+        if self.cascade is not None:
+            check_p0(self.cascade)
+            if not self.has_experts or self.router is not None:
+                raise InputError(
+                    "--cascade runs among experts (--expert or --experts), without a --router"
+                )
+        if self.memory is None and not self.stateless:
+            raise InputError(
+                "give --memory: a service whose sigma or expert depends on the input must "
+                "remember its answers (or serve a fixed --sigma, a --router or a --cascade)"
+            )
         optional_integer("--router-n", self.router_n)
         probability("--router-share", self.router_share)
         if self.dataset is None and not (self.input_shape and self.num_classes):
@@ -137,6 +155,11 @@ class ServeRun(SearchSettings, Models):
         positive("--body-timeout", self.body_timeout)
         if self.selector is not None:
             SearchSettings.__post_init__(self)
+
+    @property
+    def stateless(self) -> bool:
+        """Certifiable without a memory: a fixed sigma, a router, or the cascade."""
+        return self.sigma is not None or self.router is not None or self.cascade is not None
 
     @property
     def noise_level(self) -> float | None:

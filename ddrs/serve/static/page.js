@@ -21,6 +21,10 @@ function start() {
         .join(" \u00b7 ")
     : "\u03b1 = " + ALPHA + "; the other settings are shown to those with the token " +
       "(GET /health with it)";
+  if (SERVICE.stateless) {
+    $("stored").textContent = "This service keeps no memory: the same image gets the same " +
+      "answer because its noise is drawn from the image itself.";
+  }
   $("file").addEventListener("change", showUpload);
   $("upload").addEventListener("error", () => { $("upload-figure").hidden = true; });
   $("query").addEventListener("submit", send);
@@ -64,6 +68,11 @@ function withProbability() {
 }
 
 function memoryNote(body) {
+  if (body.entry < 0) {
+    return "This service keeps no memory: each answer is certified on its own (a fixed " +
+      "sigma, or a router or a cascade that certifies its choice of expert), so it does not " +
+      "depend on earlier queries, and the same image gets the same answer.";
+  }
   if (body.repeat) {
     return "This exact image was answered before (memory entry " + body.entry + "), and the " +
       "same image always gets the same answer: this is the answer given then; nothing was " +
