@@ -26,6 +26,7 @@ from ddrs.core.route import (
     DualSmoothing,
     ExpertCertifier,
     Router,
+    check_route_rule,
     route_by_certified_radius,
 )
 from ddrs.core.sampling import CPU_BATCH
@@ -71,8 +72,7 @@ class DataDependentSmoothClassifier:
 
     def __post_init__(self):
         self.experts = as_experts(self.model)
-        if self.route_rule not in ROUTE_RULES:
-            raise InputError(f"unknown route rule {self.route_rule!r}; use {ROUTE_RULES}")
+        check_route_rule(self.route_rule)
         if self.router is not None and self.experts.is_model:
             raise InputError("a router routes among experts; give Experts as the model")
         if self.experts.is_model:

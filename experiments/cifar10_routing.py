@@ -227,7 +227,7 @@ def certify_row(
 ) -> str:
     """One row: how = "fixed:<k>" (expert k at its sigma), "route:<rule>" (routing + memory)
     or "dual:<sigma_r>" (dual smoothing through the router trained at sigma_r)."""
-    kind, value = how.split(":")
+    kind, value = how.split(":", 1)
     experts, stem = experts_of(args, which), stem_of(which, how)
     common = {
         "n0": args.n0,

@@ -7,7 +7,13 @@ import torch
 
 from conftest import LinearBinary
 from ddrs.core.experts import Expert, Experts
-from ddrs.core.route import DualSmoothing, Router, route_by_certified_radius
+from ddrs.core.route import (
+    DualSmoothing,
+    Router,
+    check_route_rule,
+    expert_scores,
+    route_by_certified_radius,
+)
 from ddrs.core.smooth import ABSTAIN
 
 
@@ -127,3 +133,30 @@ def test_routing_does_not_depend_on_the_batch(closed_form):
         experts, x[:50], samples=16, n=500, alpha=0.01, batch=4096, keys=keys
     )
     assert torch.equal(a.expert, b.expert) and torch.equal(a.score, b.score)
+
+
+def test_agree_at_a_confidence_only_binds_where_the_smallest_sigma_is_confident():
+    """'agree:P' is 'agree' where the smallest sigma's top-class share is at least P and
+    'radius' elsewhere; near the small expert's hyperplane the two rules differ."""
+    w, b = _hyperplane(1)
+    model, flipped = LinearBinary(w, b), LinearBinary(-w, -b)
+    mixed = Experts((Expert("small", "", 0.1, model), Expert("big", "", 0.5, flipped)))
+    x = torch.rand(400, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    settings = {"samples": 64, "n": 1000, "alpha": 0.001}
+    share, _, _ = expert_scores(mixed, x, **settings)
+    confident = torch.from_numpy(share[:, 0] >= 0.9)
+    routes = {
+        rule: route_by_certified_radius(mixed, x, rule=rule, **settings).expert
+        for rule in ("radius", "agree", "agree:0.9")
+    }
+    assert torch.equal(routes["agree:0.9"][confident], routes["agree"][confident])
+    assert torch.equal(routes["agree:0.9"][~confident], routes["radius"][~confident])
+    assert (routes["agree"] != routes["radius"])[~confident].any()  # the threshold matters
+
+
+@pytest.mark.parametrize("rule", ["agree:1", "agree:x", "radius:0.5", "largest"])
+def test_a_bad_route_rule_is_one_line(rule):
+    from ddrs.errors import InputError
+
+    with pytest.raises(InputError, match="use radius, agree or agree:P"):
+        check_route_rule(rule)

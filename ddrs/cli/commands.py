@@ -183,10 +183,16 @@ def cmd_train_router(args) -> None:
     from ddrs.launch import device_for
     from ddrs.models.experts import expert_specs, load_experts
     from ddrs.train.loop import spread_indices
-    from ddrs.train.router import held_out_indices, train_router
+    from ddrs.train.router import (
+        RouterOptions,
+        check_router_method,
+        held_out_indices,
+        train_router,
+    )
 
     config = from_namespace(TrainConfig, args, method_settings=parse_settings(args.method_settings))
     labels = from_namespace(RouterLabels, args)
+    check_router_method(config.method)
     plain = get_dataset(config.dataset, "train", config.data_root, augment=False)
     experts = load_experts(
         expert_specs(labels.expert, labels.experts),
@@ -202,6 +208,12 @@ def cmd_train_router(args) -> None:
     if labels.images is not None:
         indices = [indices[k] for k in spread_indices(len(indices), labels.images)]
     print(f"router: {len(indices)} held-out images, experts {', '.join(experts.names)}")
+    largest = max(e.sigma for e in experts)
+    if config.sigma < largest:
+        print(
+            f"note: sigma_r {config.sigma:g} is below the largest expert's sigma {largest:g}: "
+            "the route's radius may cap that expert's answers"
+        )
     path = train_router(
         experts,
         config,
@@ -209,6 +221,12 @@ def cmd_train_router(args) -> None:
         samples=labels.label_samples,
         n=labels.label_n,
         alpha=labels.label_alpha,
+        options=RouterOptions(
+            temperature=labels.temperature,
+            uncertified_weight=labels.uncertified_weight,
+            balance=labels.balance,
+            check_n=labels.check_n,
+        ),
     )
     print(f"router checkpoint: {path}")
 

@@ -117,12 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train-router",
         help="train a router among experts for dual smoothing (certify --router)",
-        description="Labels each held-out training image with the expert whose smoothed "
-        "prediction is right with the largest predicted radius, then trains the router with "
-        "Gaussian augmentation at --sigma (its own noise level).",
+        description="Scores each held-out training image by every expert's predicted "
+        "certified radius (0 where the expert is wrong), then trains the router on soft "
+        "targets softmax(radii / --temperature), class-balanced, without the images no "
+        "expert certifies, at its own noise level --sigma (sigma_r: at least the largest "
+        "expert's), with the consistency term by default (--method consistency).",
     )
     add_spec(p, RouterLabels)
     add_spec(p, TrainConfig)
+    p.set_defaults(method="consistency")
 
     p = sub.add_parser("certify", help="CERTIFY inputs of a dataset; writes a results TSV")
     add_spec(p, ModelSource)

@@ -6,7 +6,9 @@
    the score is the radius CERTIFY would give at the certification's N and alpha,
    `predicted_certified_radius(f_j, s_j, N, alpha)`. The best score wins, ties to the smaller
    sigma (then the earlier expert). Rule "agree" only lets an expert win whose top class is
-   the smallest-sigma expert's (a large sigma that changes the class is distrusted). The
+   the smallest-sigma expert's (a large sigma that changes the class is distrusted);
+   "agree:P" does so only where the smallest sigma is confident, its top-class share at
+   least P (elsewhere the largest radius wins, as with "radius"). The
    chosen expert then certifies the input with fresh noise, independent of the selection, so
    its certificate holds; the classifier as a whole (its expert depends on x) is made
    certifiable by the memory, as for a per-input sigma.
@@ -26,6 +28,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,6 +46,28 @@ from ddrs.core.torchutil import frozen_eval, model_device
 from ddrs.errors import InputError
 
 ROUTE_RULES = ("radius", "agree")
+ROUTE_RULE_HELP = (
+    "radius (the largest predicted radius wins), agree (only an expert whose top class is "
+    "the smallest sigma's may win) or agree:P (agree only where the smallest sigma's "
+    "top-class share is at least P, e.g. agree:0.8)"
+)
+
+
+def check_route_rule(rule: str) -> tuple[str, float]:
+    """(rule, confidence) of a route rule's text: "radius", "agree" or "agree:P"
+    (confidence P in [0, 1); plain "agree" is "agree:0")."""
+    name, _, value = str(rule).partition(":")
+    confidence = 0.0
+    if value and name == "agree":
+        try:
+            confidence = float(value)
+        except ValueError:
+            confidence = math.nan
+    if name not in ROUTE_RULES or (value and name != "agree") or not 0 <= confidence < 1:
+        raise InputError(
+            f"unknown route rule {rule!r}; use radius, agree or agree:P with P in [0, 1)"
+        )
+    return name, confidence
 
 
 @dataclass(frozen=True)
@@ -118,15 +143,16 @@ def route_by_certified_radius(
 ) -> Routing:
     """The certified selector over experts (see the module's docstring); `n`, `alpha`: those
     of the certification that follows."""
-    if rule not in ROUTE_RULES:
-        raise InputError(f"unknown route rule {rule!r}; choose one of {ROUTE_RULES}")
-    _, top, scores = expert_scores(
+    rule, confidence = check_route_rule(rule)
+    share, top, scores = expert_scores(
         experts, x, samples=samples, n=n, alpha=alpha, seed=seed, keys=keys, batch=batch
     )
     order = sorted(range(len(experts)), key=lambda j: (experts[j].sigma, j))
     ranked = scores[:, order]
     if rule == "agree":  # only experts whose top class is the smallest sigma's may win
-        ranked = np.where(top[:, order] == top[:, order[:1]], ranked, -1.0)
+        confident = share[:, order[:1]] >= confidence
+        agree = top[:, order] == top[:, order[:1]]
+        ranked = np.where(agree | ~confident, ranked, -1.0)
     best = np.asarray(order)[np.argmax(ranked, axis=1)]  # first maximum: the smaller sigma
     rows = np.arange(len(best))
     return Routing(

@@ -11,7 +11,12 @@ from torch import nn
 
 from ddrs.core.checks import integer, positive, probability
 from ddrs.core.experts import Experts, as_experts
-from ddrs.core.route import ROUTE_RULES, route_by_certified_radius
+from ddrs.core.route import (
+    ROUTE_RULE_HELP,
+    ROUTE_RULES,
+    check_route_rule,
+    route_by_certified_radius,
+)
 from ddrs.core.sampling import auto_batch_size
 from ddrs.core.sigma import (
     DEFAULT_CLAMP,
@@ -122,9 +127,7 @@ class SigmaRun(SearchSettings, DatasetRun):
     )
     route_rule: str = setting(
         ROUTE_RULES[0],
-        "experts: radius (the largest predicted radius wins) or agree (only an "
-        "expert whose top class is the smallest sigma's may win)",
-        choices=list(ROUTE_RULES),
+        f"experts: {ROUTE_RULE_HELP}",
     )
     n: int = setting(
         DEFAULTS.n,
@@ -137,8 +140,7 @@ class SigmaRun(SearchSettings, DatasetRun):
         DatasetRun.__post_init__(self)
         if self.sigma0 is not None:
             positive("--sigma0", self.sigma0)
-        if self.route_rule not in ROUTE_RULES:
-            raise InputError(f"--route-rule must be one of {ROUTE_RULES}, got {self.route_rule!r}")
+        check_route_rule(self.route_rule)
         integer("--n", self.n)
         probability("--alpha", self.alpha)
         SearchSettings.__post_init__(self)

@@ -52,8 +52,7 @@ class ServeRun(SearchSettings, Models):
     )
     route_rule: str = setting(
         ROUTE_RULES[0],
-        "experts: radius or agree (see `ddrs sigma --help`)",
-        choices=list(ROUTE_RULES),
+        "experts: radius, agree or agree:P (see `ddrs sigma --help`)",
     )
     router: str | None = setting(None, "experts: a router checkpoint (dual smoothing)")
     cascade: float | None = setting(

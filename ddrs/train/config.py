@@ -139,8 +139,26 @@ class RouterLabels:
         DEFAULTS.alpha, "the alpha of the certification the labels score for"
     )
 
+    temperature: float = setting(
+        0.1, "soft targets: softmax of the experts' predicted radii / this (pixel units)"
+    )
+    uncertified_weight: float = setting(
+        0.0,
+        "weight of the images no expert certifies, kept with the nearest-to-right expert's "
+        "label (0: left out)",
+    )
+    balance: bool = setting(
+        True, "do not weigh images by 1 / their route's share", flag="--no-balance"
+    )
+    check_n: int = setting(
+        1000, "after training, CERTIFY the router on its held-out images at this N (0: skip)"
+    )
+
     def __post_init__(self) -> None:
         expert_specs(self.expert, self.experts)
+        positive("--temperature", self.temperature)
+        number("--uncertified-weight", self.uncertified_weight, minimum=0)
+        integer("--check-n", self.check_n, minimum=0)
         optional_integer("--images", self.images)
         integer("--label-samples", self.label_samples)
         integer("--label-n", self.label_n)

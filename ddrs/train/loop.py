@@ -146,8 +146,18 @@ class Trainer:
         save_checkpoint(self.out / "last.pt", self.model, self.meta(epoch), **extra)
 
     def _init_from(self, path: str) -> None:
+        """Start from a checkpoint's weights; an output layer of another size (a router
+        started from an expert: E routes, not C classes) starts fresh."""
         loaded = load_checkpoint(path, expect={"arch": self.config.arch})
-        self.model.load_state_dict(loaded.model.state_dict())
+        own = self.model.state_dict()
+        given = loaded.model.state_dict()
+        fits = {k: v for k, v in given.items() if k in own and own[k].shape == v.shape}
+        fresh = sorted(set(own) - set(fits))
+        if len(fits) < len(own) // 2:
+            raise InputError(f"--init {path}: its weights do not fit this model ({fresh[:3]}...)")
+        self.model.load_state_dict(fits, strict=False)
+        if fresh:
+            print(f"--init: {len(fits)} tensors from {path}; {', '.join(fresh)} start fresh")
 
     def _resume(self) -> None:
         path = self.out / "last.pt"
@@ -252,7 +262,8 @@ class Trainer:
             self.optimizer.step()
             n = len(y)
             seen += n
-            correct += (result.noisy_logits.argmax(1) == y).sum().item()
+            hard = y.argmax(1) if y.dim() > 1 else y  # a soft target's most likely class
+            correct += (result.noisy_logits.argmax(1) == hard).sum().item()
             for name, value in {"loss": result.loss.item(), **result.terms}.items():
                 sums[name] = sums.get(name, 0.0) + value * n
             bar.set_postfix(

@@ -44,7 +44,7 @@ class Consistency(Method):
         batch, m = len(x), self.m
         copies = x.repeat_interleave(m, dim=0)
         logits = model(copies + noise_like(copies, sigma.repeat_interleave(m)))
-        ce = F.cross_entropy(logits, y.repeat_interleave(m))
+        ce = F.cross_entropy(logits, y.repeat_interleave(m, dim=0))
         kl, entropy = consistency_terms(logits.view(batch, m, -1))
         loss = ce + self.lbd * kl + self.eta * entropy
         terms = {"ce": ce.item(), "kl": kl.item(), "entropy": entropy.item()}
