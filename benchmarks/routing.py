@@ -4,12 +4,15 @@ On the same inputs, seed and keys, in turn (order rotated every round), median w
   * one certification: one expert at its sigma (N0 + N forward passes per input);
   * routing: the certified selector over the E experts (E x --samples votes per input), then
     the chosen expert's certification;
-  * dual smoothing: the router's certification (N0 + N_r) and the routed expert's.
-Forward passes are counted per input; times are reported as ratios to one certification.
+  * dual smoothing: the router's certification (N0 + N_r) and the routed expert's;
+  * the cascade (--p0): one certification per level visited, from the largest sigma down.
+Forward passes are counted per input (the cascade's: its mean levels x (N0 + N)); times are
+reported as ratios to one certification.
 
     .venv/bin/python benchmarks/routing.py                    # digits cnn experts, trained here
     .venv/bin/python benchmarks/routing.py --experts-dir runs/cifar10_routing --dataset cifar10 \
-        --data-root data/cifar10 --inputs 100 --n 4000
+        --data-root data/cifar10 --inputs 100 --n 4000 \
+        --router runs/cifar10_routing/memory_free/router-0.5/last.pt --p0 0.7
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 from common import interleaved, median, print_machine, save_json, table
 
+from ddrs.core.cascade import Cascade
 from ddrs.core.experts import Expert, Experts
 from ddrs.core.route import DualSmoothing, ExpertCertifier, route_by_certified_radius
 from ddrs.core.smooth import Smooth
@@ -94,6 +98,8 @@ def main() -> None:
     parser.add_argument("--n0", type=int, default=100)
     parser.add_argument("--samples", type=int, default=64, help="routing votes per expert")
     parser.add_argument("--alpha", type=float, default=0.001)
+    parser.add_argument("--router", help="router checkpoint (default: the study's sigma_r 0.25)")
+    parser.add_argument("--p0", type=float, default=0.7, help="the cascade's threshold")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--json", metavar="OUT")
@@ -104,6 +110,7 @@ def main() -> None:
             experts, router_path = study_experts(Path(args.experts_dir))
         else:
             experts, router_path = digits_experts(Path(scratch))
+        router_path = Path(args.router) if args.router else router_path
         test = get_dataset(args.dataset, "test", args.data_root, augment=False)
         count = min(len(test), args.inputs)
         keys = np.linspace(0, len(test) - 1, count).round().astype(int).tolist()
@@ -113,6 +120,7 @@ def main() -> None:
         single = Smooth(middle.model, classes, seed=0)
         certifier = ExpertCertifier(experts, classes, seed=0)
         dual = DualSmoothing(load_router(str(router_path), experts, "cpu"), experts, classes)
+        cascade = Cascade(experts, classes, args.p0)
         batch = single.batch_size(args.batch, test.info.input_shape)
         passes = {
             "one certification": args.n0 + args.n,
@@ -131,6 +139,14 @@ def main() -> None:
                 x, found.expert.tolist(), found.sigma, args.n0, args.n, args.alpha, batch, keys
             )
 
+        levels: list[float] = []
+
+        def cascaded():
+            found = cascade.certify_batch(
+                x, n0=args.n0, n=args.n, alpha=args.alpha, batch=batch, keys=keys
+            )
+            levels.append(float(np.mean([c.levels for c in found])))
+
         def dualed():
             dual.certify_batch(
                 x, n0=args.n0, n=args.n, router_n=args.n, alpha=args.alpha, batch=batch, keys=keys
@@ -141,10 +157,12 @@ def main() -> None:
                 "one certification": one,
                 "routing (selector + certification)": routed,
                 "dual smoothing (router + expert)": dualed,
+                f"cascade (p0 {args.p0:g})": cascaded,
             },
             args.repeats,
             warmup=True,
         )
+    passes[f"cascade (p0 {args.p0:g})"] = round(levels[-1] * (args.n0 + args.n))
     base = median(times["one certification"])
     rows = [
         [

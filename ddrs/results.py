@@ -43,7 +43,8 @@ CERTIFY_PART_COLUMNS = (
     "n0",
     "seed",
 )
-# experts: the expert that answered (its name; "-" when a router abstained)
+# experts: the expert that answered (its name; "-" when a router abstained or no cascade
+# level was confident: "no route" in reports)
 EXPERT_COLUMNS = ("expert",)
 ROUTER_COLUMNS = ("expert", "route_radius", "expert_radius")
 # the cascade: the answering expert, its level's radius, the larger levels' guard radius, and

@@ -354,7 +354,7 @@ def why_lines(args, runs) -> list[str]:
             )
         if "expert" in t:
             names, counts = np.unique(t["expert"].astype(str), return_counts=True)
-            share = ", ".join(f"{n} {c / len(t):.0%}" for n, c in zip(names, counts))
+            share = ", ".join(f"{n} {c / len(t['idx']):.0%}" for n, c in zip(names, counts))
             lines.append(f"- {run.label}: experts {share}")
     labels = folder(args) / "labels-three.tsv"
     if labels.exists():

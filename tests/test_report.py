@@ -427,11 +427,11 @@ def test_expert_plot_colours_each_sigma_alike_in_every_panel_and_marks_router_ab
     assert report.plot_experts(runs, tmp_path / "experts.png")
     (routed_labels, routed_colours), (dual_labels, dual_colours) = seen
     assert routed_labels == ["a (33%)", "b (33%)", "c (33%)"]
-    assert dual_labels == ["c (50%)", "router abstained (50%)"]
+    assert dual_labels == ["c (50%)", "no route (50%)"]
     assert dual_colours[0] == routed_colours[2]  # expert c (sigma 0.5) alike in both panels
     table = format_table([run_summary(r, RADII) for r in runs], RADII)
     assert "| a 33%, b 33%, c 33% |" in table
-    assert "| router abstained 50%, c 50% |" in table
+    assert "| no route 50%, c 50% |" in table
     (tmp_path / "plain.tsv").write_text(OURS)
     assert not report.plot_experts(report.load_runs([tmp_path / "plain.tsv"]), tmp_path / "x.png")
 

@@ -159,8 +159,9 @@ def plot_sigma_histogram(
 def plot_experts(runs: Sequence[Run], path: str | os.PathLike, title: str | None = None) -> bool:
     """Per input (by index): the sigma it was certified at, coloured by the expert that
     answered (one colour per sigma in every panel, so that panels compare), filled where the
-    answer is certified correct; inputs on which a router abstained are grey crosses. One
-    panel per run with an expert column. False (no file) if no run has one."""
+    answer is certified correct; inputs with no route (a router abstained, or no cascade
+    level was confident) are grey crosses. One panel per run with an expert column. False
+    (no file) if no run has one."""
     routed = [run for run in runs if "expert" in run.table and run.size]
     if not routed:
         return False
@@ -216,7 +217,7 @@ def _plot_expert_panel(ax, run: Run, sigmas: list[float]) -> None:
             s=14,
             marker="x",
             color="0.5",
-            label=f"router abstained ({np.mean(abstained):.0%})",
+            label=f"no route ({np.mean(abstained):.0%})",
         )
     ax.set_ylabel("sigma")
     ax.set_title(run.label, fontsize=9)

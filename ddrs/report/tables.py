@@ -54,7 +54,7 @@ def _columns(summaries: Sequence[dict], radii: Sequence[float]) -> list[_Column]
 def _shares_text(shares: dict[str, float] | None) -> str:
     if not shares:
         return "–"
-    named = {("router abstained" if name == "-" else name): share for name, share in shares.items()}
+    named = {("no route" if name == "-" else name): share for name, share in shares.items()}
     return ", ".join(f"{name} {share:.0%}" for name, share in named.items())
 
 
