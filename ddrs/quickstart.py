@@ -6,8 +6,10 @@
 2. certify each expert at its sigma (their envelope is the strongest fixed-sigma baseline);
 3. the data-dependent model: a sigma per test input (certified selector), then CERTIFY with
    the memory;
-4. the experts routed by the certified selector over experts, with the memory; and dual
-   smoothing (the router certifies the route, the expert the class; no memory);
+4. the experts routed by the certified selector over experts, with the memory; and two ways
+   without a memory: the multi-scale cascade (the largest sigma that is confident answers;
+   its threshold p0 chosen on the held-out training images) and dual smoothing (a router,
+   trained on the held-out images, certifies the route, the expert the class);
 5. print the comparison table and write the plots. Every file goes under `out`.
 """
 
@@ -17,6 +19,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from ddrs.core.cascade import Cascade
 from ddrs.core.experts import Expert, Experts
 from ddrs.data import get_dataset
 from ddrs.errors import InputError
@@ -60,8 +66,9 @@ class QuickstartSettings:
     sigma_grid: int = 9
     sigma_samples: int = 64
     route_rule: str = "radius"
-    router_sigma: float = 0.25
+    router_sigma: float = 0.5  # the largest expert's: the route radius does not cap it
     router_epochs: int = 30
+    p0_candidates: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
     n0: int = 100
     n: int = 2_000
     alpha: float = 0.001
@@ -210,8 +217,16 @@ def quickstart(
             **common,
         ),
     )
-    dual_tsv = out / "dual_certify.tsv"
     held = held_out_indices(experts, len(get_dataset("digits", "train")))
+    cascade_tsv = out / "cascade_certify.tsv"
+    p0 = _choose_p0(experts, held, s)
+    print(
+        f"      the cascade: from sigma {max(s.expert_sigmas):g} down, the first confident "
+        f"level answers (p0 {p0:g}, the best ACR on the {len(held)} held-out training images)"
+        + _already(cascade_tsv, count)
+    )
+    certify_dataset(experts, test_set, CertifyRun(out=str(cascade_tsv), cascade=p0, **common))
+    dual_tsv = out / "dual_certify.tsv"
     print(
         f"      dual smoothing: a router (sigma_r {s.router_sigma:g}) trained on the {len(held)} "
         "training images no expert saw, then router and expert certified"
@@ -223,8 +238,14 @@ def quickstart(
     print("[5/5] the table and the plots")
     labels = [f"fixed sigma={v:g}" for v in s.expert_sigmas]
     runs = load_runs(
-        [str(p) for p in fixed + [dd_tsv, routed_tsv, dual_tsv]],
-        labels + ["data-dependent + memory", "experts routed + memory", "experts, dual smoothing"],
+        [str(p) for p in fixed + [dd_tsv, routed_tsv, cascade_tsv, dual_tsv]],
+        labels
+        + [
+            "data-dependent + memory",
+            "experts routed + memory",
+            "experts, cascade (no memory)",
+            "experts, dual smoothing (no memory)",
+        ],
     )
     radii = [0.0, 0.25, 0.5, 0.75, 1.0]
     summaries = [run_summary(r, radii) for r in runs]
@@ -264,10 +285,13 @@ def _router(
     if last.exists() and load_checkpoint(last).meta["epoch"] + 1 >= s.router_epochs:
         print(f"      the router: already trained ({last})")
         return last
+    largest = max(experts, key=lambda e: e.sigma)
     config = TrainConfig(
         dataset="digits",
         arch="cnn",
         out=str(out),
+        method="consistency",
+        init=largest.source,
         sigma=s.router_sigma,
         epochs=s.router_epochs,
         batch=s.batch,
@@ -279,3 +303,17 @@ def _router(
     )
     print(f"      the router -> {out}")
     return train_router(experts, config, images, samples=s.sigma_samples, n=s.n, alpha=s.alpha)
+
+
+def _choose_p0(experts: Experts, held: list[int], s: QuickstartSettings) -> float:
+    """The cascade's threshold with the best ACR (then the smaller p0) on the held-out
+    training images, at the run's N and alpha; never the test images."""
+    train_set = get_dataset("digits", "train", augment=False)
+    items = [train_set[i] for i in held]
+    x = torch.stack([item[0] for item in items])
+    y = np.array([int(item[1]) for item in items])
+    cascade = Cascade(experts, 10, s.p0_candidates[0], seed=1)
+    found = cascade.certify_thresholds(x, s.p0_candidates, n0=s.n0, n=s.n, alpha=s.alpha, keys=held)
+    acr = {p0: np.mean([c.radius * (c.predict == t) for c, t in zip(found[p0], y)]) for p0 in found}
+    best = max(s.p0_candidates, key=lambda p0: (acr[p0], -p0))
+    return best

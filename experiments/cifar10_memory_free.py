@@ -15,6 +15,7 @@ images; every 20th test image). New rows, certified on the same test images:
 * beside them, the routing study's rows remeasured with these experts: each expert, their
   envelope, and routing + memory (rule radius).
 
+Options of the routing study (--epochs, --train-subset, --seed, ...) pass through to it.
 Every choice (P0, the rule; which router is reported first) is made on the 200 validation
 images at --val-n, by the issue's goal itself against the validation envelope: how many of
 its conditions a row meets (r = 0 and 0.75 at most 1 point below, r = 0.25 and 0.5 above,
@@ -79,9 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max", type=int, default=-1, help="stop before this test index (-1: all)")
     p.add_argument("--batch", type=int, default=400, help="noisy samples per forward pass")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    args = p.parse_args(argv)
-    study = base.parse_args(["--data-root", args.data_root, "--out", args.out])
-    for name, value in vars(study).items():  # the routing study's experts and images
+    args, rest = p.parse_known_args(argv)
+    # the routing study's options (--epochs, --train-subset, ...): its experts and images
+    study = base.parse_args(["--data-root", args.data_root, "--out", args.out, *rest])
+    for name, value in vars(study).items():
         if not hasattr(args, name):
             setattr(args, name, value)
     return args

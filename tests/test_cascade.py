@@ -119,3 +119,16 @@ def test_cascade_results_do_not_depend_on_the_batch(closed_form):
 def test_a_bad_threshold_is_refused(p0):
     with pytest.raises(InputError, match="--cascade P0"):
         check_p0(p0)
+
+
+def test_every_threshold_from_one_draw_equals_the_cascade_at_each(closed_form):
+    members, _, _, x = closed_form
+    cascade = Cascade(members, 2, P0, seed=3)
+    keys = list(range(len(x)))
+    at = cascade.certify_thresholds(x, (0.55, 0.8), n0=20, n=300, alpha=0.05, keys=keys)
+    for p0 in (0.55, 0.8):
+        alone = Cascade(members, 2, p0, seed=3).certify_batch(
+            x, n0=20, n=300, alpha=0.05, keys=keys
+        )
+        assert at[p0] == alone
+    assert at[0.55] != at[0.8]  # the threshold matters on these inputs

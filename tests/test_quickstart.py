@@ -27,6 +27,7 @@ def test_quickstart_reduced_runs_end_to_end(tmp_path, capsys):
         "routes.tsv",
         "routed_certify.tsv",
         "routed_memory.sqlite",
+        "cascade_certify.tsv",
         "dual_certify.tsv",
         "labels.tsv",
         "table.md",
@@ -41,9 +42,17 @@ def test_quickstart_reduced_runs_end_to_end(tmp_path, capsys):
         "fixed-sigma envelope",
         "data-dependent + memory",
         "experts routed + memory",
-        "experts, dual smoothing",
+        "experts, cascade (no memory)",
+        "experts, dual smoothing (no memory)",
     ):
         assert row in out, row
+    assert "the cascade: from sigma 0.5 down" in out and "held-out training images" in out
+    cascade = read_table(tmp_path / "qs" / "cascade_certify.tsv")
+    assert {"level_radius", "guard_radius", "levels"} <= set(cascade)
+    assert all(
+        r <= min(a, b) or r == 0
+        for r, a, b in zip(cascade["radius"], cascade["level_radius"], cascade["guard_radius"])
+    )
     dd = read_table(tmp_path / "qs" / "dd_certify.tsv")
     assert {"mc_predict", "mc_radius"} <= set(dd) and len(dd["idx"]) == 60
     routed = read_table(tmp_path / "qs" / "routed_certify.tsv")
@@ -62,7 +71,7 @@ def test_quickstart_reduced_runs_end_to_end(tmp_path, capsys):
     quickstart(tmp_path / "qs", quick=True, progress=False)
     assert (tmp_path / "qs" / "dual_certify.tsv").read_bytes() == before
     again = capsys.readouterr().out
-    assert again.count("already trained") == 5 and again.count("(already done)") == 6
+    assert again.count("already trained") == 5 and again.count("(already done)") == 7
 
 
 def _write_cifar_batches(root: Path, per_batch: int) -> None:
@@ -217,3 +226,53 @@ def test_cifar10_routing_study_runs_every_step_on_tiny_data(tmp_path):
     assert not set(labels["idx"].tolist()) & trained
     assert not set(choices["validation_images"]) & (trained | set(labels["idx"].tolist()))
     assert "Sign tests" in (out / "report.md").read_text()
+
+
+def test_memory_free_study_runs_every_step_on_tiny_data(tmp_path):
+    _write_cifar_batches(tmp_path / "data", per_batch=40)
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import cifar10_memory_free
+        import cifar10_routing
+    finally:
+        sys.path.pop(0)
+    out, data = tmp_path / "study", str(tmp_path / "data")
+    small = ["--data-root", data, "--out", str(out), "--val-images", "10", "--no-progress"]
+    small += ["--epochs", "1", "--train-subset", "120"]
+    cifar10_routing.main([*small, "--steps", "train"])
+    cifar10_memory_free.main(
+        [
+            *small,
+            "--router-images",
+            "40",
+            "--router-epochs",
+            "1",
+            "--router-sigmas",
+            "0.5",
+            "--p0s",
+            "0.6,0.9",
+            "--rules",
+            "radius,agree:0.8",
+            "--val-n",
+            "50",
+            "--n0",
+            "10",
+            "--n",
+            "50",
+            "--skip",
+            "4",
+            "--batch",
+            "50",
+        ]
+    )
+    folder = out / "memory_free"
+    choices = __import__("json").loads((folder / "choices.json").read_text())
+    assert set(choices["chosen"]) == {"route", "cascade", "router"}
+    assert choices["chosen"]["cascade"] in ("cascade:0.6", "cascade:0.9")
+    certified = sorted((folder / "test").glob("*.certify.tsv"))
+    assert len(certified) >= 6  # 3 experts, routing (+ the chosen rule), cascade, router
+    for path in certified:
+        assert len(read_table(path)["idx"]) == 10, path
+    report = (folder / "report.md").read_text()
+    assert "The goal, per row" in report and "cascade (p0" in report
+    assert (folder / "router-0.5" / "router-summary.json").exists()
