@@ -281,6 +281,18 @@ def _expert_cases(ckpt: str, cifar: str, tmp_path) -> dict:
             ["certify", *two, "--router", str(tmp_path / "router.pt")],
             "router.pt",
         ),
+        "a cascade threshold out of range": (
+            ["certify", *two, "--cascade", "1.5"],
+            "--cascade P0 must be a probability in [0.5, 1)",
+        ),
+        "a cascade for one model": (
+            ["certify", "--checkpoint", ckpt, "--cascade", "0.7"],
+            "--cascade routes among experts",
+        ),
+        "a route rule out of range": (
+            ["sigma", *two, "--route-rule", "agree:1.5"],
+            "use radius, agree or agree:P",
+        ),
         "sigma0 with experts": (["sigma", *two, "--sigma0", "0.25"], "own sigmas"),
         "sigma without sigma0": (["sigma", "--checkpoint", ckpt], "--sigma0"),
     }, base
@@ -298,6 +310,9 @@ EXPERT_CASES = [
     "a routes file naming no expert",
     "a router for one model",
     "a router that is no checkpoint",
+    "a cascade threshold out of range",
+    "a cascade for one model",
+    "a route rule out of range",
     "sigma0 with experts",
     "sigma without sigma0",
 ]

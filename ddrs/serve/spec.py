@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ddrs.core.cascade import check_p0
 from ddrs.core.checks import integer, number, optional_integer, positive, probability
-from ddrs.core.route import ROUTE_RULES
+from ddrs.core.route import ROUTE_RULES, check_route_rule
 from ddrs.core.sigma import DEFAULT_SAMPLES
 from ddrs.core.smooth import DEFAULTS
 from ddrs.errors import InputError
@@ -137,6 +137,7 @@ class ServeRun(SearchSettings, Models):
                 "give --memory: a service whose sigma or expert depends on the input must "
                 "remember its answers (or serve a fixed --sigma, a --router or a --cascade)"
             )
+        check_route_rule(self.route_rule)
         optional_integer("--router-n", self.router_n)
         probability("--router-share", self.router_share)
         if self.dataset is None and not (self.input_shape and self.num_classes):
