@@ -224,5 +224,5 @@ def test_a_non_finite_loss_stops_training_with_a_clear_error(tmp_path, monkeypat
 def test_chance_accuracy_for_two_epochs_is_flagged_in_the_log(tmp_path, capsys):
     train(config(tmp_path, epochs=2, lr=0.0))  # a model that cannot learn
     rows = _rows(tmp_path)
-    assert rows[0]["note"] == "" and "at chance" in rows[1]["note"]
-    assert "warning: training accuracy has been at chance" in capsys.readouterr().out
+    assert rows[0]["note"] == "" and "near chance" in rows[1]["note"]
+    assert "warning: training accuracy has stayed near chance" in capsys.readouterr().out

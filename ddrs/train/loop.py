@@ -297,9 +297,9 @@ class Trainer:
         if self.chance_epochs < 2:
             return ""
         return (
-            f"training accuracy has been at chance ({row['train_noisy_acc']:.3f}, chance "
-            f"{chance:.3f}) for {self.chance_epochs} epochs: the model is not learning; try a "
-            "lower --lr, or a first epoch at a smaller --sigma"
+            f"training accuracy has stayed near chance ({accuracy:.3f}, under 1.5 x chance "
+            f"{chance:.3f}, not rising) for {self.chance_epochs} epochs: the model is not "
+            "learning; try a lower --lr, or a first epoch at a smaller --sigma"
         )
 
     def evaluate(self) -> dict:
