@@ -158,10 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "serve",
-        help="an HTTP service of certified predictions with a persistent memory",
+        help="an HTTP service of certified predictions (with a persistent memory, or stateless)",
         description='POST /v1/certify or /v1/predict with JSON {"input": C x H x W floats '
         "in [0, 1]} or an image upload; GET /health, /v1/memory/stats, /metrics, and / (a page "
-        "to try it). Every answer is stored in --memory before it is sent.",
+        "to try it). With --memory, every answer is stored there before it is sent; without "
+        "(a fixed --sigma, a --router, a --cascade), nothing is kept.",
     )
     add_spec(p, ServeRun)
 
