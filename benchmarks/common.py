@@ -60,7 +60,7 @@ def code_version() -> str:
     import hashlib
 
     parts = []
-    for name in ("sampling.py", "smooth.py", "sigma.py", "route.py", "memory", "train/loop.py"):
+    for name in ("core", "runs", "memory", "train/loop.py"):
         path = REPO / "ddrs" / name
         files = sorted(path.glob("*.py")) if path.is_dir() else [path]  # a package: all of it
         try:

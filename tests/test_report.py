@@ -472,3 +472,15 @@ def test_the_envelope_comparison_uses_the_best_fixed_run_per_radius_and_a_sign_t
     claims = significant_claims([better, worse], [small, large], [0.0, 0.5])
     assert "worse below it at clean (-75.0), r=0.5 (-50.0)" in claims
     assert "better" not in claims
+
+
+def test_a_difference_of_whole_images_is_exact_in_points():
+    """5 images of 500 below is -1.0 points, as a goal of "at most 1 point below" reads it
+    (0.182 - 0.192 in floating point is -0.010000000000000009)."""
+    from ddrs.report import versus_envelope
+
+    n = 500
+    fixed = _run("fixed", [1] * 96 + [0] * 404, [0.8] * n)
+    row = _run("row", [1] * 91 + [0] * 409, [0.8] * n)
+    c = versus_envelope(row, [fixed], 0.75)
+    assert c["delta"] == -1.0 and c["delta"] >= -1.0

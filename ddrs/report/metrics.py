@@ -198,7 +198,7 @@ def versus_envelope(run: Run, fixed: Sequence[Run], radius: float) -> dict:
     only_run, only_best, p = sign_test(run.table, best.table, radius)
     delta = certified_accuracy(run.table, radius) - certified_accuracy(best.table, radius)
     return {
-        "delta": 100 * delta,
+        "delta": round(100 * delta, 9),  # 5 images of 500 are -1.0 points, not -1.0000000000000009
         "only_run": only_run,
         "only_envelope": only_best,
         "p": p,
