@@ -47,7 +47,6 @@ from ddrs.report.metrics import certified_accuracy, versus_envelope
 from ddrs.report.tables import envelope_comparison
 from ddrs.results import read_table
 from ddrs.runs import CertifyRun, certify_dataset
-from ddrs.train.config import TrainConfig
 from ddrs.train.router import RouterOptions, train_router
 
 RADII = base.RADII
@@ -106,23 +105,12 @@ def step_routers(args) -> None:
         last = router_path(args, sigma_r)
         if base._trained(last, args.router_epochs):
             continue
-        config = TrainConfig(
-            dataset="cifar10",
-            data_root=args.data_root,
-            arch=args.arch,
-            sigma=sigma_r,
-            epochs=args.router_epochs,
-            batch=128,
-            lr=0.05,
-            lr_step=6,
-            weight_decay=1e-4,
-            eval_max=None,
-            seed=args.seed,
+        config = base.router_config(
+            args,
+            sigma_r,
+            last.parent,
             method="consistency",
             init=str(base.expert_path(args, max(base.SIGMAS))),
-            out=str(last.parent),
-            progress=not args.no_progress,
-            resume=last.exists(),
         )
         base.timed(
             args,

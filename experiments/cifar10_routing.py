@@ -187,6 +187,27 @@ def router_dir(args, which: str, sigma_r: float) -> Path:
     return Path(args.out) / f"router-{which}-{sigma_r:g}"
 
 
+def router_config(args, sigma_r: float, out: Path, **extra) -> TrainConfig:
+    """A router's training settings (the memory-free study adds its method and --init)."""
+    return TrainConfig(
+        dataset="cifar10",
+        data_root=args.data_root,
+        arch=args.arch,
+        sigma=sigma_r,
+        epochs=args.router_epochs,
+        batch=128,
+        lr=0.05,
+        lr_step=6,
+        weight_decay=1e-4,
+        eval_max=None,
+        seed=args.seed,
+        out=str(out),
+        progress=not args.no_progress,
+        resume=(out / "last.pt").exists(),
+        **extra,
+    )
+
+
 def step_routers(args) -> None:
     _, images = held_out(args)
     for which in SETS:
@@ -196,22 +217,7 @@ def step_routers(args) -> None:
             last = out / "last.pt"
             if _trained(last, args.router_epochs):
                 continue
-            config = TrainConfig(
-                dataset="cifar10",
-                data_root=args.data_root,
-                arch=args.arch,
-                sigma=sigma_r,
-                epochs=args.router_epochs,
-                batch=128,
-                lr=0.05,
-                lr_step=6,
-                weight_decay=1e-4,
-                eval_max=None,
-                seed=args.seed,
-                out=str(out),
-                progress=not args.no_progress,
-                resume=last.exists(),
-            )
+            config = router_config(args, sigma_r, out)
             labels = Path(args.out) / f"labels-{which}.tsv"  # one file for both sigma_r
             timed(
                 args,
