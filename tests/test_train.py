@@ -102,7 +102,8 @@ def test_data_dependent_phase_starts_at_the_given_epoch(tmp_path):
     "changes,message",
     [
         ({"sigma": -0.1}, "sigma"),
-        ({"sigma": 0.0}, "sigma"),
+        ({"sigma": 0.0, "method": "macer"}, "sigma 0 trains on clean images"),
+        ({"sigma": 0.0, "data_dependent": True}, "sigma 0 trains on clean images"),
         ({"method": "nope"}, "unknown"),
         ({"epochs": 0}, "epochs"),
         ({"dd_samples": 0}, "dd-samples"),

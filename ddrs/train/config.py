@@ -38,7 +38,12 @@ class TrainConfig:
         flag="--setting",
         metavar="KEY=VALUE",
     )
-    sigma: float = setting(0.25, "training noise level (pixel units)", required=True)
+    sigma: float = setting(
+        0.25,
+        "training noise level (pixel units); 0 trains on clean images (--method gaussian), "
+        "the off-the-shelf model that denoised smoothing certifies",
+        required=True,
+    )
     epochs: int = setting(90, "training epochs")
     batch: int = setting(256, "training batch size")
     lr: float = setting(0.1, "SGD learning rate")
@@ -88,7 +93,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         from ddrs.train.methods import build_method
 
-        positive("--sigma", self.sigma)
+        self._check_sigma()
         for name in ("epochs", "batch", "lr_step", "dd_samples", "dd_every"):
             integer(f"--{name.replace('_', '-')}", getattr(self, name))
         for name in ("lr", "momentum", "weight_decay", "dd_lr"):
@@ -100,6 +105,15 @@ class TrainConfig:
         optional_integer("--eval-max", self.eval_max)
         build_method(self.method, **self.method_settings)  # checks the method's settings
         _ = self.image_options  # checks them
+
+    def _check_sigma(self) -> None:
+        number("--sigma", self.sigma, minimum=0)
+        if self.sigma == 0 and (self.method != "gaussian" or self.data_dependent):
+            raise InputError(
+                f"--sigma 0 trains on clean images, which only --method gaussian without "
+                f"--data-dependent does (got --method {self.method}"
+                f"{' --data-dependent' if self.data_dependent else ''}); give a noise level > 0"
+            )
 
     @property
     def image_options(self):

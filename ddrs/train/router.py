@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddrs.core.checks import positive
 from ddrs.core.experts import Experts
 from ddrs.core.route import expert_scores, router_seed
 from ddrs.core.smooth import ABSTAIN, DEFAULTS, Smooth
@@ -278,6 +279,7 @@ def train_router(
     `labels`: the labels file (default OUT/labels.tsv; routers of the same experts at other
     sigma_r can share one). Returns the last checkpoint."""
     check_router_method(config.method)
+    positive("--sigma (the router's sigma_r)", config.sigma)
     plain = get_dataset(config.dataset, "train", config.data_root, augment=False)
     if indices is None:
         indices = held_out_indices(experts, len(plain))
