@@ -36,6 +36,7 @@ from ddrs.runs import (
 )
 from ddrs.serve.spec import ServeRun
 from ddrs.train.config import RouterLabels, TrainConfig
+from ddrs.train.denoiser import DenoiserConfig
 
 Entry = Callable[[list[str]], int]
 
@@ -178,10 +179,18 @@ def cmd_train(args) -> None:
     print(f"checkpoint: {train(config)}")
 
 
+def cmd_train_denoiser(args) -> None:
+    from ddrs.train.denoiser import train_denoiser
+
+    config = from_namespace(DenoiserConfig, args)
+    print(f"denoiser checkpoint: {train_denoiser(config)}")
+
+
 def cmd_train_router(args) -> None:
     from ddrs.data import get_dataset
     from ddrs.launch import device_for
     from ddrs.models.experts import expert_specs, load_experts
+    from ddrs.runs.source import denoised
     from ddrs.train.loop import spread_indices
     from ddrs.train.router import (
         RouterOptions,
@@ -194,13 +203,15 @@ def cmd_train_router(args) -> None:
     labels = from_namespace(RouterLabels, args)
     check_router_method(config.method)
     plain = get_dataset(config.dataset, "train", config.data_root, augment=False)
+    device = device_for(config.device)
     experts = load_experts(
         expert_specs(labels.expert, labels.experts),
         num_classes=plain.info.num_classes,
         input_shape=plain.info.input_shape,
         inputs_name=config.dataset,
-        device=device_for(config.device),
+        device=device,
     )
+    experts = denoised(experts, labels.denoiser, plain.info.input_shape, device)
     indices = held_out_indices(experts, len(plain))
     if labels.exclude:
         left_out = set(read_table(labels.exclude)["idx"].tolist())
@@ -281,6 +292,7 @@ LAUNCHING = {"certify": cmd_certify, "predict": cmd_predict, "sigma": cmd_sigma}
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
     "train": cmd_train,
     "train-router": cmd_train_router,
+    "train-denoiser": cmd_train_denoiser,
     "recertify": cmd_recertify,
     "serve": cmd_serve,
     "report": cmd_report,

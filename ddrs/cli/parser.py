@@ -12,6 +12,7 @@ from ddrs.cli.converters import CONVERTERS
 from ddrs.runs import CertifyRun, ModelSource, PredictRun, SigmaRun
 from ddrs.serve.spec import ServeRun
 from ddrs.train.config import RouterLabels, TrainConfig
+from ddrs.train.denoiser import DenoiserConfig
 
 
 def add_spec(parser: argparse.ArgumentParser, spec: type) -> None:
@@ -126,6 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_spec(p, RouterLabels)
     add_spec(p, TrainConfig)
     p.set_defaults(method="consistency")
+
+    p = sub.add_parser(
+        "train-denoiser",
+        help="train a denoiser for a frozen classifier (denoised smoothing: certify --denoiser)",
+        description="Salman et al. (2020): the classifier is never changed; the denoiser "
+        "learns to undo the noise (mse), or to give the classifier back its own clean-image "
+        "class (stability, no labels needed), or mse then stability. Several --sigmas train "
+        "a blind denoiser, for one classifier as experts at every sigma. Adam, lr 1e-3.",
+    )
+    add_spec(p, DenoiserConfig)
 
     p = sub.add_parser("certify", help="CERTIFY inputs of a dataset; writes a results TSV")
     add_spec(p, ModelSource)

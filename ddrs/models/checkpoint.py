@@ -210,6 +210,12 @@ def _plain(value: Any) -> Any:
 
 def _build_and_load(meta: dict[str, Any], state_dict: Any, path: Path) -> nn.Module:
     arch = meta["arch"]
+    if meta.get("kind") == "denoiser":
+        from ddrs.models.denoiser import DENOISER_ARCHS, build_denoiser
+
+        if arch not in DENOISER_ARCHS:
+            raise CheckpointError(f"{path}: unknown denoiser architecture {arch!r}")
+        return _load_state(build_denoiser(arch, meta["input_shape"]), state_dict, path, arch)
     if arch not in ARCH_NAMES:
         raise CheckpointError(f"{path}: unknown architecture {arch!r} (known: {ARCH_NAMES})")
     try:
@@ -218,6 +224,10 @@ def _build_and_load(meta: dict[str, Any], state_dict: Any, path: Path) -> nn.Mod
         )
     except InputError as err:
         raise CheckpointError(f"{path}: checkpoint describes an invalid model: {err}") from err
+    return _load_state(model, state_dict, path, arch)
+
+
+def _load_state(model: nn.Module, state_dict: Any, path: Path, arch: str) -> nn.Module:
     if not isinstance(state_dict, Mapping) or not all(isinstance(k, str) for k in state_dict):
         raise CheckpointError(f"{path}: 'state_dict' is not a mapping of names to tensors")
     cleaned = OrderedDict((_strip_wrappers(k), v) for k, v in state_dict.items())
@@ -251,10 +261,15 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def load_user_model(spec: str) -> nn.Module:
-    """'package.module:factory' (factory() -> nn.Module) or a TorchScript .pt / .pth file.
+    """'package.module:factory' (factory() -> nn.Module), a TorchScript .pt / .pth file, or an
+    ONNX file (run by ONNX Runtime: `pip install 'ddrs[onnx]'`).
 
     Returns the model in eval mode.
     """
+    if spec.lower().endswith(".onnx"):
+        from ddrs.models.onnx import OnnxModel
+
+        return OnnxModel(spec).eval()
     if spec.lower().endswith((".pt", ".pth")):
         return _load_torchscript(Path(spec))
     module_name, sep, attr = spec.partition(":")
@@ -330,8 +345,15 @@ def load_model(
     if (checkpoint is None) == (model is None):
         raise InputError("give exactly one of a checkpoint or a model")
     shape = tuple(int(s) for s in input_shape)
+    if checkpoint is not None and str(checkpoint).lower().endswith(".onnx"):
+        checkpoint, model = None, str(checkpoint)  # an exported model, whichever flag named it
     if checkpoint is not None:
         expect = {"num_classes": num_classes, "input_shape": list(shape)}
+        if recorded_meta(checkpoint).get("kind") == "denoiser":
+            raise CheckpointError(
+                f"{checkpoint} is a denoiser (ddrs train-denoiser), not a classifier: pass it as "
+                "--denoiser, beside the classifier it was trained for"
+            )
         try:
             loaded = load_checkpoint(checkpoint, device=device, expect=expect).model
         except CheckpointMismatch as error:
@@ -357,3 +379,14 @@ def load_model(
             f"of shape (1, {num_classes}) for {inputs_name} inputs"
         )
     return loaded
+
+
+def is_torchscript(path: str) -> bool:
+    """A TorchScript archive holds a `code/` folder; our and published checkpoints do not."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in name for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False

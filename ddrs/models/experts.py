@@ -17,7 +17,7 @@ from torch import nn
 from ddrs.core.checks import positive
 from ddrs.core.experts import Expert, Experts
 from ddrs.errors import InputError
-from ddrs.models.checkpoint import load_model
+from ddrs.models.checkpoint import is_torchscript, load_model
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,11 @@ def load_experts(
     models: dict[str, nn.Module] = {}
     for spec in check_experts(specs):
         if spec.source not in models:
-            own = not Path(spec.source).is_file() or _is_torchscript(spec.source)
+            own = (
+                not Path(spec.source).is_file()
+                or is_torchscript(spec.source)
+                or spec.source.lower().endswith(".onnx")
+            )
             kind = "model" if own else "checkpoint"
             models[spec.source] = load_model(
                 **{kind: spec.source},
@@ -122,14 +126,3 @@ def load_experts(
                 device=device,
             )
     return Experts(tuple(Expert(s.name, s.source, s.sigma, models[s.source]) for s in specs))
-
-
-def _is_torchscript(path: str) -> bool:
-    """A TorchScript archive holds a `code/` folder; our and published checkpoints do not."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any("/code/" in name for name in archive.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False

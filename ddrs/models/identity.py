@@ -10,14 +10,21 @@ from torch import nn
 from ddrs.core.experts import Experts
 from ddrs.models.build import NormalizeLayer
 from ddrs.models.checkpoint import _unwrap
+from ddrs.models.denoiser import Denoised
 
 
 def model_fingerprint(model: nn.Module) -> str:
     """sha256 over sorted state dict (names, dtypes, shapes, bytes) and the normalisation, if any.
 
     Identifies "this model + its preprocessing", e.g. to tie a certification memory to a model.
+    A denoised classifier's covers both parts: another denoiser is another model.
     """
     model = _unwrap(model)
+    if isinstance(model, Denoised):
+        parts = (
+            f"denoised|{model_fingerprint(model.denoiser)}|{model_fingerprint(model.classifier)}"
+        )
+        return hashlib.sha256(parts.encode()).hexdigest()
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().cpu().contiguous().reshape(-1)

@@ -17,7 +17,13 @@ from ddrs.core.torchutil import model_device
 from ddrs.data.tensors import as_dataset
 from ddrs.errors import CheckpointError, InputError
 from ddrs.memory import CertificationMemory
-from ddrs.models import load_checkpoint, load_model, memory_fingerprint
+from ddrs.models import (
+    load_checkpoint,
+    load_denoiser,
+    load_model,
+    memory_fingerprint,
+    with_denoiser,
+)
 from ddrs.models.experts import expert_specs, load_experts
 from ddrs.options import setting
 
@@ -25,6 +31,10 @@ DATASETS_HELP = "digits, mnist, cifar10, imagenet, imagefolder (your images), np
 IMAGE_SIZE_HELP = (
     "imagefolder: H[,W] of the inputs (default: the images' own size when they "
     "all share it; a checkpoint's recorded size)"
+)
+DENOISER_HELP = (
+    "denoised smoothing: a denoiser in front of the model (or every expert): a `ddrs "
+    "train-denoiser` checkpoint, package.module:factory, TorchScript or .onnx file"
 )
 CHANNELS_HELP = "imagefolder: 1 (grey) or 3 (default: 1 when every image is grey)"
 
@@ -49,6 +59,7 @@ class Models:
     experts: str | None = setting(
         None, "a file of experts, one per line: NAME SOURCE SIGMA", group="model"
     )
+    denoiser: str | None = setting(None, DENOISER_HELP)
 
     def __post_init__(self) -> None:
         given = [self.checkpoint, self.model, self.expert or self.experts]
@@ -77,8 +88,12 @@ class Models:
             "device": device,
         }
         if self.has_experts:
-            return load_experts(expert_specs(self.expert, self.experts), **inputs)
-        return Experts.of_model(load_model(checkpoint=self.checkpoint, model=self.model, **inputs))
+            experts = load_experts(expert_specs(self.expert, self.experts), **inputs)
+        else:
+            experts = Experts.of_model(
+                load_model(checkpoint=self.checkpoint, model=self.model, **inputs)
+            )
+        return denoised(experts, self.denoiser, input_shape, device)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,6 +145,13 @@ class ModelSource(Models):
         return ImageOptions(
             *recorded_image_options(self.first_source, self.image_size, self.channels)
         )
+
+
+def denoised(experts: Experts, denoiser: str | None, input_shape, device) -> Experts:
+    """The experts (or the one model) behind the denoiser at `denoiser`, if one is given."""
+    if denoiser is None:
+        return experts
+    return with_denoiser(experts, load_denoiser(denoiser, input_shape, device), denoiser)
 
 
 def recorded_image_options(source: str | None, image_size, channels) -> tuple:

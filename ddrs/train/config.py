@@ -11,7 +11,7 @@ from ddrs.core.smooth import DEFAULTS
 from ddrs.errors import InputError
 from ddrs.models.experts import expert_specs
 from ddrs.options import setting
-from ddrs.runs.source import CHANNELS_HELP, DATASETS_HELP, IMAGE_SIZE_HELP
+from ddrs.runs.source import CHANNELS_HELP, DATASETS_HELP, DENOISER_HELP, IMAGE_SIZE_HELP
 
 DD_SECTION = "data-dependent sigma (Alfarra et al. 2022)"
 
@@ -138,6 +138,7 @@ class RouterLabels:
     experts: str | None = setting(
         None, "a file of experts, one per line: NAME SOURCE SIGMA", group="experts"
     )
+    denoiser: str | None = setting(None, DENOISER_HELP)
     images: int | None = setting(
         None,
         "label this many of the training images no expert trained on, spread evenly "
