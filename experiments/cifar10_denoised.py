@@ -3,7 +3,7 @@ images only, through denoisers trained with it frozen (Salman et al., NeurIPS 20
 
 The classifier is the studies' cnn_small with the routing study's training settings (10
 epochs on its 20,000-image training subset) at --sigma 0: no noise. Denoisers (dncnn_small,
---denoiser-epochs on the same images, Adam lr 1e-3): MSE, stability and MSE-then-stability
+--denoiser-epochs on the same images, Adam lr 1e-3 then 1e-4 for the second half): MSE, stability and MSE-then-stability
 at sigma 0.25, and one blind denoiser (stability) over 0.12, 0.25 and 0.5. Rows, on every
 --skip-th test image:
 
@@ -58,8 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=10, help="the classifier's epochs")
     p.add_argument("--train-subset", type=int, default=20000, help="training images")
     p.add_argument("--denoiser-arch", default="dncnn_small", help="dncnn or dncnn_small")
-    p.add_argument("--denoiser-epochs", type=int, default=8, help="each denoiser's epochs")
-    p.add_argument("--denoiser-images", type=int, default=10000, help="denoisers' images")
+    p.add_argument("--denoiser-epochs", type=int, default=12, help="each denoiser's epochs")
+    p.add_argument("--denoiser-images", type=int, default=20000, help="denoisers' images")
     p.add_argument("--n0", type=int, default=100, help="selection samples")
     p.add_argument("--n", type=int, default=1000, help="estimation samples")
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability")
@@ -139,7 +139,7 @@ def step_denoisers(args) -> None:
             out=str(last.parent),
             arch=args.denoiser_arch,
             epochs=args.denoiser_epochs,
-            lr_step=4,
+            lr_step=max(1, args.denoiser_epochs // 2),
             train_subset=args.denoiser_images,
             seed=args.seed,
             progress=not args.no_progress,
