@@ -3,9 +3,9 @@ images only, through denoisers trained with it frozen (Salman et al., NeurIPS 20
 
 The classifier is the studies' cnn_small with the routing study's training settings (10
 epochs on its 20,000-image training subset) at --sigma 0: no noise. Denoisers (dncnn_small,
---denoiser-epochs on the same images, Adam lr 1e-3 then 1e-4 for the second half): MSE, stability and MSE-then-stability
-at sigma 0.25, and one blind denoiser (stability) over 0.12, 0.25 and 0.5. Rows, on every
---skip-th test image:
+--denoiser-epochs on the same images, Adam lr 1e-3, then 1e-4 for the second half): MSE,
+stability and MSE-then-stability at sigma 0.25, and one blind denoiser (stability) over 0.12,
+0.25 and 0.5. Rows, on every --skip-th test image:
 
 * the clean classifier smoothed at 0.25 without a denoiser;
 * with each 0.25 denoiser;

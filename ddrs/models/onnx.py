@@ -67,6 +67,11 @@ class OnnxModel(nn.Module):
         return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(x.device)
 
 
+def gives_gradients(model: nn.Module) -> bool:
+    """False when an ONNX model is inside `model` (ONNX Runtime computes no gradients)."""
+    return not any(isinstance(m, OnnxModel) for m in model.modules())
+
+
 def _padded(chunk: np.ndarray, size: int) -> np.ndarray:
     """A last chunk filled up to a fixed batch size with copies of its first row."""
     if len(chunk) == size:

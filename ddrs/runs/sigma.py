@@ -29,6 +29,7 @@ from ddrs.core.sigma import (
 from ddrs.core.smooth import DEFAULTS
 from ddrs.errors import InputError
 from ddrs.launch import ONE_PROCESS, Rank
+from ddrs.models.onnx import gives_gradients
 from ddrs.options import setting
 from ddrs.results import ROUTE_COLUMNS, SIGMA_COLUMNS, ResultsWriter
 from ddrs.runs.dataset import DatasetRun, check_resumable
@@ -158,6 +159,11 @@ class SigmaRun(SearchSettings, DatasetRun):
             raise InputError(
                 "give --sigma0 for one model's sigma search; experts have their "
                 "own sigmas (no --sigma0)"
+            )
+        if self.search == "ascent" and not gives_gradients(as_experts(experts)[0].model):
+            raise InputError(
+                "--search ascent follows gradients, which an ONNX model does not give: use "
+                "--search certified or grid, or the torch model"
             )
 
     def settings(self, experts: Experts | nn.Module, dataset) -> dict:

@@ -40,6 +40,7 @@ from ddrs.models import (
     model_fingerprint,
     save_checkpoint,
 )
+from ddrs.models.onnx import gives_gradients
 from ddrs.options import setting
 from ddrs.runs.source import DATASETS_HELP
 from ddrs.train.loop import (
@@ -184,6 +185,11 @@ class DenoiserTrainer:
             inputs_name=c.dataset,
             device=self.device,
         )
+        if c.stability_from < c.epochs and not gives_gradients(model):
+            raise InputError(
+                f"--objective {c.objective} trains through the classifier's gradients, which "
+                "an ONNX classifier does not give: use --objective mse, or the torch model"
+            )
         for p in model.parameters():
             p.requires_grad_(False)
         return model.eval()
