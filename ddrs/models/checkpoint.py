@@ -211,7 +211,7 @@ def _plain(value: Any) -> Any:
 def _build_and_load(meta: dict[str, Any], state_dict: Any, path: Path) -> nn.Module:
     arch = meta["arch"]
     if meta.get("kind") == "denoiser":
-        from ddrs.models.denoiser import DENOISER_ARCHS, build_denoiser
+        from ddrs.models.dncnn import DENOISER_ARCHS, build_denoiser
 
         if arch not in DENOISER_ARCHS:
             raise CheckpointError(f"{path}: unknown denoiser architecture {arch!r}")
