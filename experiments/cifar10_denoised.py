@@ -27,6 +27,7 @@ import csv
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from study_common import HelpFormatter
 
@@ -34,6 +35,8 @@ from ddrs.core.experts import Expert, Experts
 from ddrs.data import get_dataset
 from ddrs.models import Denoised, load_checkpoint
 from ddrs.report import format_table, load_runs, plot_certified_accuracy, run_summary
+from ddrs.report.metrics import certified_accuracy
+from ddrs.results import read_table
 from ddrs.runs import CertifyRun, SigmaRun, certify_dataset, sigma_dataset
 from ddrs.train.config import TrainConfig
 from ddrs.train.denoiser import DenoiserConfig, train_denoiser
@@ -233,7 +236,7 @@ def step_report(args) -> None:
     present = [(label, p) for label, p in present if p.exists()]
     runs = load_runs([str(p) for _, p in present], [label for label, _ in present])
     summaries = [run_summary(r, RADII) for r in runs]
-    text = format_table(summaries, RADII, "markdown")
+    text = "\n".join([format_table(summaries, RADII, "markdown"), "", *goal_lines(runs)])
     (Path(args.out) / "report.md").write_text(text + "\n")
     plot_certified_accuracy(
         runs,
@@ -241,6 +244,46 @@ def step_report(args) -> None:
         title="CIFAR-10 (JPEG copy): denoised smoothing of a clean-trained cnn_small",
     )
     print(text)
+
+
+def goal_lines(runs) -> list[str]:
+    """The issue's goals, and the denoiser's cost: time per image against the classifier alone
+    (the same images, N and batch, one process; every noisy sample passes D and f once)."""
+    by = {r.path.name.removesuffix(".certify.tsv"): r for r in runs}
+
+    def acc(stem: str, radius: float) -> float:
+        return 100 * certified_accuracy(by[stem].table, radius)
+
+    lines = []
+    if {"stability-0.25", "gaussian-0.25"} <= set(by):
+        for r in (0.25, 0.5):
+            ratio = acc("stability-0.25", r) / max(acc("gaussian-0.25", r), 1e-9)
+            lines.append(
+                f"- stability denoiser at r = {r:g}: {acc('stability-0.25', r):.1f}% against the "
+                f"Gaussian-trained model's {acc('gaussian-0.25', r):.1f}%: {ratio:.2f} x "
+                f"(goal >= 0.80: {'met' if ratio >= 0.8 else 'missed'})"
+            )
+    fixed = [f"blind-{s:g}" for s in SIGMAS]
+    if set(fixed) <= set(by):
+        best = max(acc(stem, 0.25) for stem in fixed)
+        for stem in ("blind-route", "blind-cascade"):
+            if stem in by:
+                lines.append(
+                    f"- {by[stem].label} at r = 0.25: {acc(stem, 0.25):.1f}% against the best "
+                    f"fixed-sigma blind row's {best:.1f}% (goal: above: "
+                    f"{'met' if acc(stem, 0.25) > best else 'missed'})"
+                )
+    if "none-0.25" in by:
+        base = float(np.mean(by["none-0.25"].table["time"]))
+        routes = Path(by["none-0.25"].path).parent / "blind-route.routes.tsv"
+        for stem, run in by.items():
+            if stem != "none-0.25":
+                seconds = float(np.mean(run.table["time"]))
+                if stem == "blind-route" and routes.exists():  # the routing pass, then CERTIFY
+                    seconds += float(np.mean(read_table(routes)["time"]))
+                ratio = seconds / base
+                lines.append(f"- time per image, {run.label}: {ratio:.2f} x the classifier alone")
+    return lines
 
 
 STEPS = {
