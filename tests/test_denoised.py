@@ -25,9 +25,10 @@ from ddrs.models import (
 from ddrs.results import read_table
 from ddrs.runs.source import ModelSource
 from ddrs.train.denoiser import DenoiserConfig, denoiser_loss, train_denoiser
-from ddrs.train.loop import TrainConfig, train
+from ddrs.train.loop import TrainConfig, train, training_subset
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="pip install 'ddrs[onnx]'")
+SUBSET = 900  # the classifier's training images (of 1,437): the rest are a router's
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def clean_classifier(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("clean")
     config = TrainConfig(
         dataset="digits", arch="cnn", out=str(out), sigma=0.0, epochs=3, batch=64, lr=0.05,
-        eval_max=50, progress=False,
+        eval_max=50, progress=False, train_subset=SUBSET,
     )  # fmt: skip
     return str(train(config))
 
@@ -45,7 +46,7 @@ def train_one(classifier: str, out, objective: str, sigmas: str = "0.25", epochs
     config = DenoiserConfig(
         classifier=classifier, dataset="digits", out=str(out), sigmas=sigmas,
         objective=objective, arch="dncnn_small", epochs=epochs, batch=64, eval_max=50,
-        progress=False,
+        progress=False, train_subset=SUBSET + 100,
     )  # fmt: skip
     return str(train_denoiser(config))
 
@@ -175,6 +176,13 @@ def test_every_mode_runs_the_denoiser(clean_classifier, denoisers, tmp_path):
         out = tmp_path / f"{name}.tsv"
         assert main([*args, *common, "--denoiser", den, "--out", str(out)]) == 0, name
         assert len(read_table(out)["idx"]) == 3
+    router = tmp_path / "router"
+    args = ["train-router", "--dataset", "digits", "--arch", "cnn", "--sigma", "0.5",
+            *expert_args, "--denoiser", den, "--epochs", "1", "--label-n", "100",
+            "--check-n", "0", "--no-progress", "--out", str(router)]  # fmt: skip
+    assert main(args) == 0
+    labelled = read_table(router / "labels.tsv")["idx"].tolist()
+    assert labelled and not set(labelled) & set(training_subset(1437, SUBSET + 100, 0))
     source = ModelSource(expert=(f"{clean_classifier}:0.12",), denoiser=den, dataset="digits")
     experts, _ = source.load()
     assert isinstance(experts[0].model, Denoised)

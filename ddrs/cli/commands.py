@@ -196,6 +196,7 @@ def cmd_train_router(args) -> None:
         RouterOptions,
         check_router_method,
         held_out_indices,
+        not_trained_on_by,
         train_router,
     )
 
@@ -213,6 +214,8 @@ def cmd_train_router(args) -> None:
     )
     experts = denoised(experts, labels.denoiser, plain.info.input_shape, device)
     indices = held_out_indices(experts, len(plain))
+    if labels.denoiser:
+        indices = not_trained_on_by(labels.denoiser, indices, len(plain))
     if labels.exclude:
         left_out = set(read_table(labels.exclude)["idx"].tolist())
         indices = [i for i in indices if i not in left_out]

@@ -46,7 +46,7 @@ from ddrs.core.route import expert_scores, router_seed
 from ddrs.core.smooth import ABSTAIN, DEFAULTS, Smooth
 from ddrs.data import DatasetInfo, get_dataset
 from ddrs.errors import InputError
-from ddrs.models import load_checkpoint
+from ddrs.models import load_checkpoint, recorded_meta
 from ddrs.results import ResultsWriter, read_table
 from ddrs.train.config import TrainConfig
 from ddrs.train.loop import train, training_subset
@@ -90,6 +90,22 @@ def held_out_indices(experts: Experts, total: int) -> list[int]:
             "train the experts with --train-subset"
         )
     return held_out
+
+
+def not_trained_on_by(denoiser: str, indices: list[int], total: int) -> list[int]:
+    """`indices` without the training images a `ddrs train-denoiser` checkpoint trained on
+    (a denoiser of another kind records none: all are kept)."""
+    config = recorded_meta(denoiser).get("train_config") if Path(denoiser).is_file() else None
+    if not config:
+        return indices
+    used = set(training_subset(total, config.get("train_subset"), config.get("seed", 0)))
+    kept = [i for i in indices if i not in used]
+    if not kept:
+        raise InputError(
+            f"the denoiser {denoiser} trained on every image the experts left out, so none is "
+            "left for the router; train the denoiser with --train-subset"
+        )
+    return kept
 
 
 def label_routes(
