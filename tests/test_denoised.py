@@ -215,11 +215,16 @@ def test_an_onnx_model_certifies_as_its_torch_model(digits_checkpoint, tmp_path,
     model = load_checkpoint(digits_checkpoint).model
     onnx = export_onnx(model, tmp_path / "m.onnx", (1, 8, 8), batch)
     torch_out, onnx_out = tmp_path / "t.tsv", tmp_path / "o.tsv"
-    assert main(certify_args("--checkpoint", digits_checkpoint, torch_out)) == 0
-    assert main(certify_args("--model", onnx, onnx_out)) == 0
+    counts = {"torch": tmp_path / "t.counts.tsv", "onnx": tmp_path / "o.counts.tsv"}
+    args = certify_args(
+        "--checkpoint", digits_checkpoint, torch_out, "--counts", str(counts["torch"])
+    )
+    assert main(args) == 0
+    assert main(certify_args("--model", onnx, onnx_out, "--counts", str(counts["onnx"]))) == 0
+    a, b = read_table(counts["torch"]), read_table(counts["onnx"])
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a if k != "time")
     a, b = read_table(torch_out), read_table(onnx_out)
-    assert (a["predict"] == b["predict"]).all()
-    assert (a["radius"] == b["radius"]).all()  # the same votes give the same bound
+    assert (a["predict"] == b["predict"]).all() and (a["radius"] == b["radius"]).all()
 
 
 def test_an_onnx_denoiser_equals_its_torch_denoiser(clean_classifier, denoisers, tmp_path):
@@ -307,3 +312,14 @@ def test_a_denoiser_architecture_keeps_the_image_shape():
     for shape in [(1, 8, 8), (3, 32, 32)]:
         denoiser = build_denoiser("dncnn_small", shape)
         assert denoiser(torch.rand(2, *shape)).shape == (2, *shape)
+
+
+def test_a_denoiser_trains_for_an_onnx_classifier_with_mse_only(clean_classifier, tmp_path, capsys):
+    onnx = export_onnx(load_checkpoint(clean_classifier).model, tmp_path / "c.onnx", (1, 8, 8))
+    args = ["train-denoiser", "--classifier", onnx, "--dataset", "digits", "--sigmas", "0.25",
+            "--arch", "dncnn_small", "--epochs", "1", "--no-progress"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "stab")]) == 2
+    assert "ONNX classifier does not give" in capsys.readouterr().err
+    assert not (tmp_path / "stab").exists()
+    assert main([*args, "--objective", "mse", "--out", str(tmp_path / "mse")]) == 0
+    assert load_checkpoint(tmp_path / "mse" / "last.pt").meta["objective"] == "mse"

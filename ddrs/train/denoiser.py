@@ -139,11 +139,13 @@ def denoiser_loss(
     """(the objective on one batch, the classifier's logits on the denoised noisy batch)."""
     z = x + sigma.view(-1, *([1] * (x.dim() - 1))) * torch.randn_like(x)
     denoised = denoiser(z)
-    logits = classifier(denoised)
-    if not stability:
+    if not stability:  # f only watches (an ONNX classifier gives no gradients)
+        with torch.no_grad():
+            logits = classifier(denoised.detach())
         return F.mse_loss(denoised, x), logits
     with torch.no_grad():
         own_class = classifier(x).argmax(1)
+    logits = classifier(denoised)
     return F.cross_entropy(logits, own_class), logits
 
 
