@@ -5,7 +5,9 @@ the votes of the torch model they came from."""
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,6 +150,8 @@ def test_a_denoiser_helps_the_clean_classifier_and_a_memory_refuses_another(
         "--checkpoint", clean_classifier, stab, "--denoiser", denoisers["stability"]
     )
     assert main([*args, "--memory", str(memory)]) == 0
+    settings = json.loads(Path(f"{stab}.settings.json").read_text())
+    assert settings["denoiser"] == denoisers["stability"]
     denoised_radius = read_table(stab)["radius"].mean()
     assert denoised_radius > read_table(plain)["radius"].mean()
     capsys.readouterr()

@@ -14,7 +14,7 @@ from ddrs.core.experts import Experts, as_experts
 from ddrs.core.smooth import DEFAULTS
 from ddrs.data import radius_units
 from ddrs.errors import InputError, ResultsFileError
-from ddrs.models import memory_fingerprint, model_fingerprint
+from ddrs.models import Denoised, memory_fingerprint, model_fingerprint
 from ddrs.options import setting
 from ddrs.results import (
     CASCADE_COLUMNS,
@@ -70,6 +70,9 @@ class DatasetRun:
                 "model": memory_fingerprint(experts, dataset.info.name, shape)[:16],
                 "experts": experts.describe(),
             }
+        denoisers = sorted({e.model.source for e in experts if isinstance(e.model, Denoised)})
+        if denoisers:  # which denoiser, for a reader (the fingerprint already tells them apart)
+            identity["denoiser"] = denoisers[0] if len(denoisers) == 1 else denoisers
         return {
             "command": command,
             **identity,
