@@ -69,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip", type=int, default=20, help="every SKIP-th test image (20: 500)")
     p.add_argument("--batch", type=int, default=400, help="noisy samples per forward pass")
     p.add_argument("--route-samples", type=int, default=64, help="votes per expert (routing)")
+    p.add_argument("--rows", default="all", help="the rows to certify (file stems), or all")
+    p.add_argument("--folder", default="test", help="the rows' folder under --out")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p.parse_args(argv)
 
@@ -175,8 +177,9 @@ def rows(args) -> list[tuple[str, str]]:
 
 
 def step_certify(args) -> None:
-    where = Path(args.out) / "test"
+    where = Path(args.out) / args.folder
     where.mkdir(parents=True, exist_ok=True)
+    chosen = None if args.rows == "all" else set(args.rows.split(","))
     data = test_data(args)
     common = {
         "n0": args.n0,
@@ -191,7 +194,7 @@ def step_certify(args) -> None:
     experts = Experts(tuple(Expert(f"blind{s:g}", "blind", s, blind) for s in SIGMAS))
     for label, stem in rows(args):
         out = where / f"{stem}.certify.tsv"
-        if out.exists():
+        if out.exists() or (chosen is not None and stem not in chosen):
             continue
         if stem == "gaussian-0.25":
             model = load_checkpoint(Path(args.routing) / "gaussian-fixed-0.25" / "last.pt").model
@@ -231,16 +234,16 @@ def step_certify(args) -> None:
 
 
 def step_report(args) -> None:
-    where = Path(args.out) / "test"
+    where = Path(args.out) / args.folder
     present = [(label, where / f"{stem}.certify.tsv") for label, stem in rows(args)]
     present = [(label, p) for label, p in present if p.exists()]
     runs = load_runs([str(p) for _, p in present], [label for label, _ in present])
     summaries = [run_summary(r, RADII) for r in runs]
     text = "\n".join([format_table(summaries, RADII, "markdown"), "", *goal_lines(runs)])
-    (Path(args.out) / "report.md").write_text(text + "\n")
+    (where / "report.md").write_text(text + "\n")
     plot_certified_accuracy(
         runs,
-        Path(args.out) / "certified_accuracy.png",
+        where / "certified_accuracy.png",
         title="CIFAR-10 (JPEG copy): denoised smoothing of a clean-trained cnn_small",
     )
     print(text)
