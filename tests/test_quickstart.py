@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ddrs.models import load_checkpoint
 from ddrs.quickstart import quickstart
 from ddrs.results import read_table
 
@@ -276,3 +277,28 @@ def test_memory_free_study_runs_every_step_on_tiny_data(tmp_path):
     report = (folder / "report.md").read_text()
     assert "The goal, per row" in report and "cascade (p0" in report
     assert (folder / "router-0.5" / "router-summary.json").exists()
+
+
+def test_denoised_study_runs_every_step_on_tiny_data(tmp_path):
+    _write_cifar_batches(tmp_path / "data", per_batch=40)
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import cifar10_denoised
+        import cifar10_routing
+    finally:
+        sys.path.pop(0)
+    data, routing, out = str(tmp_path / "data"), tmp_path / "routing", tmp_path / "denoised"
+    small = ["--data-root", data, "--epochs", "1", "--train-subset", "120", "--no-progress"]
+    cifar10_routing.main([*small, "--out", str(routing), "--steps", "train"])
+    cifar10_denoised.main(
+        [*small, "--out", str(out), "--routing", str(routing), "--denoiser-epochs", "1",
+         "--denoiser-images", "120", "--n0", "10", "--n", "50", "--skip", "4", "--batch", "50",
+         "--route-samples", "4"]
+    )  # fmt: skip
+    certified = sorted((out / "test").glob("*.certify.tsv"))
+    assert len(certified) == 10  # no denoiser, Gaussian, 3 objectives, 3 blind, route, cascade
+    for path in certified:
+        assert len(read_table(path)["idx"]) == 10, path
+    report = (out / "test" / "report.md").read_text()
+    assert "stability denoiser at r = 0.25" in report and "x the classifier alone" in report
+    assert load_checkpoint(out / "denoiser-blind" / "last.pt").meta["sigmas"] == [0.12, 0.25, 0.5]
