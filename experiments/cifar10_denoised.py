@@ -14,8 +14,15 @@ stability and MSE-then-stability at sigma 0.25, and one blind denoiser (stabilit
   memory (rule agree:0.6) and memory-free (the cascade at p0 0.5): the rule and p0 the
   memory-free study chose on its validation images for its experts, not chosen again here.
 
+Certification: N0 100, N --n (1,000 by default: the rows' cost on 2 CPU cores; the issue
+asks for 4,000), alpha 0.001, every 20th test image (the other studies' 500). The goal rows
+again at N 4,000 in a second folder:
+
     python experiments/cifar10_denoised.py --data-root data/cifar10 --out runs/cifar10_denoised \\
         --routing runs/cifar10_routing
+    python experiments/cifar10_denoised.py --data-root data/cifar10 --out runs/cifar10_denoised \\
+        --routing runs/cifar10_routing --steps certify,report --n 4000 --folder test-n4000 \\
+        --rows none-0.25,gaussian-0.25,stability-0.25
 
 Every step is skipped when its output exists (re-run to resume).
 """
