@@ -231,16 +231,22 @@ def test_an_onnx_model_certifies_as_its_torch_model(digits_checkpoint, tmp_path,
     assert (a["predict"] == b["predict"]).all() and (a["radius"] == b["radius"]).all()
 
 
-def test_an_onnx_denoiser_equals_its_torch_denoiser(clean_classifier, denoisers, tmp_path):
+def test_an_exported_denoiser_equals_its_torch_denoiser(clean_classifier, denoisers, tmp_path):
     den = load_denoiser(denoisers["stability"], (1, 8, 8))
     onnx = export_onnx(den, tmp_path / "d.onnx", (1, 8, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(den, torch.zeros(2, 1, 8, 8)).save(str(tmp_path / "d.pt"))
     outs = {}
-    for name, source in {"torch": denoisers["stability"], "onnx": onnx}.items():
+    exported = {"onnx": onnx, "torchscript": str(tmp_path / "d.pt")}
+    for name, source in {"torch": denoisers["stability"], **exported}.items():
         outs[name] = tmp_path / f"{name}.tsv"
         args = certify_args("--checkpoint", clean_classifier, outs[name], "--denoiser", source)
         assert main(args) == 0
-    a, b = read_table(outs["torch"]), read_table(outs["onnx"])
-    assert (a["predict"] == b["predict"]).all() and (a["radius"] == b["radius"]).all()
+    a = read_table(outs["torch"])
+    for name in exported:
+        b = read_table(outs[name])
+        assert (a["predict"] == b["predict"]).all() and (a["radius"] == b["radius"]).all(), name
 
 
 @pytest.fixture
