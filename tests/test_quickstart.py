@@ -300,5 +300,5 @@ def test_denoised_study_runs_every_step_on_tiny_data(tmp_path):
     for path in certified:
         assert len(read_table(path)["idx"]) == 10, path
     report = (out / "test" / "report.md").read_text()
-    assert "stability denoiser at r = 0.25" in report and "x the classifier alone" in report
+    assert "stability denoiser at r = 0.25" in report and "sign test p" in report
     assert load_checkpoint(out / "denoiser-blind" / "last.pt").meta["sigmas"] == [0.12, 0.25, 0.5]
