@@ -57,7 +57,7 @@ def train_one(classifier: str, out, objective: str, sigmas: str = "0.25", epochs
 def denoisers(clean_classifier, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("denoisers")
     return {
-        "mse": train_one(clean_classifier, root / "mse", "mse"),
+        "mse": train_one(clean_classifier, root / "mse", "mse", epochs=6),
         "stability": train_one(clean_classifier, root / "stab", "stability"),
         "blind": train_one(clean_classifier, root / "blind", "mse-then-stability", "0.12,0.5"),
     }
@@ -316,6 +316,11 @@ def test_a_denoiser_for_another_classifier_refuses_to_resume(
             "2", "--resume", "--no-progress"]  # fmt: skip
     assert main(args) == 2
     assert "another classifier" in capsys.readouterr().err
+    other = ["train-denoiser", "--classifier", clean_classifier, "--dataset", "digits",
+             "--out", str(tmp_path), "--sigmas", "0.25", "--arch", "dncnn_small",
+             "--objective", "stability", "--resume", "--no-progress"]  # fmt: skip
+    assert main(other) == 2
+    assert "with --objective mse" in capsys.readouterr().err
 
 
 def test_a_denoiser_architecture_keeps_the_image_shape():

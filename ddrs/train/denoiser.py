@@ -40,6 +40,7 @@ from ddrs.models import (
     model_fingerprint,
     save_checkpoint,
 )
+from ddrs.models.checkpoint import is_torchscript
 from ddrs.models.onnx import gives_gradients
 from ddrs.options import setting
 from ddrs.runs.source import DATASETS_HELP
@@ -178,8 +179,11 @@ class DenoiserTrainer:
 
     def _classifier(self) -> nn.Module:
         c = self.config
-        source = Path(c.classifier)
-        own = not source.is_file() or c.classifier.lower().endswith((".onnx",))
+        own = (
+            not Path(c.classifier).is_file()
+            or is_torchscript(c.classifier)
+            or c.classifier.lower().endswith(".onnx")
+        )
         model = load_model(
             **{"model" if own else "checkpoint": c.classifier},
             num_classes=self.info.num_classes,
@@ -238,6 +242,12 @@ class DenoiserTrainer:
         if meta.get("classifier_fingerprint") != model_fingerprint(self.classifier)[:16]:
             raise CheckpointError(
                 f"--resume: {path} was trained for another classifier than {self.config.classifier}"
+            )
+        recorded = (list(meta.get("sigmas", [])), meta.get("objective"))
+        if recorded != (list(self.config.noise_levels), self.config.objective):
+            raise CheckpointError(
+                f"--resume: {path} was trained at --sigmas {','.join(map(str, recorded[0]))} "
+                f"with --objective {recorded[1]}; resume with those, or choose another --out"
             )
         payload = loaded.payload
         self.denoiser.load_state_dict(loaded.model.state_dict())
