@@ -48,18 +48,15 @@ def load_denoiser(spec: str, input_shape, device: str | torch.device = "cpu") ->
     (package.module:factory, a TorchScript file) or an ONNX file; checked by one probe pass to
     map an input to an image of the same shape. In eval mode, on `device`."""
     path = Path(spec)
-    if path.suffix.lower() == ".onnx" or (path.is_file() and not is_torchscript(spec)):
-        if path.suffix.lower() == ".onnx":
-            model = load_user_model(spec)
-        else:
-            loaded = load_checkpoint(path)
-            if loaded.meta.get("kind") != "denoiser":
-                raise CheckpointError(
-                    f"--denoiser {spec} is a classifier checkpoint, not a denoiser; train one "
-                    "with `ddrs train-denoiser --classifier ...`, or pass this file as --checkpoint"
-                )
-            model = loaded.model
-    else:
+    if path.suffix.lower() != ".onnx" and path.is_file() and not is_torchscript(spec):
+        loaded = load_checkpoint(path)
+        if loaded.meta.get("kind") != "denoiser":
+            raise CheckpointError(
+                f"--denoiser {spec} is a classifier checkpoint, not a denoiser; train one "
+                "with `ddrs train-denoiser --classifier ...`, or pass this file as --checkpoint"
+            )
+        model = loaded.model
+    else:  # ONNX, TorchScript, or package.module:factory
         model = load_user_model(spec)
     model = model.to(device).eval()
     shape = tuple(int(s) for s in input_shape)
