@@ -30,11 +30,10 @@ Every step is skipped when its output exists (re-run to resume).
 from __future__ import annotations
 
 import argparse
-import csv
-import time
 from pathlib import Path
 
 import torch
+from cifar10_routing import _trained, expert_config, timed
 from study_common import HelpFormatter
 
 from ddrs.core.experts import Expert, Experts
@@ -43,7 +42,6 @@ from ddrs.models import Denoised, load_checkpoint
 from ddrs.report import format_table, load_runs, plot_certified_accuracy, run_summary
 from ddrs.report.metrics import certified_accuracy, sign_test
 from ddrs.runs import CertifyRun, SigmaRun, certify_dataset, sigma_dataset
-from ddrs.train.config import TrainConfig
 from ddrs.train.denoiser import DenoiserConfig, train_denoiser
 from ddrs.train.loop import train
 
@@ -63,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--steps", default="train,denoisers,certify,report", help="steps to run")
     p.add_argument("--seed", type=int, default=0, help="seed of training and noise")
+    p.add_argument("--arch", default="cnn_small", help="the classifier's architecture")
     p.add_argument("--epochs", type=int, default=10, help="the classifier's epochs")
     p.add_argument("--train-subset", type=int, default=20000, help="training images")
     p.add_argument("--denoiser-arch", default="dncnn_small", help="dncnn or dncnn_small")
@@ -80,20 +79,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def timed(args, step: str, fn, *a):
-    started = time.perf_counter()
-    print(f"== {step}", flush=True)
-    result = fn(*a)
-    path = Path(args.out) / "timings.csv"
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(["step", "seconds", "finished"])
-        writer.writerow([step, f"{time.perf_counter() - started:.1f}", time.strftime("%F %T")])
-    return result
-
-
 def classifier_path(args) -> Path:
     return Path(args.out) / "clean" / "last.pt"
 
@@ -109,38 +94,18 @@ def denoisers(args) -> dict[str, dict]:
     return found
 
 
-def _done(last: Path, epochs: int) -> bool:
-    return last.exists() and load_checkpoint(last).meta["epoch"] + 1 >= epochs
-
-
 # -- steps ------------------------------------------------------------------------------------
 def step_train(args) -> None:
+    """The classifier: the routing study's expert recipe at sigma 0 (clean images)."""
     out = classifier_path(args).parent
-    if _done(out / "last.pt", args.epochs):
-        return
-    config = TrainConfig(
-        dataset="cifar10",
-        data_root=args.data_root,
-        arch="cnn_small",
-        sigma=0.0,
-        epochs=args.epochs,
-        train_subset=args.train_subset,
-        batch=128,
-        lr=0.05,
-        lr_step=4,
-        eval_max=1000,
-        seed=args.seed,
-        out=str(out),
-        progress=not args.no_progress,
-        resume=(out / "last.pt").exists(),
-    )
-    timed(args, "train the clean classifier", train, config)
+    if not _trained(out / "last.pt", args.epochs):
+        timed(args, "train the clean classifier", train, expert_config(args, 0.0, out))
 
 
 def step_denoisers(args) -> None:
     for name, how in denoisers(args).items():
         last = denoiser_path(args, name)
-        if _done(last, args.denoiser_epochs):
+        if _trained(last, args.denoiser_epochs):
             continue
         config = DenoiserConfig(
             classifier=str(classifier_path(args)),

@@ -155,28 +155,28 @@ def step_train(args) -> None:
         out = expert_path(args, sigma).parent
         if _trained(out / "last.pt", args.epochs):
             continue
-        timed(
-            args,
-            f"train expert {sigma:g}",
-            train,
-            TrainConfig(
-                dataset="cifar10",
-                data_root=args.data_root,
-                arch=args.arch,
-                sigma=sigma,
-                epochs=args.epochs,
-                train_subset=args.train_subset,
-                batch=128,
-                lr=0.05,
-                lr_step=4,
-                weight_decay=1e-4,
-                eval_max=1000,
-                seed=args.seed,
-                out=str(out),
-                progress=not args.no_progress,
-                resume=(out / "last.pt").exists(),
-            ),
-        )
+        timed(args, f"train expert {sigma:g}", train, expert_config(args, sigma, out))
+
+
+def expert_config(args, sigma: float, out: Path) -> TrainConfig:
+    """An expert's training (the studies' recipe) at `sigma`, resumed where `out` has one."""
+    return TrainConfig(
+        dataset="cifar10",
+        data_root=args.data_root,
+        arch=args.arch,
+        sigma=sigma,
+        epochs=args.epochs,
+        train_subset=args.train_subset,
+        batch=128,
+        lr=0.05,
+        lr_step=4,
+        weight_decay=1e-4,
+        eval_max=1000,
+        seed=args.seed,
+        out=str(out),
+        progress=not args.no_progress,
+        resume=(out / "last.pt").exists(),
+    )
 
 
 def _trained(last: Path, epochs: int) -> bool:

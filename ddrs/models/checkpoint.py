@@ -381,6 +381,12 @@ def load_model(
     return loaded
 
 
+def is_own_model(source: str) -> bool:
+    """True when `source` is a user's model (package.module:factory, TorchScript or ONNX)
+    rather than a ddrs or published checkpoint."""
+    return not Path(source).is_file() or is_torchscript(source) or source.lower().endswith(".onnx")
+
+
 def is_torchscript(path: str) -> bool:
     """A TorchScript archive holds a `code/` folder; our and published checkpoints do not."""
     import zipfile

@@ -10,14 +10,12 @@ module (package.module:factory), TorchScript or ONNX.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor, nn
 
 from ddrs.core.experts import Expert, Experts
 from ddrs.errors import CheckpointError, InputError
-from ddrs.models.checkpoint import is_torchscript, load_checkpoint, load_user_model
+from ddrs.models.checkpoint import is_own_model, load_checkpoint, load_user_model
 from ddrs.models.dncnn import DENOISER_ARCHS, DnCNN, build_denoiser
 
 __all__ = [
@@ -47,9 +45,8 @@ def load_denoiser(spec: str, input_shape, device: str | torch.device = "cpu") ->
     """A denoiser for inputs of `input_shape`: a `ddrs train-denoiser` checkpoint, your own
     (package.module:factory, a TorchScript file) or an ONNX file; checked by one probe pass to
     map an input to an image of the same shape. In eval mode, on `device`."""
-    path = Path(spec)
-    if path.suffix.lower() != ".onnx" and path.is_file() and not is_torchscript(spec):
-        loaded = load_checkpoint(path)
+    if not is_own_model(spec):
+        loaded = load_checkpoint(spec)
         if loaded.meta.get("kind") != "denoiser":
             raise CheckpointError(
                 f"--denoiser {spec} is a classifier checkpoint, not a denoiser; train one "

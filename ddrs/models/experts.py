@@ -17,7 +17,7 @@ from torch import nn
 from ddrs.core.checks import positive
 from ddrs.core.experts import Expert, Experts
 from ddrs.errors import InputError
-from ddrs.models.checkpoint import is_torchscript, load_model
+from ddrs.models.checkpoint import is_own_model, load_model
 
 
 @dataclass(frozen=True)
@@ -112,12 +112,7 @@ def load_experts(
     models: dict[str, nn.Module] = {}
     for spec in check_experts(specs):
         if spec.source not in models:
-            own = (
-                not Path(spec.source).is_file()
-                or is_torchscript(spec.source)
-                or spec.source.lower().endswith(".onnx")
-            )
-            kind = "model" if own else "checkpoint"
+            kind = "model" if is_own_model(spec.source) else "checkpoint"
             models[spec.source] = load_model(
                 **{kind: spec.source},
                 num_classes=num_classes,

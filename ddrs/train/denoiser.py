@@ -40,7 +40,7 @@ from ddrs.models import (
     model_fingerprint,
     save_checkpoint,
 )
-from ddrs.models.checkpoint import is_torchscript
+from ddrs.models.checkpoint import is_own_model
 from ddrs.models.onnx import gives_gradients
 from ddrs.options import setting
 from ddrs.runs.source import DATASETS_HELP
@@ -179,13 +179,8 @@ class DenoiserTrainer:
 
     def _classifier(self) -> nn.Module:
         c = self.config
-        own = (
-            not Path(c.classifier).is_file()
-            or is_torchscript(c.classifier)
-            or c.classifier.lower().endswith(".onnx")
-        )
         model = load_model(
-            **{"model" if own else "checkpoint": c.classifier},
+            **{"model" if is_own_model(c.classifier) else "checkpoint": c.classifier},
             num_classes=self.info.num_classes,
             input_shape=self.info.input_shape,
             inputs_name=c.dataset,
