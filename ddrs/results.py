@@ -78,8 +78,9 @@ def file_digest(path: str | os.PathLike) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-# settings that describe a run without changing its rows: not compared on resume
-INFORMATIONAL_SETTINGS = {"radius_units"}
+# settings that describe a run without changing its rows: not compared on resume (an fp32
+# engine computes the model's function; a precision changes the model, and its fingerprint)
+INFORMATIONAL_SETTINGS = {"radius_units", "engine"}
 
 
 def settings_path(path: str | os.PathLike) -> Path:

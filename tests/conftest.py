@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -6,6 +7,10 @@ from helpers import PostgresMissing, PostgresServer
 from torch import nn
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# the suite runs torch eager unless a test names an engine (auto measures every new model);
+# exported and quantized models go to a cache of the suite's own
+os.environ.setdefault("DDRS_ENGINE", "eager")
+os.environ.setdefault("DDRS_CACHE", tempfile.mkdtemp(prefix="ddrs-cache-"))
 
 
 class LinearBinary(nn.Module):

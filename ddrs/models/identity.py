@@ -11,15 +11,22 @@ from ddrs.core.experts import Experts
 from ddrs.models.build import NormalizeLayer
 from ddrs.models.checkpoint import _unwrap
 from ddrs.models.denoiser import Denoised
+from ddrs.models.engines import EngineModel
 
 
 def model_fingerprint(model: nn.Module) -> str:
     """sha256 over sorted state dict (names, dtypes, shapes, bytes) and the normalisation, if any.
 
     Identifies "this model + its preprocessing", e.g. to tie a certification memory to a model.
-    A denoised classifier's covers both parts: another denoiser is another model.
+    A denoised classifier's covers both parts: another denoiser is another model. A bf16 or
+    int8 engine's covers the precision and the file it runs (models/engines.py).
     """
     model = _unwrap(model)
+    if isinstance(model, EngineModel):  # fp32: the same function; bf16, int8: another model
+        if model.precision == "fp32":
+            return model_fingerprint(model.base)
+        parts = f"{model.precision}|{model.engine}|{model.identity}|{model_fingerprint(model.base)}"
+        return hashlib.sha256(parts.encode()).hexdigest()
     if isinstance(model, Denoised):
         parts = (
             f"denoised|{model_fingerprint(model.denoiser)}|{model_fingerprint(model.classifier)}"

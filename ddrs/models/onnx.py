@@ -17,33 +17,57 @@ from torch import Tensor, nn
 from ddrs.errors import CheckpointError, InputError
 
 
-class OnnxModel(nn.Module):
-    """An ONNX file run by ONNX Runtime's CPU provider; inputs and outputs are torch tensors.
-    A model exported with a fixed batch size is run in chunks of that size."""
+class OnnxRunner:
+    """An ONNX model (bytes) run by ONNX Runtime's CPU provider on numpy arrays. A model
+    exported with a fixed batch size is run in chunks of that size. Serves a user's own
+    `.onnx` model (OnnxModel) and the onnxruntime engine (models/engines.py)."""
 
-    def __init__(self, path: str | Path):
-        super().__init__()
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"ONNX model not found: {path}")
+    def __init__(self, data: bytes, name: str):
         ort = _onnxruntime()
-        data = path.read_bytes()
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only
         try:
             self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         except Exception as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else error
-            raise CheckpointError(f"{path} is not a usable ONNX model: {first}") from None
+            raise CheckpointError(f"{name} is not a usable ONNX model: {first}") from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(outputs) < 1:
             raise CheckpointError(
-                f"{path}: an ONNX model here takes one input (a batch of images) and gives "
+                f"{name}: an ONNX model here takes one input (a batch of images) and gives "
                 f"logits or images; this one has {len(inputs)} inputs"
             )
         self.input_name = inputs[0].name
         first_dim = inputs[0].shape[0] if inputs[0].shape else None
         self.fixed_batch = first_dim if isinstance(first_dim, int) and first_dim > 0 else None
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        step = self.fixed_batch or max(1, len(array))
+        parts = [
+            self.session.run(None, {self.input_name: _padded(array[i : i + step], step)})[0][
+                : len(array[i : i + step])
+            ]
+            for i in range(0, len(array), step)
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0,), np.float32)
+
+
+def run_numpy(runner, x: Tensor) -> Tensor:
+    """A runner's output on a torch batch, as float32 on x's device."""
+    out = runner(x.detach().to("cpu", torch.float32).contiguous().numpy())
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(x.device)
+
+
+class OnnxModel(nn.Module):
+    """An ONNX file run by ONNX Runtime (OnnxRunner) as a torch module."""
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"ONNX model not found: {path}")
+        data = path.read_bytes()
+        self.runner = OnnxRunner(data, str(path))
         self.path = str(path)
         digest = hashlib.sha256(data).digest()
         self.register_buffer("onnx_sha256", torch.tensor(list(digest), dtype=torch.uint8))
@@ -55,16 +79,7 @@ class OnnxModel(nn.Module):
                 "model (a ddrs checkpoint, package.module:factory or TorchScript), or a sigma "
                 "search that takes no gradients (--search certified or grid)"
             )
-        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        step = self.fixed_batch or max(1, len(array))
-        parts = [
-            self.session.run(None, {self.input_name: _padded(array[i : i + step], step)})[0][
-                : len(array[i : i + step])
-            ]
-            for i in range(0, len(array), step)
-        ]
-        out = np.concatenate(parts) if parts else np.zeros((0,), np.float32)
-        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(x.device)
+        return run_numpy(self.runner, x)
 
 
 def gives_gradients(model: nn.Module) -> bool:

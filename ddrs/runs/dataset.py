@@ -15,6 +15,7 @@ from ddrs.core.smooth import DEFAULTS
 from ddrs.data import radius_units
 from ddrs.errors import InputError, ResultsFileError
 from ddrs.models import Denoised, memory_fingerprint, model_fingerprint
+from ddrs.models.engines import base_of, engine_of
 from ddrs.options import setting
 from ddrs.results import (
     CASCADE_COLUMNS,
@@ -70,12 +71,16 @@ class DatasetRun:
                 "model": memory_fingerprint(experts, dataset.info.name, shape)[:16],
                 "experts": experts.describe(),
             }
-        denoisers = sorted({e.model.source for e in experts if isinstance(e.model, Denoised)})
+        models = [base_of(e.model) for e in experts]
+        denoisers = sorted({m.source for m in models if isinstance(m, Denoised)})
         if denoisers:  # which denoiser, for a reader (the fingerprint already tells them apart)
             identity["denoiser"] = denoisers[0] if len(denoisers) == 1 else denoisers
+        engine, precision = engine_of(experts[0].model)
         return {
             "command": command,
             **identity,
+            "engine": engine,
+            "precision": precision,
             "radius_units": radius_units(dataset.info.input_shape),
             "dataset": dataset.info.name,
             "split": dataset.split,

@@ -24,6 +24,14 @@ from ddrs.models import (
     memory_fingerprint,
     with_denoiser,
 )
+from ddrs.models.engines import (
+    CALIBRATION_IMAGES,
+    ENGINES,
+    PRECISIONS,
+    check_engine,
+    default_engine,
+    with_engine,
+)
 from ddrs.models.experts import expert_specs, load_experts
 from ddrs.options import setting
 
@@ -35,6 +43,15 @@ IMAGE_SIZE_HELP = (
 DENOISER_HELP = (
     "denoised smoothing: a denoiser in front of the model (or every expert): a `ddrs "
     "train-denoiser` checkpoint, package.module:factory, TorchScript or .onnx file"
+)
+ENGINE_HELP = (
+    "what runs the model: auto (the fastest fp32 engine installed whose votes equal eager's, "
+    "measured once per model and machine), eager, compile (torch.compile), onnxruntime, "
+    "openvino (default: auto, or $DDRS_ENGINE)"
+)
+PRECISION_HELP = (
+    "fp32; bf16 (OpenVINO, CPUs with bf16) or int8 (ONNX Runtime or OpenVINO, calibrated on "
+    f"{CALIBRATION_IMAGES} training images): another base classifier, with its own fingerprint"
 )
 CHANNELS_HELP = "imagefolder: 1 (grey) or 3 (default: 1 when every image is grey)"
 
@@ -60,11 +77,14 @@ class Models:
         None, "a file of experts, one per line: NAME SOURCE SIGMA", group="model"
     )
     denoiser: str | None = setting(None, DENOISER_HELP)
+    engine: str = setting(factory=default_engine, help=ENGINE_HELP, choices=list(ENGINES))
+    precision: str = setting("fp32", PRECISION_HELP, choices=list(PRECISIONS))
 
     def __post_init__(self) -> None:
         given = [self.checkpoint, self.model, self.expert or self.experts]
         if sum(g is not None for g in given) != 1:
             raise InputError("give exactly one of --checkpoint, --model, or experts")
+        check_engine(self.engine, self.precision)
         if self.has_experts:
             expert_specs(self.expert, self.experts)  # their format, sigmas and names
 
@@ -79,8 +99,11 @@ class Models:
             return expert_specs(self.expert, self.experts)[0].source
         return self.checkpoint
 
-    def load_for(self, num_classes: int, input_shape, inputs_name: str, device) -> Experts:
-        """The model (as the one expert) or the experts, each checked against the inputs."""
+    def load_for(
+        self, num_classes: int, input_shape, inputs_name: str, device, calibration=None
+    ) -> Experts:
+        """The model (as the one expert) or the experts, each checked against the inputs and
+        run by the engine (`calibration`: int8's training images, a callable)."""
         inputs = {
             "num_classes": num_classes,
             "input_shape": input_shape,
@@ -93,7 +116,8 @@ class Models:
             experts = Experts.of_model(
                 load_model(checkpoint=self.checkpoint, model=self.model, **inputs)
             )
-        return denoised(experts, self.denoiser, input_shape, device)
+        experts = denoised(experts, self.denoiser, input_shape, device)
+        return with_engine(experts, self.engine, self.precision, input_shape, calibration)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,7 +157,11 @@ class ModelSource(Models):
         )
         info = dataset.info
         experts = self.load_for(
-            info.num_classes, info.input_shape, self.dataset, device_for(self.device)
+            info.num_classes,
+            info.input_shape,
+            self.dataset,
+            device_for(self.device),
+            lambda: calibration_images(self.dataset, self.data_root, options),
         )
         return experts, dataset
 
@@ -152,6 +180,23 @@ def denoised(experts: Experts, denoiser: str | None, input_shape, device) -> Exp
     if denoiser is None:
         return experts
     return with_denoiser(experts, load_denoiser(denoiser, input_shape, device), denoiser)
+
+
+def calibration_images(dataset: str, data_root: str | None, options=None) -> torch.Tensor:
+    """int8's calibration set: CALIBRATION_IMAGES images of the dataset's training split,
+    drawn by a fixed seed (never the test images)."""
+    from ddrs.data import get_dataset
+
+    train = get_dataset(
+        dataset,
+        "train",
+        data_root,
+        augment=False,
+        options=options if dataset == "imagefolder" else None,
+    )
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(train), generator=generator)[:CALIBRATION_IMAGES]
+    return torch.stack([torch.as_tensor(train[int(i)][0]).float() for i in order])
 
 
 def recorded_image_options(source: str | None, image_size, channels) -> tuple:
