@@ -47,6 +47,8 @@ def _dataset_run(args, argv: list[str], entry: Entry, spec: type, run_dataset) -
     process or in `--nproc-per-node` workers."""
     run = from_namespace(spec, args)
     model, dataset = from_namespace(ModelSource, args).load()
+    if isinstance(run, CertifyRun):
+        print(run.reach())
     if starts_workers(args.nproc_per_node, args.device):
         run.check(model, dataset)
         return launch(entry, argv, args.nproc_per_node)

@@ -205,12 +205,18 @@ class ExpertCertifier:
         keys: Sequence[int],
         pilot: int = 0,
         tolerance: float = 0.0,
+        radius: float | None = None,
     ) -> list[Certificate]:
-        """Input i certified by expert[i] at sigma[i] (its expert's, or one chosen for it)."""
+        """Input i certified by expert[i] at sigma[i] (its expert's, or one chosen for it);
+        with `radius`, only whether it is certified at that radius (a sequential test)."""
         found: list[Certificate | None] = [None] * x.shape[0]
         for k, rows in self._groups(expert):
             smooth, group_keys = self.smooth[k], [keys[i] for i in rows]
-            if pilot:
+            if radius is not None:
+                certs = smooth.certify_batch_at_radius(
+                    x[rows], sigma[rows], n0, n, alpha, radius, batch, group_keys
+                )
+            elif pilot:
                 certs = smooth.certify_batch_adaptive(
                     x[rows], sigma[rows], n0, n, alpha, pilot, tolerance, batch, group_keys
                 )

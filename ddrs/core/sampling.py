@@ -100,8 +100,10 @@ def sample_counts(
     stream: int = STREAM_ESTIMATION,
     keys: Sequence[int] | None = None,
     amp: str | None = None,
+    first: int = 0,
 ) -> Tensor:
-    """Votes of the base classifier on `num` noisy copies of each input.
+    """Votes of the base classifier on `num` noisy copies of each input (samples
+    [first, first + num) of each input's noise: a sequential test draws more of them later).
 
     x: (B, *shape) inputs in [0, 1]; sigma: scalar or (B,) noise levels (pixel units).
     Returns int64 counts of shape (B, num_classes), on the CPU, transferred once. Runs
@@ -129,7 +131,7 @@ def sample_counts(
             noise, owner, noisy = noise_buffer[:size], owner_buffer[:size], input_buffer[:size]
             pos = 0
             for i, start, stop in segments:
-                source.fill(noise[pos : pos + stop - start], keys[i], start, stop)
+                source.fill(noise[pos : pos + stop - start], keys[i], first + start, first + stop)
                 owner[pos : pos + stop - start] = i
                 pos += stop - start
             if len(segments) == 1:  # one input: broadcast it rather than gather copies

@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from scipy.stats import norm
 from torch import Tensor, nn
 
 from ddrs.core.checks import check_alpha, integer, number
@@ -20,7 +22,10 @@ from ddrs.core.sampling import auto_batch_size, sample_counts
 from ddrs.core.stats import (
     clopper_pearson_lower,
     input_specific_sample_size,
+    look_alpha,
+    radius_decision,
     radius_from_p_lower,
+    radius_looks,
     two_sided_binomial_pvalue,
 )
 from ddrs.core.torchutil import is_convolutional
@@ -137,7 +142,7 @@ class Smooth:
             return self._auto_batch
         return integer("batch", batch)
 
-    def _counts(self, x, sigma, num, batch, stream, keys) -> Tensor:
+    def _counts(self, x, sigma, num, batch, stream, keys, first: int = 0) -> Tensor:
         return sample_counts(
             self.model,
             x,
@@ -149,6 +154,7 @@ class Smooth:
             stream=stream,
             keys=keys,
             amp=self.amp,
+            first=first,
         )
 
     def _votes(self, x, sigma, n0, n, batch, keys) -> tuple[Tensor, Tensor]:
@@ -253,6 +259,67 @@ class Smooth:
                 certificates[i] = certificate_from_counts(
                     int(cA[i]), nA, size, alpha, float(sigma[i]), top2[k]
                 )
+        return certificates
+
+    def certify_batch_at_radius(
+        self,
+        x: Tensor,
+        sigma: Tensor | float,
+        n0: int,
+        n: int,
+        alpha: float,
+        radius: float,
+        batch: int | None = None,
+        keys: Sequence[int] | None = None,
+    ) -> list[Certificate]:
+        """Is each input certified at `radius`? A sequential test that stops each input as
+        soon as it is decided, after at most n estimation samples.
+
+        cA is selected on n0 samples, as in CERTIFY. The estimation samples are looked at
+        after 100, 200, 400, ... of them and at n (`stats.radius_looks`); each look tests
+        pA >= Phi(radius / sigma) with Clopper-Pearson at alpha / (number of looks), a union
+        bound that holds whichever look the test stops at. With probability >= 1 - alpha per
+        input, an input answered (cA, radius) has g(x + d) = cA for every ||d||_2 < radius.
+        Undecided after n samples, or refuted earlier: (ABSTAIN, 0). `Certificate.n` is the
+        number of estimation samples drawn.
+        """
+        sigma, n0, n, alpha, batch, keys = self._checked(x, sigma, n0, n, alpha, batch, keys)
+        radius = number("radius", radius, minimum=0)
+        cA = self._counts(x, sigma, n0, batch, STREAM_SELECTION, keys).argmax(dim=1)
+        looks = radius_looks(n)
+        alpha_look = look_alpha(alpha, looks)
+        p_needed = norm.cdf(radius / sigma.double().numpy())
+        counts = torch.zeros(x.shape[0], self.num_classes, dtype=torch.int64)
+        drawn = np.zeros(x.shape[0], dtype=np.int64)
+        verdict = np.zeros(x.shape[0], dtype=np.int64)
+        for previous, look in zip([0, *looks], looks):
+            rows = np.flatnonzero(verdict == 0).tolist()
+            if not rows:
+                break
+            group = torch.tensor(rows)
+            counts[group] += self._counts(
+                x[group], sigma[group], look - previous, batch, STREAM_ESTIMATION,
+                [keys[i] for i in rows], first=previous,
+            )  # fmt: skip
+            drawn[rows] = look
+            nA = counts[group].gather(1, cA[group, None]).squeeze(1).numpy()
+            verdict[rows] = radius_decision(nA, look, p_needed[rows], alpha_look)
+        certificates = []
+        for i in range(x.shape[0]):
+            nA, top2 = int(counts[i, cA[i]]), tuple(counts[i].topk(2).values.tolist())
+            certified = verdict[i] == 1
+            certificates.append(
+                Certificate(
+                    int(cA[i]) if certified else ABSTAIN,
+                    float(radius) if certified else 0.0,
+                    float(clopper_pearson_lower(nA, int(drawn[i]), alpha_look)),
+                    nA,
+                    int(drawn[i]),
+                    float(sigma[i]),
+                    int(cA[i]),
+                    top2,
+                )  # fmt: skip
+            )
         return certificates
 
     def certify(

@@ -100,6 +100,43 @@ def input_specific_sample_size(
     return best
 
 
+FIRST_LOOK = 100  # a test at a radius looks at 100, 200, 400, ... samples, and at N
+
+
+def radius_looks(n: int) -> list[int]:
+    """When a test at a radius looks at its votes: after FIRST_LOOK samples, then each time
+    their number doubles, and at n."""
+    looks, m = [], min(FIRST_LOOK, n)
+    while m < n:
+        looks.append(m)
+        m *= 2
+    return [*looks, n]
+
+
+def look_alpha(alpha: float, looks: list[int]) -> float:
+    """Each look's share of alpha: a union bound over the looks, so the chance that any look
+    certifies an input that is not robust at the radius is at most alpha, whichever look the
+    test stops at (Voracek, NeurIPS 2024: confidence sequences by a union bound over
+    doubling times)."""
+    return alpha / len(looks)
+
+
+def radius_decision(count, trials, p_needed, alpha_look: float) -> np.ndarray:
+    """A look's verdict on H0 "pA < p_needed": +1 certified (Clopper-Pearson's lower bound at
+    alpha_look reaches p_needed), -1 refuted (its upper bound is below), 0 look again."""
+    lower = clopper_pearson_lower(count, trials, alpha_look)
+    upper = clopper_pearson_upper(count, trials, alpha_look)
+    return np.where(lower >= p_needed, 1, np.where(upper < p_needed, -1, 0))
+
+
+def largest_radius(sigma, n: int, alpha: float):
+    """The largest radius N samples at failure probability alpha can certify: every vote for
+    the class gives pA_lower = alpha^(1/N), so R = sigma * Phi^-1(alpha^(1/N)); 0 when that is
+    below 1/2 (such an N certifies nothing)."""
+    p = alpha ** (1.0 / n)
+    return sigma * norm.ppf(p) if p > 0.5 else 0.0 * sigma
+
+
 def normal_icdf(p: Tensor) -> Tensor:
     """Phi^-1, differentiable."""
     return math.sqrt(2.0) * torch.erfinv(2.0 * p - 1.0)

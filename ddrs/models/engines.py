@@ -145,8 +145,8 @@ def with_engine(
     engine: str,
     precision: str,
     input_shape,
+    fingerprint: Callable[[nn.Module], str],
     calibration: Callable[[], Tensor] | None = None,
-    fingerprint: Callable[[nn.Module], str] | None = None,
 ) -> Experts:
     """Every expert's model run by `engine` at `precision` (one per distinct model).
     `calibration` gives int8's training images; `fingerprint` names a model in the cache."""
@@ -176,9 +176,7 @@ def _run_by(model, sigma, engine, precision, input_shape, calibration, fingerpri
         )
     if model_device(model).type != "cpu":
         raise InputError(f"--engine {engine} runs on the CPU here: add --device cpu")
-    from ddrs.models.identity import model_fingerprint
-
-    folder = cache_folder((fingerprint or model_fingerprint)(model))
+    folder = cache_folder(fingerprint(model))
     if engine == "auto" and precision == "fp32":
         engine = auto_engine(model, input_shape, folder)
         if engine == "eager":

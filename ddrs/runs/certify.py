@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from ddrs.core.cascade import Cascade, CascadeCertificate
-from ddrs.core.checks import integer, number, optional_integer, probability
+from ddrs.core.checks import integer, number, optional_integer, positive, probability
 from ddrs.core.experts import Experts, as_experts
 from ddrs.core.route import DualSmoothing, ExpertCertifier, RoutedCertificate
 from ddrs.core.smooth import DEFAULTS
+from ddrs.core.stats import largest_radius, look_alpha, radius_looks
 from ddrs.core.torchutil import model_device
 from ddrs.errors import InputError, ResultsFileError
 from ddrs.launch import ONE_PROCESS, Rank
@@ -65,6 +66,12 @@ class CertifyRun(SmoothingRun):
     radius_tolerance: float = setting(
         0.01, "with --pilot: the predicted radius an input may lose to a smaller N"
     )
+    radius: float | None = setting(
+        None,
+        "only ask whether each input is certified at this radius: a sequential test stops "
+        "each input once decided (at most --n samples; docs/METHODS.md); rows say R or abstain",
+        type=float,
+    )
     router: str | None = setting(
         None,
         "dual smoothing: a router checkpoint (`ddrs train-router`) that certifies each "
@@ -96,15 +103,57 @@ class CertifyRun(SmoothingRun):
             raise InputError(
                 f"--router {self.router}: no such file; train one with `ddrs train-router`"
             )
-        if (self.router or self.cascade) and (self.pilot or self.counts):
+        if (self.router or self.cascade) and (self.pilot or self.counts or self.radius):
             raise InputError(
-                "--router and --cascade certify with fixed N; they take neither --pilot nor "
-                "--counts"
+                "--router and --cascade certify with fixed N; they take neither --pilot, "
+                "--radius nor --counts"
             )
+        if largest_radius(1.0, self.n, self.alpha) == 0:
+            fewest = math.floor(math.log2(1 / self.alpha)) + 1
+            raise InputError(
+                f"--n {self.n} can certify nothing at --alpha {self.alpha:g} (all N votes for "
+                f"the class give pA_lower = alpha^(1/N) < 1/2): use --n {fewest} or more"
+            )
+        if self.radius is not None:
+            self.check_radius()
+
+    def reach(self) -> str:
+        """The largest radius this run can certify, for a reader (the fixed --sigma's, or per
+        unit of sigma)."""
+        alpha = self.alpha
+        if self.radius is not None:
+            alpha = look_alpha(alpha, radius_looks(self.n))
+        if self.sigma is not None:
+            return (
+                f"largest certifiable radius: {largest_radius(self.sigma, self.n, alpha):.3f} "
+                f"(sigma {self.sigma:g}, N {self.n}, alpha {alpha:.3g})"
+            )
+        return (
+            f"largest certifiable radius: {largest_radius(1.0, self.n, alpha):.3f} x sigma "
+            f"(N {self.n}, alpha {alpha:.3g})"
+        )
+
+    def check_radius(self) -> None:
+        """--radius: positive, alone among the sample-size options, and within reach."""
+        positive("--radius", self.radius)
+        if self.pilot or self.counts:
+            raise InputError(
+                "--radius stops each input when decided: it takes neither --pilot nor --counts "
+                "(counts of a sequential test cannot be recertified at a fixed N)"
+            )
+        if self.sigma is not None:
+            reach = largest_radius(self.sigma, self.n, look_alpha(self.alpha, radius_looks(self.n)))
+            if self.radius >= reach:
+                raise InputError(
+                    f"--radius {self.radius:g} cannot be certified at --sigma {self.sigma:g} "
+                    f"with --n {self.n} and --alpha {self.alpha:g} (at most {reach:.3f}): raise "
+                    "--n or --sigma, or lower the radius"
+                )
 
     def columns(self, experts: Experts) -> tuple[str, ...]:
         """The results file's columns."""
-        return (MEMORY_COLUMNS if self.memory else CERTIFY_COLUMNS) + self.extra_columns(experts)
+        base = MEMORY_COLUMNS if self.memory else CERTIFY_COLUMNS
+        return base + self.extra_columns(experts) + (("n",) if self.radius else ())
 
     def check(self, experts: Experts, dataset, settings: dict | None = None):
         routes = super().check(experts, dataset, settings)
@@ -138,6 +187,8 @@ class CertifyRun(SmoothingRun):
         }
         if self.pilot:
             settings.update(pilot=self.pilot, radius_tolerance=self.radius_tolerance)
+        if self.radius is not None:
+            settings.update(radius=self.radius)
         if self.router:
             settings.update(
                 router=str(self.router),
@@ -309,6 +360,7 @@ def _sampler(run: CertifyRun, experts: Experts, num_classes: int, routes) -> _Sa
             keys,
             run.pilot,
             run.radius_tolerance,
+            run.radius,
         )
         rows = [_part_row(k, y, c, run.n0, run.seed) for k, y, c in zip(keys, labels, found)]
         if extra:

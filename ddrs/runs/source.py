@@ -22,6 +22,7 @@ from ddrs.models import (
     load_denoiser,
     load_model,
     memory_fingerprint,
+    model_fingerprint,
     with_denoiser,
 )
 from ddrs.models.engines import (
@@ -117,7 +118,8 @@ class Models:
                 load_model(checkpoint=self.checkpoint, model=self.model, **inputs)
             )
         experts = denoised(experts, self.denoiser, input_shape, device)
-        return with_engine(experts, self.engine, self.precision, input_shape, calibration)
+        engine, precision = self.engine, self.precision
+        return with_engine(experts, engine, precision, input_shape, model_fingerprint, calibration)
 
 
 @dataclass(frozen=True, kw_only=True)
