@@ -16,6 +16,10 @@ ratios. Models have random weights: throughput does not depend on the weights.
 
     .venv/bin/python benchmarks/certify_throughput.py --quick
     .venv/bin/python benchmarks/certify_throughput.py --json runs/bench/certify_throughput.json
+    .venv/bin/python benchmarks/certify_throughput.py --engines --json runs/bench/engines.json
+
+`--engines`: ResNet-110 end to end at N = 100,000 with each engine and precision
+(models/engines.py) against the reference loop; one run each, in turn.
 """
 
 from __future__ import annotations
@@ -370,6 +374,89 @@ def op_latency(batch: int) -> dict:
     return result
 
 
+# ------------------------------------------------------------------ engines and precisions
+
+ENGINE_ROWS = (
+    ("onnxruntime", "fp32"),
+    ("openvino", "fp32"),
+    ("openvino", "bf16"),
+    ("onnxruntime", "int8"),
+    ("openvino", "int8"),
+)
+
+
+def engine_models(model, calibration: torch.Tensor) -> dict:
+    """The model run by each installed engine at each precision (ddrs's own runners)."""
+    from ddrs.core.experts import Experts
+    from ddrs.models import model_fingerprint
+    from ddrs.models.engines import installed, with_engine
+
+    models = {"eager fp32": model}
+    for engine, precision in ENGINE_ROWS:
+        if installed(engine) and installed("onnxruntime"):
+            experts = with_engine(
+                Experts.of_model(model), engine, precision, SHAPE, model_fingerprint,
+                lambda: calibration,
+            )  # fmt: skip
+            models[f"{engine} {precision}"] = experts[0].model
+    return models
+
+
+def engines_study(arch: str, n: int, inputs: int, batch: int, calibration) -> dict:
+    """End to end at N = n: the reference loop, then ddrs with each engine and precision, one
+    after the other on the same inputs (one run each: at N = 100,000 a ResNet-110 input takes
+    minutes). Votes: each engine's certificates against eager fp32's."""
+    torch.manual_seed(0)
+    model = build_model(arch, NUM_CLASSES, SHAPE, CIFAR.mean, CIFAR.std).eval()
+    reference = copy.deepcopy(model)
+    xs = torch.rand(inputs, *SHAPE, generator=torch.Generator().manual_seed(7))
+    models = engine_models(copy.deepcopy(model), calibration)
+    print(f"\n{arch}: engines at N0=100, N={n}, {inputs} input(s), batch {batch}", flush=True)
+    seconds, found = {}, {}
+    start = time.perf_counter()
+    reference_certify(reference, xs, 100, n, batch)
+    seconds["reference loop"] = time.perf_counter() - start
+    print(f"  reference loop: {seconds['reference loop']:.1f} s", flush=True)
+    for name, m in models.items():
+        smooth = Smooth(m, NUM_CLASSES, seed=0)
+        smooth.certify_batch(xs[:1], SIGMA, 10, batch, ALPHA, batch)  # warm-up
+        start = time.perf_counter()
+        found[name] = ddrs_certify(smooth, xs, 100, n, batch)
+        seconds[name] = time.perf_counter() - start
+        print(f"  {name}: {seconds[name]:.1f} s", flush=True)
+    base = found["eager fp32"]
+    rows = []
+    for name, t in seconds.items():
+        row = {"variant": name, "seconds": t, "speedup": seconds["reference loop"] / t}
+        if name in found:
+            pairs = list(zip(found[name], base))
+            row["same_class"] = float(np.mean([a.predict == b.predict for a, b in pairs]))
+            row["largest_radius_change"] = max(abs(a.radius - b.radius) for a, b in pairs)
+            row["count_change"] = max(abs(a.count - b.count) for a, b in pairs)
+        rows.append(row)
+    print(
+        table(
+            ["variant", "seconds", "x reference", "same class", "largest radius change",
+             "largest change of nA"],
+            [[r["variant"], f"{r['seconds']:.1f}", f"{r['speedup']:.2f}",
+              f"{r.get('same_class', float('nan')):.0%}",
+              f"{r.get('largest_radius_change', float('nan')):.4f}",
+              r.get("count_change", "")] for r in rows],
+        )
+    )  # fmt: skip
+    return {"arch": arch, "n": n, "inputs": inputs, "batch": batch, "rows": rows}
+
+
+def calibration_images(data_root: str | None) -> torch.Tensor:
+    """int8's calibration set as `ddrs` draws it: CIFAR-10 training images when a data root is
+    given, else random images (throughput does not depend on them)."""
+    if data_root:
+        from ddrs.runs.source import calibration_images as drawn
+
+        return drawn("cifar10", data_root)
+    return torch.rand(256, *SHAPE, generator=torch.Generator().manual_seed(3))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
@@ -379,8 +466,24 @@ def main() -> None:
     parser.add_argument("--archs", default="cnn,cifar_resnet110")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-study", action="store_true", help="skip the (b) variants study")
+    parser.add_argument(
+        "--engines", action="store_true",
+        help="only the engines and precisions, end to end (ResNet-110, N 100,000, 1 input)",
+    )  # fmt: skip
+    parser.add_argument("--engines-n", type=int, default=100_000)
+    parser.add_argument("--engines-inputs", type=int, default=1)
+    parser.add_argument("--data-root", help="CIFAR-10, for int8's calibration images")
     args = parser.parse_args()
     apply_threads(args)
+    if args.engines:
+        machine = print_machine("certify throughput: engines and precisions", args)
+        monitor = LoadMonitor()
+        study = engines_study(
+            "cifar_resnet110", args.engines_n, args.engines_inputs, args.batch,
+            calibration_images(args.data_root),
+        )  # fmt: skip
+        save_json(args.json, {"machine": machine, "engines": study, "load": monitor.report()})
+        return
     machine = print_machine(
         "certify throughput: reference (a) vs ddrs (b) vs bare forward (c)", args
     )

@@ -69,10 +69,13 @@ class DataDependentSmoothClassifier:
     cascade: float | None = None  # experts: the multi-scale cascade at this threshold p0
     amp: str | None = None  # CUDA: autocast every base classifier (experts and router)
     compile: bool = False  # torch.compile every base classifier
+    radius: float | None = None  # only "certified at this radius?" (a sequential test)
 
     def __post_init__(self):
         self.experts = as_experts(self.model)
         check_route_rule(self.route_rule)
+        if self.radius is not None and (self.router is not None or self.cascade is not None):
+            raise InputError("--radius certifies one model or experts, not a router or cascade")
         if self.router is not None and self.experts.is_model:
             raise InputError("a router routes among experts; give Experts as the model")
         if self.experts.is_model:
@@ -209,8 +212,9 @@ class DataDependentSmoothClassifier:
         expert, sigma = self.routes_for(x, keys)
         if kind == "certify":
             found = self.certifier.certify_batch(
-                x, expert, sigma, self.n0, self.n, self.alpha, self.batch, keys
-            )
+                x, expert, sigma, self.n0, self.n, self.alpha, self.batch, keys,
+                radius=self.radius,
+            )  # fmt: skip
             answers = [(c.predict, c.radius) for c in found]
         else:
             found = self.certifier.predict_batch(

@@ -128,3 +128,22 @@ def test_unreachable_radii_and_bad_combinations_are_one_line_and_leave_no_file(
         err = capsys.readouterr().err
         assert says in err and err.count("\n") == 1, (name, err)
         assert not out.exists() and not (tmp_path / "c.tsv").exists()
+
+
+def test_the_service_answers_at_a_radius_and_refuses_one_out_of_reach(linear_model):
+    from ddrs.classifier import DataDependentSmoothClassifier
+    from ddrs.errors import InputError
+    from ddrs.serve.spec import ServeRun
+
+    classifier = DataDependentSmoothClassifier(
+        linear_model, 2, None, sigma0=SIGMA, n0=20, n=10_000, alpha=0.001, selector=None,
+        radius=RADIUS,
+    )  # fmt: skip
+    robust = classifier.certify(at_margin(linear_model, 2.5 * RADIUS), key=1)
+    assert (robust.predict, robust.radius) == (1, RADIUS)
+    inside = classifier.certify(at_margin(linear_model, 0.2 * RADIUS), key=2)
+    assert (inside.predict, inside.radius) == (ABSTAIN, 0.0)
+    spec = {"checkpoint": "m.pt", "sigma": 0.25, "input_shape": (1, 4, 4), "num_classes": 2}
+    assert ServeRun(**spec, radius=0.5).radius == 0.5
+    with pytest.raises(InputError, match="at most"):
+        ServeRun(**spec, radius=0.5, n=100)

@@ -137,6 +137,21 @@ def largest_radius(sigma, n: int, alpha: float):
     return sigma * norm.ppf(p) if p > 0.5 else 0.0 * sigma
 
 
+def check_radius_reach(radius: float, sigma: float | None, n: int, alpha: float) -> None:
+    """A radius to certify at (`--radius`) must be positive and, at a known sigma, within what
+    n samples at alpha split over the looks can ever certify."""
+    if not math.isfinite(radius) or radius <= 0:
+        raise InputError(f"--radius must be a positive number, got {radius}")
+    if sigma is None:
+        return
+    reach = largest_radius(sigma, n, look_alpha(alpha, radius_looks(n)))
+    if radius >= reach:
+        raise InputError(
+            f"--radius {radius:g} cannot be certified at sigma {sigma:g} with --n {n} and "
+            f"--alpha {alpha:g} (at most {reach:.3f}): raise --n or sigma, or lower the radius"
+        )
+
+
 def normal_icdf(p: Tensor) -> Tensor:
     """Phi^-1, differentiable."""
     return math.sqrt(2.0) * torch.erfinv(2.0 * p - 1.0)

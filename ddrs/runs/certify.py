@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from ddrs.core.cascade import Cascade, CascadeCertificate
-from ddrs.core.checks import integer, number, optional_integer, positive, probability
+from ddrs.core.checks import integer, number, optional_integer, probability
 from ddrs.core.experts import Experts, as_experts
 from ddrs.core.route import DualSmoothing, ExpertCertifier, RoutedCertificate
 from ddrs.core.smooth import DEFAULTS
-from ddrs.core.stats import largest_radius, look_alpha, radius_looks
+from ddrs.core.stats import check_radius_reach, largest_radius, look_alpha, radius_looks
 from ddrs.core.torchutil import model_device
 from ddrs.errors import InputError, ResultsFileError
 from ddrs.launch import ONE_PROCESS, Rank
@@ -135,20 +135,12 @@ class CertifyRun(SmoothingRun):
 
     def check_radius(self) -> None:
         """--radius: positive, alone among the sample-size options, and within reach."""
-        positive("--radius", self.radius)
+        check_radius_reach(self.radius, self.sigma, self.n, self.alpha)
         if self.pilot or self.counts:
             raise InputError(
                 "--radius stops each input when decided: it takes neither --pilot nor --counts "
                 "(counts of a sequential test cannot be recertified at a fixed N)"
             )
-        if self.sigma is not None:
-            reach = largest_radius(self.sigma, self.n, look_alpha(self.alpha, radius_looks(self.n)))
-            if self.radius >= reach:
-                raise InputError(
-                    f"--radius {self.radius:g} cannot be certified at --sigma {self.sigma:g} "
-                    f"with --n {self.n} and --alpha {self.alpha:g} (at most {reach:.3f}): raise "
-                    "--n or --sigma, or lower the radius"
-                )
 
     def columns(self, experts: Experts) -> tuple[str, ...]:
         """The results file's columns."""

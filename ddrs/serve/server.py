@@ -154,6 +154,7 @@ def serve(run: ServeRun) -> None:
             cascade=run.cascade,
             amp=run.amp,
             compile=run.compile,
+            radius=run.radius,
         )
 
     if run.memory is not None:  # a memory of another model or a corrupt one: say so now
@@ -171,6 +172,7 @@ def serve(run: ServeRun) -> None:
         "n": run.n,
         "alpha": run.alpha,
         "memory": memory,
+        "radius": run.radius,
     }
     if not experts.is_model:
         describe.update(

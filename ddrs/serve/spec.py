@@ -11,6 +11,7 @@ from ddrs.core.checks import integer, number, optional_integer, positive, probab
 from ddrs.core.route import ROUTE_RULES, check_route_rule
 from ddrs.core.sigma import DEFAULT_SAMPLES
 from ddrs.core.smooth import DEFAULTS
+from ddrs.core.stats import check_radius_reach
 from ddrs.errors import InputError
 from ddrs.options import setting
 from ddrs.runs.sigma import SearchSettings
@@ -60,6 +61,12 @@ class ServeRun(SearchSettings, Models):
         "experts: the multi-scale cascade at threshold P0 (memory-free; `ddrs certify --help`)",
         type=float,
         metavar="P0",
+    )
+    radius: float | None = setting(
+        None,
+        "only answer whether each query is certified at this radius: a sequential test stops "
+        "once decided (at most --n samples); the answer's radius is R or 0",
+        type=float,
     )
     router_n: int | None = setting(None, "the router's samples (default: --n)", type=int)
     router_share: float = setting(0.5, "the share of --alpha spent on the router")
@@ -132,6 +139,10 @@ class ServeRun(SearchSettings, Models):
                 raise InputError(
                     "--cascade runs among experts (--expert or --experts), without a --router"
                 )
+        if self.radius is not None:
+            check_radius_reach(self.radius, self.sigma, self.n, self.alpha)
+            if self.router is not None or self.cascade is not None:
+                raise InputError("--radius certifies one model or experts, not a router or cascade")
         if self.memory is None and not self.stateless:
             raise InputError(
                 "give --memory: a service whose sigma or expert depends on the input must "
