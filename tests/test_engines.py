@@ -186,3 +186,24 @@ def test_missing_extras_and_impossible_precisions_are_one_line_and_leave_no_file
         err = capsys.readouterr().err
         assert f"pip install 'ddrs[{extra}]'" in err and err.count("\n") == 1
         assert not out.exists()
+
+
+def test_bf16_on_a_cpu_without_it_is_one_line(checkpoint, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("openvino")
+    import openvino
+
+    class NoBf16Core(openvino.Core):
+        def get_property(self, device, name):
+            found = super().get_property(device, name)
+            return (
+                [c for c in found if c != "BF16"] if name == "OPTIMIZATION_CAPABILITIES" else found
+            )
+
+    monkeypatch.setattr(openvino, "Core", NoBf16Core)
+    out = tmp_path / "bf16.tsv"
+    args = ["certify", "--checkpoint", checkpoint, "--sigma", "0.25", "--n", "50", *COMMON,
+            "--engine", "openvino", "--precision", "bf16", "--out", str(out)]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no bf16 instructions" in err and err.count("\n") == 1
+    assert not out.exists()

@@ -60,7 +60,11 @@ def frozen_eval(model: nn.Module) -> Iterator[None]:
 
 
 def is_convolutional(model: nn.Module) -> bool:
-    """True if any Conv2d is inside (TorchScript modules report their original class name)."""
+    """True if any Conv2d is inside (TorchScript modules report their original class name),
+    and torch runs it: a model that says `channels_last = False` (one run by ONNX Runtime or
+    OpenVINO) takes its inputs as they are."""
+    if getattr(model, "channels_last", True) is False:
+        return False
     return any(
         isinstance(m, nn.Conv2d) or getattr(m, "original_name", None) == "Conv2d"
         for m in model.modules()

@@ -92,6 +92,7 @@ class EngineModel(nn.Module):
         self.base = base
         self.runner = runner
         self.engine, self.precision, self.identity = engine, precision, identity
+        self.channels_last = False  # the runtime takes NCHW inputs: no layout copy
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
@@ -169,6 +170,8 @@ def _run_by(model, sigma, engine, precision, input_shape, calibration, fingerpri
         return model
     if engine == "compile":
         return torch.compile(model)
+    if engine == "auto" and model_device(model).type != "cpu":
+        return model  # the engines run on the CPU; on a GPU, torch is the engine
     if not gives_gradients(model) or any(isinstance(m, OnnxModel) for m in model.modules()):
         raise InputError(
             "--engine and --precision apply to torch models; an .onnx model (or denoiser) "
