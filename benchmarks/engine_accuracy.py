@@ -30,9 +30,9 @@ VARIANTS = {
     "openvino bf16": ["--engine", "openvino", "--precision", "bf16"],
     "onnxruntime int8": ["--engine", "onnxruntime", "--precision", "int8"],
     "openvino int8": ["--engine", "openvino", "--precision", "int8"],
-    "eager fp32, --pilot 1000": ["--engine", "eager", "--pilot", "1000"],
-    "eager fp32, --radius 0.25": ["--engine", "eager", "--radius", "0.25"],
-    "eager fp32, --radius 0.5": ["--engine", "eager", "--radius", "0.5"],
+    "eager fp32 --pilot 1000": ["--engine", "eager", "--pilot", "1000"],
+    "eager fp32 --radius 0.25": ["--engine", "eager", "--radius", "0.25"],
+    "eager fp32 --radius 0.5": ["--engine", "eager", "--radius", "0.5"],
 }
 
 
@@ -44,7 +44,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sigma", type=float, default=0.25)
     p.add_argument("--n", type=int, default=4000)
     p.add_argument("--skip", type=int, default=20)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names")
     p.add_argument("--json", metavar="OUT")
     return p.parse_args()
 
@@ -61,7 +61,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows, tables = [], {}
     for name in args.variants.split(","):
-        path = out / (name.replace(" ", "-").replace(",", "").replace("--", "") + ".tsv")
+        path = out / (name.replace(" --", "-").replace(" ", "-") + ".tsv")
         counts = out / f"{path.stem}.counts.tsv"
         extra = VARIANTS[name]
         with_counts = [] if "--radius" in extra else ["--counts", str(counts)]

@@ -81,6 +81,8 @@ def file_digest(path: str | os.PathLike) -> str:
 # settings that describe a run without changing its rows: not compared on resume (an fp32
 # engine computes the model's function; a precision changes the model, and its fingerprint)
 INFORMATIONAL_SETTINGS = {"radius_units", "engine"}
+# settings added later, with the value every earlier run had: an earlier file still resumes
+SETTINGS_BEFORE_THEY_WERE_RECORDED = {"precision": "fp32"}
 
 
 def settings_path(path: str | os.PathLike) -> Path:
@@ -256,7 +258,7 @@ class ResultsWriter:
                 "written by another tool or run; choose another --out"
             )
         try:
-            previous = json.loads(sidecar.read_text())
+            previous = {**SETTINGS_BEFORE_THEY_WERE_RECORDED, **json.loads(sidecar.read_text())}
         except json.JSONDecodeError:
             raise ResultsFileError(f"{sidecar} is corrupt; choose another --out") from None
         diffs = [

@@ -207,3 +207,17 @@ def test_bf16_on_a_cpu_without_it_is_one_line(checkpoint, tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert "no bf16 instructions" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_a_run_from_before_engines_were_recorded_still_resumes(checkpoint, tmp_path):
+    out = tmp_path / "old.tsv"
+    args = ["certify", "--checkpoint", checkpoint, "--sigma", "0.25", "--n", "50",
+            "--dataset", "digits", "--skip", "4", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main([*args, "--max", "20"]) == 0
+    sidecar = Path(f"{out}.settings.json")
+    settings = json.loads(sidecar.read_text())
+    del settings["engine"], settings["precision"]  # as an earlier ddrs wrote it
+    sidecar.write_text(json.dumps(settings))
+    assert main([*args, "--max", "40"]) == 0
+    assert len(read_table(out)["idx"]) == 10
+    assert main([*args, "--max", "60", "--precision", "int8", "--engine", "onnxruntime"]) == 2

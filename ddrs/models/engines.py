@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -152,12 +153,17 @@ def with_engine(
     """Every expert's model run by `engine` at `precision` (one per distinct model).
     `calibration` gives int8's training images; `fingerprint` names a model in the cache."""
     check_engine(engine, precision)
+    sigmas: dict[int, set[float]] = {}
+    for e in experts:
+        sigmas.setdefault(id(e.model), set()).add(e.sigma)
     built: dict[int, nn.Module] = {}
     members = []
     for e in experts:
         if id(e.model) not in built:
+            own = sigmas[id(e.model)]  # one model at several sigmas calibrates at them all
+            sigma = next(iter(own)) if len(own) == 1 else math.nan
             built[id(e.model)] = _run_by(
-                e.model, e.sigma, engine, precision, tuple(input_shape), calibration, fingerprint
+                e.model, sigma, engine, precision, tuple(input_shape), calibration, fingerprint
             )
         members.append(Expert(e.name, e.source, e.sigma, built[id(e.model)]))
     return Experts(tuple(members))
@@ -234,10 +240,10 @@ def exported(model: nn.Module, input_shape: tuple, folder: Path) -> Path:
 def noisy_calibration(images: Tensor, sigma: float) -> Tensor:
     """The calibration images as the model sees them when smoothed: each with Gaussian noise,
     at the expert's sigma, or in turn at each of CALIBRATION_SIGMAS for a model whose sigma
-    comes per input."""
+    comes per input (NaN) or that serves several experts."""
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn(images.shape, generator=generator)
-    levels = [sigma] if sigma == sigma else list(CALIBRATION_SIGMAS)  # sigma is NaN: per input
+    levels = list(CALIBRATION_SIGMAS) if math.isnan(sigma) else [sigma]
     scale = torch.tensor([levels[i % len(levels)] for i in range(len(images))])
     return images + noise * scale.view(-1, *([1] * (images.dim() - 1)))
 
