@@ -17,7 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from ddrs.core.noise import STREAM_ESTIMATION, NoiseSource
-from ddrs.core.torchutil import autocast_context, eval_mode, is_convolutional, model_device
+from ddrs.core.torchutil import (
+    autocast_context,
+    eval_mode,
+    is_convolutional,
+    model_device,
+    torch_threads_for,
+)
 
 
 def _chunks(num_inputs: int, num: int, batch: int):
@@ -125,7 +131,12 @@ def sample_counts(
     if layout is not None:
         input_buffer = input_buffer.contiguous(memory_format=layout)
     owner_buffer = torch.empty(batch, dtype=torch.int64, device=device)
-    with eval_mode(model), torch.inference_mode(), autocast_context(device, amp):
+    with (
+        eval_mode(model),
+        torch.inference_mode(),
+        autocast_context(device, amp),
+        torch_threads_for(model),
+    ):
         for segments in _chunks(num_inputs, num, batch):
             size = sum(stop - start for _, start, stop in segments)
             noise, owner, noisy = noise_buffer[:size], owner_buffer[:size], input_buffer[:size]

@@ -60,12 +60,32 @@ def frozen_eval(model: nn.Module) -> Iterator[None]:
 
 
 def is_convolutional(model: nn.Module) -> bool:
-    """True if any Conv2d is inside (TorchScript modules report their original class name),
-    and torch runs it: a model that says `channels_last = False` (one run by ONNX Runtime or
-    OpenVINO) takes its inputs as they are."""
-    if getattr(model, "channels_last", True) is False:
+    """True if any Conv2d is inside (TorchScript modules report their original class name)
+    and torch runs it: a model that runs outside torch takes its inputs as they are."""
+    if runs_outside_torch(model):
         return False
     return any(
         isinstance(m, nn.Conv2d) or getattr(m, "original_name", None) == "Conv2d"
         for m in model.modules()
     )
+
+
+def runs_outside_torch(model: nn.Module) -> bool:
+    """A model whose forward pass another runtime computes (models/engines.py says so)."""
+    return bool(getattr(model, "runs_outside_torch", False))
+
+
+@contextmanager
+def torch_threads_for(model: nn.Module):
+    """While another runtime computes the forward passes, torch (the noise) uses one thread:
+    torch's idle OpenMP threads spin between its ops and steal the cores the runtime's own
+    threads need (measured: 2x slower certification with both on 2 cores)."""
+    if not runs_outside_torch(model):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -26,6 +26,7 @@ class OnnxRunner:
         ort = _onnxruntime()
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only
+        options.intra_op_num_threads = torch.get_num_threads()  # torch's, before sampling
         try:
             self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         except Exception as error:
