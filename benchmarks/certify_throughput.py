@@ -385,24 +385,29 @@ ENGINE_ROWS = (
 )
 
 
-def engine_models(model, calibration: torch.Tensor) -> dict:
-    """The model run by each installed engine at each precision (ddrs's own runners)."""
+def engine_models(model, calibration: torch.Tensor, only: list[str] | None = None) -> dict:
+    """The model run by each installed engine at each precision (ddrs's own runners); `only`:
+    these rows (names "engine precision")."""
     from ddrs.core.experts import Experts
     from ddrs.models import model_fingerprint
     from ddrs.models.engines import installed, with_engine
 
     models = {"eager fp32": model}
     for engine, precision in ENGINE_ROWS:
+        if only and f"{engine} {precision}" not in only:
+            continue
         if installed(engine) and installed("onnxruntime"):
             experts = with_engine(
                 Experts.of_model(model), engine, precision, SHAPE, model_fingerprint,
                 lambda: calibration,
             )  # fmt: skip
             models[f"{engine} {precision}"] = experts[0].model
+    if only and "eager fp32" not in only:
+        del models["eager fp32"]
     return models
 
 
-def engines_study(arch: str, n: int, inputs: int, batch: int, calibration) -> dict:
+def engines_study(arch: str, n: int, inputs: int, batch: int, calibration, only=None) -> dict:
     """End to end at N = n: the reference loop, then ddrs with each engine and precision, one
     after the other on the same inputs (one run each: at N = 100,000 a ResNet-110 input takes
     minutes). Votes: each engine's certificates against eager fp32's."""
@@ -410,7 +415,7 @@ def engines_study(arch: str, n: int, inputs: int, batch: int, calibration) -> di
     model = build_model(arch, NUM_CLASSES, SHAPE, CIFAR.mean, CIFAR.std).eval()
     reference = copy.deepcopy(model)
     xs = torch.rand(inputs, *SHAPE, generator=torch.Generator().manual_seed(7))
-    models = engine_models(copy.deepcopy(model), calibration)
+    models = engine_models(copy.deepcopy(model), calibration, only)
     print(f"\n{arch}: engines at N0=100, N={n}, {inputs} input(s), batch {batch}", flush=True)
     seconds, found = {}, {}
     start = time.perf_counter()
@@ -424,11 +429,11 @@ def engines_study(arch: str, n: int, inputs: int, batch: int, calibration) -> di
         found[name] = ddrs_certify(smooth, xs, 100, n, batch)
         seconds[name] = time.perf_counter() - start
         print(f"  {name}: {seconds[name]:.1f} s", flush=True)
-    base = found["eager fp32"]
+    base = found.get("eager fp32")
     rows = []
     for name, t in seconds.items():
         row = {"variant": name, "seconds": t, "speedup": seconds["reference loop"] / t}
-        if name in found:
+        if name in found and base is not None:
             pairs = list(zip(found[name], base))
             row["same_class"] = float(np.mean([a.predict == b.predict for a, b in pairs]))
             row["largest_radius_change"] = max(abs(a.radius - b.radius) for a, b in pairs)
@@ -472,6 +477,9 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--engines-n", type=int, default=100_000)
     parser.add_argument("--engines-inputs", type=int, default=1)
+    parser.add_argument(
+        "--engines-only", help='these rows besides the reference, e.g. "openvino int8,eager fp32"'
+    )
     parser.add_argument("--data-root", help="CIFAR-10, for int8's calibration images")
     args = parser.parse_args()
     apply_threads(args)
@@ -481,6 +489,7 @@ def main() -> None:
         study = engines_study(
             "cifar_resnet110", args.engines_n, args.engines_inputs, args.batch,
             calibration_images(args.data_root),
+            args.engines_only.split(",") if args.engines_only else None,
         )  # fmt: skip
         save_json(args.json, {"machine": machine, "engines": study, "load": monitor.report()})
         return

@@ -249,14 +249,19 @@ def noisy_calibration(images: Tensor, sigma: float) -> Tensor:
 
 
 def quantized(fp32_path: Path, calibration: Tensor, folder: Path) -> Path:
-    """Static int8 quantization (QDQ, per-channel weights) of the ONNX model, calibrated on
-    `calibration`; cached by the calibration data's digest."""
+    """Static int8 quantization (QDQ, u8 activations, per-channel s8 weights) of the ONNX
+    model, calibrated on `calibration`; cached by the scheme and the calibration's digest."""
     digest = hashlib.sha256(calibration.numpy().tobytes()).hexdigest()[:16]
-    path = folder / f"int8-{fp32_path.stem}-{digest}.onnx"
+    path = folder / f"int8-u8s8-{fp32_path.stem}-{digest}.onnx"
     if path.is_file():
         return path
     require("onnxruntime")
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Batches(CalibrationDataReader):
@@ -271,9 +276,12 @@ def quantized(fp32_path: Path, calibration: Tensor, folder: Path) -> Path:
     partial = path.with_suffix(f".{os.getpid()}.partial")
     try:
         quant_pre_process(str(fp32_path), str(prepared))  # shapes and fusions, as advised
+        # unsigned activations, signed weights: the x86 VNNI kernels (ResNet-110 on this CPU:
+        # 2.3x fp32 with u8 activations, 0.5x with s8, through ONNX Runtime)
         quantize_static(
-            str(prepared), str(partial), Batches(), quant_format=QuantFormat.QDQ, per_channel=True
-        )
+            str(prepared), str(partial), Batches(), quant_format=QuantFormat.QDQ,
+            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        )  # fmt: skip
         os.replace(partial, path)
     finally:
         prepared.unlink(missing_ok=True)
