@@ -318,7 +318,7 @@ class Smooth:
                     float(sigma[i]),
                     int(cA[i]),
                     top2,
-                )  # fmt: skip
+                )
             )
         return certificates
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ddrs.core.experts import Expert, Experts
 from ddrs.core.torchutil import eval_mode, is_convolutional, model_device
 from ddrs.errors import InputError
-from ddrs.models.onnx import OnnxModel, OnnxRunner, gives_gradients, run_numpy
+from ddrs.models.onnx import OnnxRunner, gives_gradients, run_numpy
 
 ENGINES = ("auto", "eager", "compile", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -178,7 +178,7 @@ def _run_by(model, sigma, engine, precision, input_shape, calibration, fingerpri
         return torch.compile(model)
     if engine == "auto" and model_device(model).type != "cpu":
         return model  # the engines run on the CPU; on a GPU, torch is the engine
-    if not gives_gradients(model) or any(isinstance(m, OnnxModel) for m in model.modules()):
+    if not gives_gradients(model):  # an OnnxModel inside
         raise InputError(
             "--engine and --precision apply to torch models; an .onnx model (or denoiser) "
             "runs through ONNX Runtime as it is: leave them out"
