@@ -258,9 +258,12 @@ class ResultsWriter:
                 "written by another tool or run; choose another --out"
             )
         try:
-            previous = {**SETTINGS_BEFORE_THEY_WERE_RECORDED, **json.loads(sidecar.read_text())}
+            previous = json.loads(sidecar.read_text())
         except json.JSONDecodeError:
             raise ResultsFileError(f"{sidecar} is corrupt; choose another --out") from None
+        for key, value in SETTINGS_BEFORE_THEY_WERE_RECORDED.items():
+            if key in settings and key not in previous:  # written before the key existed
+                previous[key] = value
         diffs = [
             f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}"
             for k in sorted((set(previous) | set(settings)) - INFORMATIONAL_SETTINGS)
