@@ -221,3 +221,16 @@ def test_a_run_from_before_engines_were_recorded_still_resumes(checkpoint, tmp_p
     assert main([*args, "--max", "40"]) == 0
     assert len(read_table(out)["idx"]) == 10
     assert main([*args, "--max", "60", "--precision", "int8", "--engine", "onnxruntime"]) == 2
+
+
+def test_a_setting_recorded_later_defaults_only_where_the_new_run_records_it(tmp_path):
+    from ddrs.errors import ResultsFileError
+    from ddrs.results import ResultsWriter
+
+    out = tmp_path / "labels.tsv"
+    out.write_text("idx\n0\n")
+    Path(f"{out}.settings.json").write_text(json.dumps({"command": "labels"}))
+    ResultsWriter.check_settings(out, ("idx",), {"command": "labels"})  # records no precision
+    ResultsWriter.check_settings(out, ("idx",), {"command": "labels", "precision": "fp32"})
+    with pytest.raises(ResultsFileError, match="precision"):
+        ResultsWriter.check_settings(out, ("idx",), {"command": "labels", "precision": "int8"})
