@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ddrs.core.cascade import Cascade
 from ddrs.core.experts import Experts, as_experts
+from ddrs.core.families import GAUSSIAN, Family, family_of
 from ddrs.core.route import (
     ROUTE_RULES,
     DualSmoothing,
@@ -70,9 +71,16 @@ class DataDependentSmoothClassifier:
     amp: str | None = None  # CUDA: autocast every base classifier (experts and router)
     compile: bool = False  # torch.compile every base classifier
     radius: float | None = None  # only "certified at this radius?" (a sequential test)
+    family: Family | str = GAUSSIAN  # the noise and the norm of the radius (core/families.py)
 
     def __post_init__(self):
         self.experts = as_experts(self.model)
+        self.family = family_of(self.family)
+        if self.memory is not None and self.memory.norm != self.family.norm:
+            raise InputError(
+                f"the memory holds {self.memory.norm.upper()} balls and this classifier "
+                f"certifies {self.family.norm.upper()} radii: use a memory of its norm"
+            )
         check_route_rule(self.route_rule)
         if self.radius is not None and (self.router is not None or self.cascade is not None):
             raise InputError("--radius certifies one model or experts, not a router or cascade")
@@ -90,7 +98,12 @@ class DataDependentSmoothClassifier:
                 "a classifier whose sigma or expert depends on the input needs a memory to "
                 "be certifiable; give one, or a fixed sigma, a router or a cascade"
             )
-        engine = {"seed": self.seed, "amp": self.amp, "compile": self.compile}
+        engine = {
+            "seed": self.seed,
+            "amp": self.amp,
+            "compile": self.compile,
+            "family": self.family,
+        }
         self.certifier = ExpertCertifier(self.experts, self.num_classes, **engine)
         self.cascader = None
         if self.cascade is not None:
@@ -125,6 +138,7 @@ class DataDependentSmoothClassifier:
                 seed=self.seed,
                 keys=keys,
                 batch=batch,
+                family=self.family,
             )
             return found.expert.tolist(), found.sigma
         if self.selector is None:
@@ -136,6 +150,7 @@ class DataDependentSmoothClassifier:
             seed=self.seed,
             keys=keys,
             batch=batch,
+            family=self.family,
             **self.search,
         )
         return [0] * x.shape[0], found.sigma.detach().float().cpu()

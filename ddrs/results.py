@@ -45,6 +45,7 @@ CERTIFY_PART_COLUMNS = (
 )
 # experts: the expert that answered (its name; "-" when a router abstained or no cascade
 # level was confident: "no route" in reports)
+NORM_COLUMN = "norm"  # an L1 run's rows: "l1" (L2 rows keep Cohen et al.'s columns)
 EXPERT_COLUMNS = ("expert",)
 ROUTER_COLUMNS = ("expert", "route_radius", "expert_radius")
 # the cascade: the answering expert, its level's radius, the larger levels' guard radius, and
@@ -52,7 +53,7 @@ ROUTER_COLUMNS = ("expert", "route_radius", "expert_radius")
 CASCADE_COLUMNS = ("expert", "level_radius", "guard_radius", "levels")
 # `ddrs sigma` with experts: each input's expert and sigma, and the winning score
 ROUTE_COLUMNS = ("idx", "expert", "sigma", "score", "time")
-STRING_COLUMNS = {"expert"}
+STRING_COLUMNS = {"expert", NORM_COLUMN}
 NO_EXPERT = "-"
 INTEGER_COLUMNS = {
     "idx",
@@ -82,7 +83,7 @@ def file_digest(path: str | os.PathLike) -> str:
 # engine computes the model's function; a precision changes the model, and its fingerprint)
 INFORMATIONAL_SETTINGS = {"radius_units", "engine"}
 # settings added later, with the value every earlier run had: an earlier file still resumes
-SETTINGS_BEFORE_THEY_WERE_RECORDED = {"precision": "fp32"}
+SETTINGS_BEFORE_THEY_WERE_RECORDED = {"precision": "fp32", "norm": "l2", "noise": "float"}
 
 
 def settings_path(path: str | os.PathLike) -> Path:

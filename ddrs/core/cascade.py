@@ -42,6 +42,7 @@ from torch import Tensor
 
 from ddrs.core.checks import check_alpha
 from ddrs.core.experts import Expert
+from ddrs.core.families import GAUSSIAN, Family, family_of
 from ddrs.core.smooth import ABSTAIN, Smooth
 from ddrs.core.stats import clopper_pearson_lower, clopper_pearson_upper
 from ddrs.errors import InputError
@@ -141,7 +142,13 @@ class Cascade:
         seed: int = 0,
         amp: str | None = None,
         compile: bool = False,
+        family: Family | str = GAUSSIAN,
     ):
+        if family_of(family) is not GAUSSIAN:
+            raise InputError(
+                "the cascade certifies L2 radii with float Gaussian noise: it takes neither "
+                "--norm l1 nor --noise discrete"
+            )
         self.experts, self.p0 = list(experts), check_p0(p0)
         if any(math.isnan(e.sigma) for e in self.experts):
             raise InputError(

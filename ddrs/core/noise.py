@@ -1,4 +1,4 @@
-"""Keyed Gaussian noise: the noise of input i is a pure function of (seed, stream, key_i,
+"""Keyed noise: the noise of input i is a pure function of (seed, stream, key_i,
 block), where `key_i` is a caller-chosen integer (the dataset index in the CLI) and a block is
 `NOISE_BLOCK` consecutive samples of that input. Counts are therefore identical whatever the
 batch is, whichever other inputs share a call, and when a run is resumed half-way. Different
@@ -11,6 +11,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from ddrs.core.families import GAUSSIAN, Family
+from ddrs.core.lattice import draw_uniform
 
 NOISE_BLOCK = 64
 # Every noise stream: a draw of one stream is independent of every other stream's.
@@ -42,16 +45,35 @@ def block_seed(seed: int, stream: int, key: int, block: int) -> int:
 
 
 class NoiseSource:
-    """Standard normal noise addressed by (key, sample index), generated block by block."""
+    """Standard noise of a family (families.py) addressed by (key, sample index), generated
+    block by block: N(0, 1) or U[-1, 1] floats, or, for the discrete family, uniform int64
+    integers that core/lattice.py turns into lattice offsets."""
 
-    def __init__(self, seed: int, stream: int, device: torch.device | str = "cpu"):
-        self.seed, self.stream = int(seed), int(stream)
+    def __init__(
+        self,
+        seed: int,
+        stream: int,
+        device: torch.device | str = "cpu",
+        family: Family = GAUSSIAN,
+    ):
+        self.seed, self.stream, self.family = int(seed), int(stream), family
         self.generator = torch.Generator(device=device)
         self.device = torch.device(device)
+        self.dtype = torch.int64 if family.discrete else torch.float32
+
+    def _draw(self, out: Tensor) -> None:
+        if self.family.discrete:
+            draw_uniform(out, self.generator)
+        elif self.family.norm == "l2":
+            torch.randn(out.shape, generator=self.generator, out=out)
+        else:
+            self.family.standard(out, self.generator)
 
     def block(self, key: int, block: int, shape: Sequence[int]) -> Tensor:
         self.generator.manual_seed(block_seed(self.seed, self.stream, key, block))
-        return torch.randn(NOISE_BLOCK, *shape, generator=self.generator, device=self.device)
+        out = torch.empty(NOISE_BLOCK, *shape, dtype=self.dtype, device=self.device)
+        self._draw(out)
+        return out
 
     def fill(self, out: Tensor, key: int, start: int, stop: int) -> None:
         """Write the noise of samples [start, stop) of input `key` into `out` (stop-start rows)."""
@@ -62,20 +84,24 @@ class NoiseSource:
             hi = min(stop, (b + 1) * NOISE_BLOCK) - b * NOISE_BLOCK
             if hi - lo == NOISE_BLOCK:  # a whole block: generate it in place
                 self.generator.manual_seed(block_seed(self.seed, self.stream, key, b))
-                torch.randn(
-                    NOISE_BLOCK, *shape, generator=self.generator, out=out[pos : pos + NOISE_BLOCK]
-                )
+                self._draw(out[pos : pos + NOISE_BLOCK])
             else:
                 out[pos : pos + hi - lo] = self.block(key, b, shape)[lo:hi]
             pos += hi - lo
 
 
 def noise_for(
-    keys: Sequence[int], num: int, shape: Sequence[int], seed: int, stream: int, device
+    keys: Sequence[int],
+    num: int,
+    shape: Sequence[int],
+    seed: int,
+    stream: int,
+    device,
+    family: Family = GAUSSIAN,
 ) -> Tensor:
     """All `num` noise samples of each key, shape (len(keys), num, *shape). For small jobs."""
-    source = NoiseSource(seed, stream, device)
-    out = torch.empty(len(keys), num, *shape, device=device)
+    source = NoiseSource(seed, stream, device, family)
+    out = torch.empty(len(keys), num, *shape, dtype=source.dtype, device=device)
     for i, key in enumerate(keys):
         source.fill(out[i], int(key), 0, num)
     return out

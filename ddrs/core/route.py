@@ -38,6 +38,7 @@ from torch import Tensor
 
 from ddrs.core.checks import check_alpha, integer, probability
 from ddrs.core.experts import Expert
+from ddrs.core.families import GAUSSIAN, Family, family_of
 from ddrs.core.noise import STREAM_ROUTER, block_seed
 from ddrs.core.sigma import hard_votes, input_chunks
 from ddrs.core.smooth import ABSTAIN, DEFAULTS, Certificate, Smooth, check_inputs
@@ -92,11 +93,13 @@ def expert_scores(
     keys: Sequence[int] | None = None,
     batch: int = 256,
     with_votes: bool = False,
+    family: Family | str = GAUSSIAN,
 ) -> tuple[np.ndarray, ...]:
     """(top-class share, top class, predicted CERTIFY radius), each (B, E): every expert's
     hard votes on the same `samples` noise draws per input (selection stream). `with_votes`:
-    also the vote counts (B, E, C)."""
+    also the vote counts (B, E, C). `family`: the noise, and the norm of the radius."""
     check_inputs(x, 1.0)
+    family = family_of(family)
     samples, batch = integer("samples", samples), integer("batch", batch)
     integer("n (the certification's N)", n)
     check_alpha(alpha)
@@ -111,7 +114,7 @@ def expert_scores(
     for j, e in enumerate(experts):
         by_model.setdefault(id(e.model), []).append(j)
     device = model_device(experts[0].model)
-    for lo, xs, chunk_noise in input_chunks(x, keys, samples * width, batch, seed, device):
+    for lo, xs, chunk_noise in input_chunks(x, keys, samples * width, batch, seed, device, family):
         noise = chunk_noise.draw(samples, xs.shape[1:])
         for columns in by_model.values():
             model = experts[columns[0]].model
@@ -125,7 +128,7 @@ def expert_scores(
                 if all_votes is None:
                     all_votes = np.zeros((count, width, votes.shape[2]))
                 all_votes[lo : lo + len(xs), columns] = votes.cpu().numpy()
-    radius = predicted_certified_radius(share, sigmas[None, :], n, alpha)
+    radius = predicted_certified_radius(share, sigmas[None, :], n, alpha, family)
     return (share, top, radius, all_votes) if with_votes else (share, top, radius)
 
 
@@ -140,12 +143,21 @@ def route_by_certified_radius(
     seed: int = 0,
     keys: Sequence[int] | None = None,
     batch: int = 256,
+    family: Family | str = GAUSSIAN,
 ) -> Routing:
     """The certified selector over experts (see the module's docstring); `n`, `alpha`: those
     of the certification that follows."""
     rule, confidence = check_route_rule(rule)
     share, top, scores = expert_scores(
-        experts, x, samples=samples, n=n, alpha=alpha, seed=seed, keys=keys, batch=batch
+        experts,
+        x,
+        samples=samples,
+        n=n,
+        alpha=alpha,
+        seed=seed,
+        keys=keys,
+        batch=batch,
+        family=family,
     )
     order = sorted(range(len(experts)), key=lambda j: (experts[j].sigma, j))
     ranked = scores[:, order]
@@ -176,13 +188,14 @@ class ExpertCertifier:
         seed: int = 0,
         amp: str | None = None,
         compile: bool = False,
+        family: Family | str = GAUSSIAN,
     ):
         self.experts = list(experts)
         smooths: dict[int, Smooth] = {}
         for e in self.experts:
             if id(e.model) not in smooths:
                 smooths[id(e.model)] = Smooth(
-                    e.model, num_classes, seed=seed, amp=amp, compile=compile
+                    e.model, num_classes, seed=seed, amp=amp, compile=compile, family=family
                 )
         self.smooth = [smooths[id(e.model)] for e in self.experts]
 
@@ -298,6 +311,7 @@ class DualSmoothing:
         seed: int = 0,
         amp: str | None = None,
         compile: bool = False,
+        family: Family | str = GAUSSIAN,
     ):
         names = tuple(e.name for e in experts)
         if tuple(router.expert_names) != names:
@@ -306,10 +320,9 @@ class DualSmoothing:
                 f"order; got {list(names)} (give the same experts, in its order)"
             )
         self.router, self.experts = router, list(experts)
-        self.route_smooth = Smooth(
-            router.model, len(names), seed=router_seed(seed), amp=amp, compile=compile
-        )
-        self.certifier = ExpertCertifier(experts, num_classes, seed=seed, amp=amp, compile=compile)
+        engine = {"amp": amp, "compile": compile, "family": family}
+        self.route_smooth = Smooth(router.model, len(names), seed=router_seed(seed), **engine)
+        self.certifier = ExpertCertifier(experts, num_classes, seed=seed, **engine)
 
     def batch_size(self, batch: int | None, input_shape) -> int:
         return self.certifier.batch_size(batch, input_shape)

@@ -1,4 +1,4 @@
-"""The sampling engine: vote counts of the base classifier under Gaussian noise.
+"""The sampling engine: vote counts of the base classifier under noise (Gaussian by default).
 
 One routine, `sample_counts`, serves CERTIFY, PREDICT and every tool on top of them. It
 evaluates f(x_i + sigma_i * e) for many inputs at once, each with its own sigma (pixel
@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ddrs.core.families import GAUSSIAN, Family
+from ddrs.core.lattice import LEVELS, RoundedGaussian, check_dim, lattice_levels
 from ddrs.core.noise import STREAM_ESTIMATION, NoiseSource
 from ddrs.core.torchutil import (
     autocast_context,
@@ -94,6 +96,26 @@ def auto_batch_size(model: nn.Module, input_shape: Sequence[int], limit: int = 1
     return max(64, fits // 2) if fits < limit else fits
 
 
+class _Lattice:
+    """The discrete family's inputs as 8-bit levels, and a rounded Gaussian per sigma."""
+
+    def __init__(self, x: Tensor, sigma: Tensor) -> None:
+        check_dim(x[0].numel())
+        self.levels = lattice_levels(x)
+        self.gaussians = {s: RoundedGaussian(s, x.device) for s in set(sigma.tolist())}
+        self.sigma = sigma.tolist()
+
+
+def _lattice_inputs(x, sigma, uniform, segments, noisy, lattice: _Lattice) -> None:
+    """The noisy lattice points (levels + K) / 255 of each segment's input, in `noisy`."""
+    pos = 0
+    for i, start, stop in segments:
+        size = stop - start
+        offsets = lattice.gaussians[lattice.sigma[i]].offsets(uniform[pos : pos + size])
+        torch.div(lattice.levels[i] + offsets, LEVELS, out=noisy[pos : pos + size])
+        pos += size
+
+
 def sample_counts(
     model: nn.Module,
     x: Tensor,
@@ -107,6 +129,7 @@ def sample_counts(
     keys: Sequence[int] | None = None,
     amp: str | None = None,
     first: int = 0,
+    family: Family = GAUSSIAN,
 ) -> Tensor:
     """Votes of the base classifier on `num` noisy copies of each input (samples
     [first, first + num) of each input's noise: a sequential test draws more of them later).
@@ -115,6 +138,8 @@ def sample_counts(
     Returns int64 counts of shape (B, num_classes), on the CPU, transferred once. Runs
     `model` in eval mode under `torch.inference_mode`, `batch` samples per forward pass,
     and restores every module's mode. `amp` ("fp16"/"bf16", CUDA only) autocasts f.
+    `family` (families.py): the noise, sigma its scale; the discrete family needs 8-bit
+    inputs and gives f the lattice points (levels + K) / 255.
     """
     device = model_device(model)
     x = x.to(device, torch.float32)
@@ -122,15 +147,16 @@ def sample_counts(
     batch = max(1, min(batch, num_inputs * num))  # buffers no larger than the work
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device).expand(num_inputs)
     keys = list(range(num_inputs)) if keys is None else [int(k) for k in keys]
-    source = NoiseSource(seed, stream, device)
+    source = NoiseSource(seed, stream, device, family)
     counts = torch.zeros(num_inputs * num_classes, dtype=torch.int64, device=device)
     layout = torch.channels_last if x.dim() == 4 and is_convolutional(model) else None
     # buffers reused across batches; the model's input is written in its memory layout
-    noise_buffer = torch.empty(batch, *shape, device=device)
+    noise_buffer = torch.empty(batch, *shape, dtype=source.dtype, device=device)
     input_buffer = torch.empty(batch, *shape, device=device)
     if layout is not None:
         input_buffer = input_buffer.contiguous(memory_format=layout)
     owner_buffer = torch.empty(batch, dtype=torch.int64, device=device)
+    lattice = _Lattice(x, sigma) if family.discrete else None
     with (
         eval_mode(model),
         torch.inference_mode(),
@@ -145,7 +171,9 @@ def sample_counts(
                 source.fill(noise[pos : pos + stop - start], keys[i], first + start, first + stop)
                 owner[pos : pos + stop - start] = i
                 pos += stop - start
-            if len(segments) == 1:  # one input: broadcast it rather than gather copies
+            if family.discrete:
+                _lattice_inputs(x, sigma, noise, segments, noisy, lattice)
+            elif len(segments) == 1:  # one input: broadcast it rather than gather copies
                 i = segments[0][0]
                 torch.addcmul(x[i], noise, sigma[i], out=noisy)
             else:

@@ -31,9 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from ddrs.core.checks import check_alpha, integer, number, positive
+from ddrs.core.families import GAUSSIAN, Family, family_of
 from ddrs.core.noise import STREAM_SIGMA_SEARCH, block_seed
 from ddrs.core.smooth import DEFAULTS, check_inputs
-from ddrs.core.stats import normal_icdf, predicted_certified_radius
+from ddrs.core.stats import predicted_certified_radius
 from ddrs.core.torchutil import frozen_eval, model_device
 from ddrs.errors import InputError
 
@@ -51,21 +52,30 @@ class SigmaSearch:
 
 
 def surrogate_radius(
-    model: nn.Module, x: Tensor, sigma: Tensor, noise: Tensor, clamp=DEFAULT_CLAMP
+    model: nn.Module,
+    x: Tensor,
+    sigma: Tensor,
+    noise: Tensor,
+    clamp=DEFAULT_CLAMP,
+    family: Family = GAUSSIAN,
 ) -> Tensor:
-    """R(sigma) for each input. x (B, *shape), sigma (B,), noise (B, n, *shape) -> (B,)."""
+    """R(sigma) for each input. x (B, *shape), sigma (B,), noise (B, n, *shape) -> (B,).
+    Another family: its surrogate (L1, uniform noise: lambda (psi_A - psi_B))."""
     batch, n = noise.shape[:2]
     scale = sigma.view(batch, 1, *([1] * (x.dim() - 1)))
     noisy = (x.unsqueeze(1) + scale * noise).flatten(0, 1)
     psi = torch.softmax(model(noisy), dim=1).view(batch, n, -1).mean(dim=1)
     top2 = psi.topk(2, dim=1).values.clamp(*clamp)
-    return sigma / 2 * (normal_icdf(top2[:, 0]) - normal_icdf(top2[:, 1]))
+    return family.surrogate(sigma, top2[:, 0], top2[:, 1])
 
 
 class PerInputNoise:
-    """One generator per input, so each input's noise is the same however inputs are batched."""
+    """One generator per input, so each input's noise is the same however inputs are batched.
+    Standard noise of the family (the discrete family searches with the Gaussian it rounds:
+    a search only chooses sigma, on noise of its own)."""
 
-    def __init__(self, keys: Sequence[int], seed: int, device):
+    def __init__(self, keys: Sequence[int], seed: int, device, family: Family = GAUSSIAN):
+        self.family = GAUSSIAN if family.discrete else family
         self.generators = []
         for key in keys:
             g = torch.Generator(device=device)
@@ -74,9 +84,14 @@ class PerInputNoise:
         self.device = device
 
     def draw(self, n: int, shape) -> Tensor:
-        return torch.stack(
-            [torch.randn(n, *shape, generator=g, device=self.device) for g in self.generators]
-        )
+        if self.family.norm == "l2":
+            return torch.stack(
+                [torch.randn(n, *shape, generator=g, device=self.device) for g in self.generators]
+            )
+        out = torch.empty(len(self.generators), n, *shape, device=self.device)
+        for row, g in zip(out, self.generators):
+            self.family.standard(row, g)
+        return out
 
 
 def _check_search_args(iterations, lr, samples, clamp, min_sigma, max_sigma) -> None:
@@ -99,7 +114,13 @@ def _search_keys(x: Tensor, keys: Sequence[int] | None) -> list[int]:
 
 
 def input_chunks(
-    x: Tensor, keys: Sequence[int], per_input: int, batch: int, seed: int, device
+    x: Tensor,
+    keys: Sequence[int],
+    per_input: int,
+    batch: int,
+    seed: int,
+    device,
+    family: Family = GAUSSIAN,
 ) -> Iterator[tuple[int, Tensor, PerInputNoise]]:
     """The skeleton every search shares: the inputs `batch // per_input` at a time (a forward
     pass of at most `batch` samples when each input needs `per_input`), each chunk on the
@@ -110,7 +131,7 @@ def input_chunks(
         yield (
             lo,
             x[lo : lo + step].to(device, torch.float32),
-            PerInputNoise(keys[lo : lo + step], seed, device),
+            PerInputNoise(keys[lo : lo + step], seed, device, family),
         )
 
 
@@ -125,7 +146,7 @@ def _joined(parts: list[SigmaSearch]) -> SigmaSearch:
 
 
 def _ascend(
-    model, x, sigma0, noise, iterations, lr, samples, clamp, low, high, measure: bool
+    model, x, sigma0, noise, iterations, lr, samples, clamp, low, high, measure: bool, family
 ) -> SigmaSearch:
     shape = x.shape[1:]
     sigma = sigma0.clone()
@@ -134,12 +155,12 @@ def _ascend(
         if not measure:
             return torch.full_like(sigma, math.nan)
         with torch.no_grad():
-            return surrogate_radius(model, x, sigma, noise.draw(samples, shape), clamp)
+            return surrogate_radius(model, x, sigma, noise.draw(samples, shape), clamp, family)
 
     before = measured()
     for _ in range(iterations):
         sigma.requires_grad_(True)
-        radius = surrogate_radius(model, x, sigma, noise.draw(samples, shape), clamp)
+        radius = surrogate_radius(model, x, sigma, noise.draw(samples, shape), clamp, family)
         (grad,) = torch.autograd.grad(radius.sum(), sigma)
         sigma = (sigma.detach() + lr * grad).clamp(low, high)
     return SigmaSearch(sigma.detach(), before, measured())
@@ -160,6 +181,7 @@ def sigma_search(
     keys: Sequence[int] | None = None,
     batch: int = 256,
     measure: bool = True,
+    family: Family | str = GAUSSIAN,
 ) -> SigmaSearch:
     """The paper's gradient ascent on R(sigma), for every row of x at once.
 
@@ -167,6 +189,7 @@ def sigma_search(
     warm start). Sigma is kept in [min_sigma, max_sigma]. Inputs are processed `batch // samples`
     at a time. The model is used in eval mode with frozen weights; its state is restored.
     `measure` also evaluates the surrogate before and after on fresh noise (NaN otherwise).
+    `family`: the noise and its surrogate (core/families.py); sigma is its scale.
     """
     sigma0 = check_inputs(x, sigma0)
     _check_search_args(iterations, lr, samples, clamp, min_sigma, max_sigma)
@@ -174,13 +197,25 @@ def sigma_search(
     device = model_device(model)
     keys = _search_keys(x, keys)
     high = math.inf if max_sigma is None else max_sigma
+    family = family_of(family)
     parts = []
     with frozen_eval(model):
-        for lo, xs, noise in input_chunks(x, keys, samples, batch, seed, device):
+        for lo, xs, noise in input_chunks(x, keys, samples, batch, seed, device, family):
             s0 = sigma0[lo : lo + len(xs)].to(device).clamp(min_sigma, high)
             parts.append(
                 _ascend(
-                    model, xs, s0, noise, iterations, lr, samples, clamp, min_sigma, high, measure
+                    model,
+                    xs,
+                    s0,
+                    noise,
+                    iterations,
+                    lr,
+                    samples,
+                    clamp,
+                    min_sigma,
+                    high,
+                    measure,
+                    family,
                 )
             )
     return _joined(parts)
@@ -205,6 +240,7 @@ def grid_sigma_search(
     seed: int = 0,
     keys: Sequence[int] | None = None,
     batch: int = 256,
+    family: Family | str = GAUSSIAN,
 ) -> SigmaSearch:
     """A forward-only search: the best of sigma0 and `grid` log-spaced sigmas in sigma0 * spread.
 
@@ -224,9 +260,12 @@ def grid_sigma_search(
     factors = torch.logspace(math.log10(spread[0]), math.log10(spread[1]), grid, device=device)
     factors = torch.cat([torch.ones(1, device=device), factors])  # sigma0 itself competes too
     grid = factors.numel()
+    family = family_of(family)
     parts = []
     with frozen_eval(model), torch.no_grad():
-        for lo, xs, chunk_noise in input_chunks(x, keys, samples * grid, batch, seed, device):
+        for lo, xs, chunk_noise in input_chunks(
+            x, keys, samples * grid, batch, seed, device, family
+        ):
             count = xs.shape[0]
             noise = chunk_noise.draw(samples, xs.shape[1:])
             s0 = sigma0[lo : lo + count].to(device)
@@ -237,6 +276,7 @@ def grid_sigma_search(
                 candidates.flatten(),
                 noise.repeat_interleave(grid, 0),
                 clamp,
+                family,
             ).view(count, grid)
             best = scores.argmax(dim=1, keepdim=True)
             chosen = candidates.gather(1, best).squeeze(1)
@@ -304,6 +344,7 @@ def certified_sigma_search(
     seed: int = 0,
     keys: Sequence[int] | None = None,
     batch: int = 256,
+    family: Family | str = GAUSSIAN,
 ) -> SigmaSearch:
     """Pick each input's sigma by the radius CERTIFY would give it (forward passes only).
 
@@ -320,6 +361,7 @@ def certified_sigma_search(
 
     Sound to certify with: the selection noise is independent of CERTIFY's noise, so each
     certificate holds for the sigma chosen; the memory makes the whole classifier certifiable.
+    Another `family`: its noise and its radius of pA_lower (L1: lambda per input).
     """
     sigma0 = check_inputs(x, sigma0)
     _check_certified_args(grid, spread, sigma_range, samples, n, alpha)
@@ -329,14 +371,17 @@ def certified_sigma_search(
     keys = _search_keys(x, keys)
     candidates = _candidates(sigma0, grid, spread, sigma_range)
     nearest = (candidates.log() - sigma0.log()[:, None]).abs().argmin(dim=1)
+    family = family_of(family)
     parts = []
     with frozen_eval(model), torch.inference_mode():
-        for lo, xs, chunk_noise in input_chunks(x, keys, samples * grid, batch, seed, device):
+        for lo, xs, chunk_noise in input_chunks(
+            x, keys, samples * grid, batch, seed, device, family
+        ):
             noise = chunk_noise.draw(samples, xs.shape[1:])
             sigmas = candidates[lo : lo + len(xs)]
             votes = hard_votes(model, xs, sigmas.to(device), noise, batch)
             frequency = (votes.max(dim=2).values / samples).cpu()
-            scores = predicted_certified_radius(frequency.numpy(), sigmas.numpy(), n, alpha)
+            scores = predicted_certified_radius(frequency.numpy(), sigmas.numpy(), n, alpha, family)
             best = np.argmax(scores, axis=1)  # the first maximum: ties go to the smaller sigma
             rows = np.arange(len(best))
             before = scores[rows, nearest[lo : lo + len(xs)].numpy()]

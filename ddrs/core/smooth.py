@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.stats import norm
 from torch import Tensor, nn
 
 from ddrs.core.checks import check_alpha, integer, number
+from ddrs.core.families import GAUSSIAN, Family, family_of
+from ddrs.core.lattice import check_sigma, lattice_levels
 from ddrs.core.noise import STREAM_ESTIMATION, STREAM_PILOT, STREAM_PREDICTION, STREAM_SELECTION
 from ddrs.core.sampling import auto_batch_size, sample_counts
 from ddrs.core.stats import (
@@ -64,18 +65,21 @@ class Certificate:
 
 
 def certificate_from_counts(
-    cA: int, nA: int, n: int, alpha: float, sigma: float, top2=(0, 0)
+    cA: int, nA: int, n: int, alpha: float, sigma: float, top2=(0, 0), family: Family = GAUSSIAN
 ) -> Certificate:
     """CERTIFY's last lines: from the selected class cA and its nA of n estimation votes, the
-    class (or ABSTAIN) and radius sigma * Phi^-1(pABar). Used by `recertify` on saved counts.
-    n = 0 (an input-specific run that abstained on its pilot) abstains."""
+    class (or ABSTAIN) and radius sigma * Phi^-1(pABar) (or `family`'s radius of pABar). Used
+    by `recertify` on saved counts. n = 0 (an input-specific run that abstained on its pilot)
+    abstains."""
     top2 = (int(top2[0]), int(top2[1]))
     if n == 0:
         return Certificate(ABSTAIN, 0.0, 0.0, 0, 0, sigma, cA, top2)
     pABar = float(clopper_pearson_lower(nA, n, alpha))
     if pABar < 0.5:
         return Certificate(ABSTAIN, 0.0, pABar, nA, n, sigma, cA, top2)
-    radius = float(radius_from_p_lower(pABar, sigma))
+    radius = float(radius_from_p_lower(pABar, sigma, family))
+    if radius <= 0:  # pABar within the discrete family's slack of 1/2
+        return Certificate(ABSTAIN, 0.0, pABar, nA, n, sigma, cA, top2)
     return Certificate(cA, radius, pABar, nA, n, sigma, cA, top2)
 
 
@@ -103,6 +107,8 @@ class Smooth:
 
     `seed` fixes all Monte Carlo noise. `keys` (one integer per input, e.g. dataset indices)
     name each input's noise stream; without keys, inputs are numbered in call order.
+    `family` (core/families.py): the noise and the norm of the radius; sigma is its scale
+    (lambda for uniform noise). Default: Gaussian, L2.
     """
 
     def __init__(
@@ -113,6 +119,7 @@ class Smooth:
         seed: int = 0,
         amp: str | None = None,
         compile: bool = False,
+        family: Family | str = GAUSSIAN,
     ):
         if num_classes < 2:
             raise InputError("num_classes must be >= 2")
@@ -120,6 +127,7 @@ class Smooth:
             model.to(memory_format=torch.channels_last)
         self.model = torch.compile(model) if compile else model
         self.num_classes, self.seed, self.amp = int(num_classes), int(seed), amp
+        self.family = family_of(family)
         self._next_key = 0
         self._auto_batch: int | None = None
 
@@ -155,6 +163,7 @@ class Smooth:
             keys=keys,
             amp=self.amp,
             first=first,
+            family=self.family,
         )
 
     def _votes(self, x, sigma, n0, n, batch, keys) -> tuple[Tensor, Tensor]:
@@ -180,9 +189,17 @@ class Smooth:
     def _checked(self, x, sigma, n0, n, alpha, batch, keys):
         """CERTIFY's arguments checked and normalised: (per-input sigmas, n0, n, alpha, batch
         size, noise keys)."""
-        sigma = check_inputs(x, sigma)
+        sigma = self._checked_inputs(x, sigma)
         n0, n, alpha = integer("n0", n0), integer("n", n), check_alpha(alpha)
         return sigma, n0, n, alpha, self._batch(batch, x), self._keys(x.shape[0], keys)
+
+    def _checked_inputs(self, x: Tensor, sigma) -> Tensor:
+        """The inputs checked, for this family too; their sigmas as a float tensor (B,)."""
+        sigma = check_inputs(x, sigma)
+        if self.family.discrete:
+            lattice_levels(x)
+            check_sigma(float(sigma.max()))
+        return sigma
 
     def certify_batch(
         self,
@@ -205,7 +222,9 @@ class Smooth:
         nA = counts.gather(1, cA[:, None]).squeeze(1)
         top2 = counts.topk(2, dim=1).values.tolist()
         return [
-            certificate_from_counts(int(cA[i]), int(nA[i]), n, alpha, float(sigma[i]), top2[i])
+            certificate_from_counts(
+                int(cA[i]), int(nA[i]), n, alpha, float(sigma[i]), top2[i], self.family
+            )
             for i in range(x.shape[0])
         ]
 
@@ -238,7 +257,7 @@ class Smooth:
         pilot_counts = self._counts(x, sigma, pilot, batch, STREAM_PILOT, keys)
         frequency = (pilot_counts.gather(1, cA[:, None]).squeeze(1) / pilot).tolist()
         sizes = [
-            input_specific_sample_size(f, float(s), n, alpha, tolerance)
+            input_specific_sample_size(f, float(s), n, alpha, tolerance, family=self.family)
             for f, s in zip(frequency, sigma.tolist())
         ]
         certificates: list[Certificate | None] = [None] * x.shape[0]
@@ -257,7 +276,7 @@ class Smooth:
             for k, i in enumerate(rows):
                 nA = int(counts[k, cA[i]])
                 certificates[i] = certificate_from_counts(
-                    int(cA[i]), nA, size, alpha, float(sigma[i]), top2[k]
+                    int(cA[i]), nA, size, alpha, float(sigma[i]), top2[k], self.family
                 )
         return certificates
 
@@ -288,7 +307,7 @@ class Smooth:
         cA = self._counts(x, sigma, n0, batch, STREAM_SELECTION, keys).argmax(dim=1)
         looks = radius_looks(n)
         alpha_look = look_alpha(alpha, looks)
-        p_needed = norm.cdf(radius / sigma.double().numpy())
+        p_needed = self.family.p_needed(radius, sigma.double().numpy())
         counts = torch.zeros(x.shape[0], self.num_classes, dtype=torch.int64)
         drawn = np.zeros(x.shape[0], dtype=np.int64)
         verdict = np.zeros(x.shape[0], dtype=np.int64)
@@ -349,7 +368,7 @@ class Smooth:
 
         The probability of returning a class other than g(x) is at most alpha (per input).
         """
-        sigma = check_inputs(x, sigma)
+        sigma = self._checked_inputs(x, sigma)
         n = integer("n", n)
         alpha = check_alpha(alpha)
         batch = self._batch(batch, x)

@@ -8,11 +8,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
-from scipy.stats import beta, binomtest, norm
-from torch import Tensor
+from scipy.stats import beta, binomtest
 
 from ddrs.core.checks import check_alpha
+from ddrs.core.families import GAUSSIAN, Family, normal_icdf  # noqa: F401 (re-exported)
 from ddrs.errors import InputError
 
 
@@ -55,30 +54,40 @@ def two_sided_binomial_pvalue(count_a: int, count_b: int) -> float:
     return float(binomtest(int(count_a), int(count_a + count_b), 0.5).pvalue)
 
 
-def radius_from_p_lower(p_lower, sigma):
-    """Certified L2 radius sigma * Phi^-1(pA_lower) (Cohen et al., Theorem 1 with pB = 1 - pA)."""
-    return sigma * norm.ppf(p_lower)
+def radius_from_p_lower(p_lower, sigma, family: Family = GAUSSIAN):
+    """Certified radius: L2 sigma * Phi^-1(pA_lower) (Cohen et al., Theorem 1 with pB = 1 - pA),
+    or the family's (families.py)."""
+    return family.radius(p_lower, sigma)
 
 
-def predicted_certified_radius(frequency, sigma, n: int, alpha: float) -> np.ndarray:
+def predicted_certified_radius(
+    frequency, sigma, n: int, alpha: float, family: Family = GAUSSIAN
+) -> np.ndarray:
     """The radius CERTIFY would return if the top class got `frequency` of its N votes.
 
         pA_lower = Beta^-1(alpha; f N, N (1 - f) + 1)     (Clopper-Pearson, f N votes of N)
         R        = sigma * Phi^-1(pA_lower)  if pA_lower >= 1/2,  else 0 (CERTIFY abstains)
 
     f N need not be an integer (the beta quantile is continuous in it); f = 0 gives 0.
-    Arrays broadcast; pixel units like sigma.
+    Arrays broadcast; pixel units like sigma. Another family: its radius of pA_lower.
     """
     f = np.asarray(frequency, dtype=np.float64)
     s = np.asarray(sigma, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         p_lower = beta.ppf(alpha, f * n, n * (1.0 - f) + 1.0)
     p_lower = np.where(f > 0, p_lower, 0.0)
-    return np.where(p_lower >= 0.5, s * norm.ppf(np.maximum(p_lower, 0.5)), 0.0)
+    radius = np.maximum(family.radius(np.maximum(p_lower, 0.5), s), 0.0)
+    return np.where(p_lower >= 0.5, radius, 0.0)
 
 
 def input_specific_sample_size(
-    frequency: float, sigma: float, n: int, alpha: float, tolerance: float, n_min: int = 100
+    frequency: float,
+    sigma: float,
+    n: int,
+    alpha: float,
+    tolerance: float,
+    n_min: int = 100,
+    family: Family = GAUSSIAN,
 ) -> int:
     """How many estimation samples an input needs (Chen et al., AAAI 2022, in spirit).
 
@@ -88,13 +97,13 @@ def input_specific_sample_size(
     radius is within `tolerance` of the one predicted at n; 0 when the prediction at n is to
     abstain (the input is not worth sampling).
     """
-    full = float(predicted_certified_radius(frequency, sigma, n, alpha))
+    full = float(predicted_certified_radius(frequency, sigma, n, alpha, family))
     if full <= 0:
         return 0
     best, m = n, n
     while m // 2 >= n_min:
         m //= 2
-        if float(predicted_certified_radius(frequency, sigma, m, alpha)) < full - tolerance:
+        if float(predicted_certified_radius(frequency, sigma, m, alpha, family)) < full - tolerance:
             break
         best = m
     return best
@@ -129,29 +138,26 @@ def radius_decision(count, trials, p_needed, alpha_look: float) -> np.ndarray:
     return np.where(lower >= p_needed, 1, np.where(upper < p_needed, -1, 0))
 
 
-def largest_radius(sigma, n: int, alpha: float):
+def largest_radius(sigma, n: int, alpha: float, family: Family = GAUSSIAN):
     """The largest radius N samples at failure probability alpha can certify: every vote for
-    the class gives pA_lower = alpha^(1/N), so R = sigma * Phi^-1(alpha^(1/N)); 0 when that is
-    below 1/2 (such an N certifies nothing)."""
+    the class gives pA_lower = alpha^(1/N), so R = sigma * Phi^-1(alpha^(1/N)) (L2); 0 when
+    that is below 1/2 (such an N certifies nothing)."""
     p = alpha ** (1.0 / n)
-    return sigma * norm.ppf(p) if p > 0.5 else 0.0 * sigma
+    return family.radius(p, sigma) if p > 0.5 else 0.0 * sigma
 
 
-def check_radius_reach(radius: float, sigma: float | None, n: int, alpha: float) -> None:
+def check_radius_reach(
+    radius: float, sigma: float | None, n: int, alpha: float, family: Family = GAUSSIAN
+) -> None:
     """A radius to certify at (`--radius`) must be positive and, at a known sigma, within what
     n samples at alpha split over the looks can ever certify."""
     if not math.isfinite(radius) or radius <= 0:
         raise InputError(f"--radius must be a positive number, got {radius}")
     if sigma is None:
         return
-    reach = largest_radius(sigma, n, look_alpha(alpha, radius_looks(n)))
+    reach = largest_radius(sigma, n, look_alpha(alpha, radius_looks(n)), family)
     if radius >= reach:
         raise InputError(
             f"--radius {radius:g} cannot be certified at sigma {sigma:g} with --n {n} and "
             f"--alpha {alpha:g} (at most {reach:.3f}): raise --n or sigma, or lower the radius"
         )
-
-
-def normal_icdf(p: Tensor) -> Tensor:
-    """Phi^-1, differentiable."""
-    return math.sqrt(2.0) * torch.erfinv(2.0 * p - 1.0)

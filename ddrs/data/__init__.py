@@ -89,15 +89,16 @@ class ImageOptions:
         return cls(None if size is None else tuple(size), meta.get("channels"), normalize)
 
 
-def radius_units(input_shape) -> str:
+def radius_units(input_shape, norm: str = "l2") -> str:
     """What a radius is measured in, for these inputs: e.g. "L2 radius, 32 x 32 x 3 pixels in
-    [0, 1]" (a grey image: H x W pixels; a flat vector: D values)."""
+    [0, 1]" (a grey image: H x W pixels; a flat vector: D values; `norm` "l1": L1)."""
     shape = tuple(int(v) for v in input_shape)
+    name = norm.upper()
     if len(shape) == 3:
         channels, height, width = shape
         size = f"{height} x {width}" + (f" x {channels}" if channels != 1 else "")
-        return f"L2 radius, {size} pixels in [0, 1]"
-    return f"L2 radius, {' x '.join(map(str, shape))} values in [0, 1]"
+        return f"{name} radius, {size} pixels in [0, 1]"
+    return f"{name} radius, {' x '.join(map(str, shape))} values in [0, 1]"
 
 
 def parse_normalize(text: str) -> str | tuple[tuple[float, ...], tuple[float, ...]]:

@@ -6,7 +6,8 @@ file path, ":memory:", or a postgresql:// URL. Each `resolve_and_store` is one s
 transaction of the store: catch up with the entries other clients committed since the last
 look, find an exact repeat (hash), find the entries that could conflict (the index's exact
 lower bounds), apply the rule to them, insert the answer, commit (durably). A memory records
-the model's fingerprint and the input shape, and refuses another model or shape in one line.
+the model's fingerprint, the input shape and the norm of its balls (L2, or L1 for uniform
+noise), and refuses another model, shape or norm in one line.
 Tools that read a whole memory (check, stats) are in tools.py, copying in copy.py.
 """
 
@@ -33,6 +34,7 @@ from ddrs.memory.rule import (
     check_certificate,
     distances,
     find_repeat,
+    norm_order,
     resolve,
 )
 from ddrs.memory.sqlite import SQLiteStore
@@ -42,6 +44,7 @@ from ddrs.memory.store import (
     bad_checksums,
     is_url,
     new_meta,
+    norm_of,
     shown_location,
 )
 from ddrs.memory.tools import intersecting_pairs, memory_stats
@@ -78,8 +81,11 @@ class CertificationMemory:
         chunk_size: int | None = None,
         cache_bytes: int = 1 << 30,
         pixel_range: tuple[float, float] | None = (0.0, 1.0),
+        norm: str = "l2",
     ) -> None:
         optional_integer("chunk_size", chunk_size)
+        norm_order(norm)
+        self.norm = norm
         self.path = os.fspath(location)
         self.fingerprint = str(fingerprint)
         self.input_shape = tuple(int(s) for s in input_shape)
@@ -87,7 +93,7 @@ class CertificationMemory:
         self.chunk_size = int(chunk_size or max(1, CHUNK_BYTES // (4 * self.dim)))
         self.cache_bytes = int(cache_bytes)
         self.pixel_range = pixel_range
-        self.index: Index | None = Index(self.dim) if cache_bytes > 0 else None
+        self.index: Index | None = Index(self.dim, norm=norm) if cache_bytes > 0 else None
         self.store = open_store(self.path, must_exist=not create)
         try:
             if not self.store.exists():
@@ -95,7 +101,9 @@ class CertificationMemory:
                     raise MemoryStoreError(
                         f"{shown_location(self.path)!r} is an empty database, not a memory"
                     )
-                self.store.create(new_meta(self.fingerprint, self.input_shape, time.time()))
+                self.store.create(
+                    new_meta(self.fingerprint, self.input_shape, time.time(), self.norm)
+                )
             self._check_meta(self.store.meta())
         except BaseException:
             self.store.close()
@@ -114,6 +122,7 @@ class CertificationMemory:
         finally:
             store.close()
         shape = tuple(json.loads(meta["input_shape"]))
+        kwargs = {"norm": norm_of(meta), **kwargs}
         return cls(location, meta["fingerprint"], shape, create=False, **kwargs)
 
     def _check_meta(self, meta: dict) -> None:
@@ -133,6 +142,11 @@ class CertificationMemory:
         if shape != self.input_shape:
             raise MemoryStoreError(
                 f"memory {where!r} holds inputs of shape {shape}, not {self.input_shape}"
+            )
+        if norm_of(meta) != self.norm:
+            raise MemoryStoreError(
+                f"memory {where!r} holds {norm_of(meta).upper()} balls, and these certificates "
+                f"are {self.norm.upper()} radii: use --norm {norm_of(meta)}, or a new memory"
             )
 
     # -- the rule on the store
@@ -158,7 +172,7 @@ class CertificationMemory:
                 repeat, found = self._scan_store(xf, predict, radius)
                 if repeat is not None:
                     return self._repeat(repeat)
-            new_c, new_r, _ = resolve(xf, predict, radius, *found)
+            new_c, new_r, _ = resolve(xf, predict, radius, *found, norm=self.norm)
             answer = Answer(
                 new_c,
                 new_r,
@@ -214,7 +228,7 @@ class CertificationMemory:
             repeat = find_repeat(xf, x)
             if repeat is not None:
                 return int(order[repeat]), None
-            keep = (c != predict) & (distances(xf, x) < r + radius)
+            keep = (c != predict) & (distances(xf, x, self.norm) < r + radius)
             kept.append((x[keep], c[keep], r[keep]))
         if not kept:
             return None, (

@@ -22,6 +22,8 @@ import math
 import torch
 from torch import Tensor
 
+from ddrs.memory.rule import norm_order
+
 PIVOTS = 8  # the first stored inputs serve as pivots
 ROUNDING = 1e-9  # relative margin subtracted from every lower bound
 
@@ -34,10 +36,13 @@ def _grown(t: Tensor, cap: int) -> Tensor:
 
 class Index:
     """The in-RAM copy of the entries (x, class, radius, sigma, order), append-only, with the
-    norms, the distances to the pivots and the hashes that make queries cheap."""
+    norms, the distances to the pivots and the hashes that make queries cheap; every norm and
+    distance in the memory's norm ("l2" or "l1": the bounds need only the triangle
+    inequality)."""
 
-    def __init__(self, dim: int, pivots: int = PIVOTS) -> None:
+    def __init__(self, dim: int, pivots: int = PIVOTS, norm: str = "l2") -> None:
         self.n, self.dim, self.max_pivots = 0, dim, pivots
+        self.p = norm_order(norm)
         self.x = torch.empty(0, dim, dtype=torch.float32)
         self.c = torch.empty(0, dtype=torch.long)
         self.r = torch.empty(0, dtype=torch.float64)
@@ -75,7 +80,7 @@ class Index:
             (self.order, order),
         ):
             buf[start:need] = rows
-        self.norm[start:need] = x.double().norm(dim=1)
+        self.norm[start:need] = x.double().norm(p=self.p, dim=1)
         for k in range(len(x)):
             if len(self.pivots) < self.max_pivots:
                 self.pivots.append(x[k].clone())
@@ -93,7 +98,7 @@ class Index:
         the row was stored (no bound from it)."""
         out = torch.full((len(x), self.max_pivots), math.nan, dtype=torch.float64)
         for p, pivot in enumerate(self.pivots):
-            out[:, p] = (x.double() - pivot.double()).norm(dim=1)
+            out[:, p] = (x.double() - pivot.double()).norm(p=self.p, dim=1)
         return out
 
     def _sort(self) -> None:
@@ -114,7 +119,7 @@ class Index:
         """Positions (ascending: insertion order) of the entries that might conflict with x's
         certificate (predict, radius): another class, and no lower bound on the distance
         reaching radius + R_j."""
-        q_norm = float(x.double().norm())
+        q_norm = float(x.double().norm(p=self.p))
         reach = radius + self.max_radius
         margin = ROUNDING * (1.0 + q_norm + reach)
         lo = int(
@@ -135,7 +140,7 @@ class Index:
             return rows
         bound = (self.norm[rows] - q_norm).abs()
         if self.pivots:
-            to_pivot = torch.stack([(x.double() - p.double()).norm() for p in self.pivots])
+            to_pivot = torch.stack([(x.double() - p.double()).norm(p=self.p) for p in self.pivots])
             differences = (self.to_pivot[rows, : len(self.pivots)] - to_pivot).abs()
             bound = torch.maximum(bound, torch.nan_to_num(differences, nan=0.0).max(dim=1).values)
         keep = bound - margin < radius + self.r[rows]

@@ -6,7 +6,8 @@ keeps an ordered memory of everything it certified, entries (x_j, c_j, R_j), and
 consistently with it. For a new input x with Monte Carlo certificate (c, R) (c = -1 abstains,
 then R = 0):
 
-* d_j = ||x - x_j||_2 (float64, over the exact float32 inputs).
+* d_j = ||x - x_j|| (float64, over the exact float32 inputs), in the memory's norm: L2, or L1
+  for certificates of uniform noise. The proof below needs only the triangle inequality.
 * An exact repeat (bitwise-equal input) returns the stored answer and stores nothing.
 * Conflicts D = {j : c_j != c and d_j < R_j + R}; abstention (-1) is a class of its own.
 * No conflict: store (x, c, R). Otherwise j* = argmin_D (d_j - R_j) (ties: earliest stored)
@@ -85,14 +86,25 @@ def as_input(
     return canonical_input(x, shape, pixel_range).reshape(-1)
 
 
-def distances(x: Tensor, xs: Tensor) -> Tensor:
-    """Float64 L2 distances from a flat float32 input to each row of xs [k, D], computed over
-    sub-blocks so that the float64 temporaries stay near DISTANCE_BLOCK_BYTES."""
+NORM_ORDER = {"l2": 2, "l1": 1}
+
+
+def norm_order(norm: str) -> int:
+    """p of an Lp norm's name ("l2", "l1")."""
+    if norm not in NORM_ORDER:
+        raise InputError(f"unknown norm {norm!r}; choose one of {sorted(NORM_ORDER)}")
+    return NORM_ORDER[norm]
+
+
+def distances(x: Tensor, xs: Tensor, norm: str = "l2") -> Tensor:
+    """Float64 distances (L2, or L1) from a flat float32 input to each row of xs [k, D],
+    computed over sub-blocks so that the float64 temporaries stay near DISTANCE_BLOCK_BYTES."""
+    p = norm_order(norm)
     rows = max(1, DISTANCE_BLOCK_BYTES // (8 * max(1, xs.shape[1])))
     x64 = x.double()
     out = torch.empty(xs.shape[0], dtype=torch.float64)
     for i in range(0, xs.shape[0], rows):
-        out[i : i + rows] = (xs[i : i + rows].double() - x64).norm(dim=1)
+        out[i : i + rows] = (xs[i : i + rows].double() - x64).norm(p=p, dim=1)
     return out
 
 
@@ -109,16 +121,16 @@ def find_repeat(x: Tensor, xs: Tensor) -> int | None:
 
 
 def resolve(
-    x: Tensor, predict: int, radius: float, xs: Tensor, c: Tensor, r: Tensor
+    x: Tensor, predict: int, radius: float, xs: Tensor, c: Tensor, r: Tensor, norm: str = "l2"
 ) -> tuple[int, float, int | None]:
     """The rule for the certificate (predict, radius) of the flat float32 input x against
     entries xs [k, D], classes c [k] and radii r [k] in insertion order (all entries, or the
     candidates an exact index kept). Returns (class, radius, j): j the row that decided the
     answer (the conflict j*), None when x keeps its certificate. Exact repeats are found
-    before (`find_repeat`)."""
+    before (`find_repeat`). `norm`: the balls' ("l2" or "l1")."""
     if len(xs) == 0:
         return predict, radius, None
-    d = distances(x.reshape(-1).float(), xs.reshape(len(xs), -1).float())
+    d = distances(x.reshape(-1).float(), xs.reshape(len(xs), -1).float(), norm)
     c, r = c.long().reshape(-1), r.double().reshape(-1)
     conflict = (c != predict) & (d < r + radius)
     margins = torch.where(conflict, d - r, torch.full_like(d, math.inf))
@@ -132,11 +144,18 @@ def resolve(
     return predict, min(radius, margin), j
 
 
-def violations(a: tuple, b: tuple, tol: float = TOLERANCE) -> list[tuple[int, int, float]]:
+def violations(
+    a: tuple, b: tuple, tol: float = TOLERANCE, norm: str = "l2"
+) -> list[tuple[int, int, float]]:
     """Pairs (i, j, overlap), i < j by order, of entries of blocks a and b (x, c, r, order) of
-    different classes whose balls overlap by more than tol * (1 + R_i + R_j)."""
+    different classes whose balls (in `norm`) overlap by more than tol * (1 + R_i + R_j)."""
     (xa, ca, ra, oa), (xb, cb, rb, ob) = a, b
-    d = torch.cdist(xa.double(), xb.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    d = torch.cdist(
+        xa.double(),
+        xb.double(),
+        p=float(norm_order(norm)),
+        compute_mode="donot_use_mm_for_euclid_dist",
+    )
     reach = ra[:, None] + rb[None, :]
     overlap = reach - d
     pairs = (ca[:, None] != cb[None, :]) & (oa[:, None] < ob[None, :])

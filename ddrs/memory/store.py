@@ -42,15 +42,21 @@ ENTRY_COLUMNS = (
 META_KEYS = ("schema_version", "fingerprint", "input_shape", "repeats")
 
 
-def new_meta(fingerprint: str, input_shape, created: float) -> dict:
-    """The meta rows of a new memory."""
+def new_meta(fingerprint: str, input_shape, created: float, norm: str = "l2") -> dict:
+    """The meta rows of a new memory (`norm`: its balls', "l2" or "l1")."""
     return {
         "schema_version": SCHEMA_VERSION,
         "fingerprint": fingerprint,
         "input_shape": json.dumps(list(input_shape)),
+        "norm": norm,
         "created": created,
         "repeats": 0,
     }
+
+
+def norm_of(meta: dict) -> str:
+    """A memory's norm; memories made before norms were recorded hold L2 balls."""
+    return str(meta.get("norm", "l2"))
 
 
 def entry_checksum(order: int, x_bytes: bytes, predict: int, radius: float) -> str:

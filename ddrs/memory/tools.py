@@ -34,6 +34,7 @@ def memory_stats(memory, bins: int = 10) -> dict:
         "sigma": {k: None if v is None else float(v) for k, v in summary.items()},
         "fingerprint": memory.fingerprint,
         "input_shape": list(memory.input_shape),
+        "norm": memory.norm,
     }
 
 
@@ -46,5 +47,5 @@ def intersecting_pairs(memory, tol: float = TOLERANCE) -> list[tuple]:
     bad: list[tuple] = []
     for a in memory.chunks(0, stop, block):
         for b in memory.chunks(int(a[3][0]), stop, block):
-            bad += violations(a, b, tol)
+            bad += violations(a, b, tol, memory.norm)
     return sorted(bad)

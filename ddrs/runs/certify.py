@@ -32,6 +32,7 @@ from ddrs.results import (
     COUNTS_COLUMNS,
     MEMORY_COLUMNS,
     NO_EXPERT,
+    NORM_COLUMN,
     ResultsWriter,
     file_digest,
     read_table,
@@ -108,7 +109,7 @@ class CertifyRun(SmoothingRun):
                 "--router and --cascade certify with fixed N; they take neither --pilot, "
                 "--radius nor --counts"
             )
-        if largest_radius(1.0, self.n, self.alpha) == 0:
+        if largest_radius(1.0, self.n, self.alpha, self.family) <= 0:
             fewest = math.floor(math.log2(1 / self.alpha)) + 1
             raise InputError(
                 f"--n {self.n} can certify nothing at --alpha {self.alpha:g} (all N votes for "
@@ -123,19 +124,21 @@ class CertifyRun(SmoothingRun):
         alpha = self.alpha
         if self.radius is not None:
             alpha = look_alpha(alpha, radius_looks(self.n))
+        family, norm = self.family, self.norm.upper()
         if self.sigma is not None:
+            largest = largest_radius(self.sigma, self.n, alpha, family)
             return (
-                f"largest certifiable radius: {largest_radius(self.sigma, self.n, alpha):.3f} "
-                f"(sigma {self.sigma:g}, N {self.n}, alpha {alpha:.3g})"
+                f"largest certifiable radius: {largest:.3f} "
+                f"({norm}, {family.scale} {self.sigma:g}, N {self.n}, alpha {alpha:.3g})"
             )
         return (
-            f"largest certifiable radius: {largest_radius(1.0, self.n, alpha):.3f} x sigma "
-            f"(N {self.n}, alpha {alpha:.3g})"
+            f"largest certifiable radius: {largest_radius(1.0, self.n, alpha, family):.3f} x "
+            f"{family.scale} ({norm}, N {self.n}, alpha {alpha:.3g})"
         )
 
     def check_radius(self) -> None:
         """--radius: positive, alone among the sample-size options, and within reach."""
-        check_radius_reach(self.radius, self.sigma, self.n, self.alpha)
+        check_radius_reach(self.radius, self.sigma, self.n, self.alpha, self.family)
         if self.pilot or self.counts:
             raise InputError(
                 "--radius stops each input when decided: it takes neither --pilot nor --counts "
@@ -235,6 +238,9 @@ def certify_dataset(
             for row in found:
                 row["time"] = elapsed
             rows += found
+        if run.norm != "l2":
+            for row in rows:
+                row[NORM_COLUMN] = run.norm
         return sorted(rows, key=lambda row: group.index(row["idx"]))
 
     def _repeats(x: torch.Tensor, group: list[int]) -> dict[int, Answer]:
@@ -247,7 +253,7 @@ def certify_dataset(
     look_up_repeats = bool(run.memory) and not rank.enabled and run.counts is None
     try:
         if run.memory and rank.is_main:
-            memory = open_memory(run.memory, experts, dataset)
+            memory = open_memory(run.memory, experts, dataset, run.norm)
 
         def open_outputs() -> CertifyOutputs:
             return CertifyOutputs(
@@ -299,7 +305,7 @@ class _Sampler:
 
 
 def _sampler(run: CertifyRun, experts: Experts, num_classes: int, routes) -> _Sampler:
-    engine = {"seed": run.seed, "amp": run.amp, "compile": run.compile}
+    engine = {"seed": run.seed, "amp": run.amp, "compile": run.compile, "family": run.family}
     if run.cascade is not None:
         cascade = Cascade(experts, num_classes, run.cascade, **engine)
 
@@ -355,7 +361,7 @@ def _sampler(run: CertifyRun, experts: Experts, num_classes: int, routes) -> _Sa
             run.radius,
         )
         rows = [_part_row(k, y, c, run.n0, run.seed) for k, y, c in zip(keys, labels, found)]
-        if extra:
+        if "expert" in extra:
             for row, j in zip(rows, expert):
                 row["expert"] = experts[j].name
         return rows
@@ -566,7 +572,9 @@ def _repeat_row(
         "seed": seed,
         "repeat": answer,
     }
-    if extra:
+    if "expert" in extra:
         row["expert"] = experts.name_at(answer.sigma) or NO_EXPERT
-        row.update({column: math.nan for column in extra if column != "expert"})  # not sampled
+        row.update(
+            {column: math.nan for column in extra if column not in ("expert", NORM_COLUMN)}
+        )  # not sampled
     return row

@@ -11,6 +11,8 @@ from torch import nn
 from ddrs.core.cascade import check_p0
 from ddrs.core.checks import integer, optional_integer, positive, probability
 from ddrs.core.experts import Experts, as_experts
+from ddrs.core.families import GAUSSIAN, NOISES, NORMS, Family, noise_family
+from ddrs.core.lattice import check_sigma
 from ddrs.core.smooth import DEFAULTS
 from ddrs.data import radius_units
 from ddrs.errors import InputError, ResultsFileError
@@ -20,12 +22,41 @@ from ddrs.options import setting
 from ddrs.results import (
     CASCADE_COLUMNS,
     EXPERT_COLUMNS,
+    NORM_COLUMN,
     ROUTER_COLUMNS,
     ResultsWriter,
     file_digest,
     read_routes,
     read_sigmas,
 )
+
+NORM_HELP = (
+    "the norm of the certified radius: l2 (Gaussian noise, sigma) or l1 (uniform noise of "
+    "half-width lambda, given where sigma is asked for; docs/METHODS.md)"
+)
+NOISE_HELP = (
+    "float: noise in floating point (the field's practice); discrete: the Gaussian rounded "
+    "to the 1/255 lattice, sampled exactly, sound in floating point (8-bit images only)"
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoiseSettings:
+    """The noise family's flags (core/families.py): --norm and --noise."""
+
+    norm: str = setting("l2", NORM_HELP, choices=list(NORMS))
+    noise: str = setting("float", NOISE_HELP, choices=list(NOISES))
+
+    def __post_init__(self) -> None:
+        noise_family(self.norm, self.noise)  # bad combinations, in one line
+
+    @property
+    def family(self) -> Family:
+        return noise_family(self.norm, self.noise)
+
+    def noise_settings(self) -> dict:
+        """What the results' settings record of the noise (compared on resume)."""
+        return {"norm": self.norm, "noise": self.noise}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,12 +107,13 @@ class DatasetRun:
         if denoisers:  # which denoiser, for a reader (the fingerprint already tells them apart)
             identity["denoiser"] = denoisers[0] if len(denoisers) == 1 else denoisers
         engine, precision = engine_of(experts[0].model)
+        norm = getattr(self, "norm", "l2")
         return {
             "command": command,
             **identity,
             "engine": engine,
             "precision": precision,
-            "radius_units": radius_units(dataset.info.input_shape),
+            "radius_units": radius_units(dataset.info.input_shape, norm),
             "dataset": dataset.info.name,
             "split": dataset.split,
             "seed": self.seed,
@@ -90,7 +122,7 @@ class DatasetRun:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SmoothingRun(DatasetRun):
+class SmoothingRun(NoiseSettings, DatasetRun):
     """CERTIFY or PREDICT over a dataset: one sigma, or a sigma per input from a file."""
 
     sigma: float | None = setting(
@@ -126,7 +158,8 @@ class SmoothingRun(DatasetRun):
         return [self.sigma, self.sigmas, self.cascade]
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        DatasetRun.__post_init__(self)
+        NoiseSettings.__post_init__(self)
         if sum(source is not None for source in self.sigma_sources()) != 1:
             raise InputError(
                 "give exactly one of a fixed --sigma or a per-input --sigmas file"
@@ -136,6 +169,13 @@ class SmoothingRun(DatasetRun):
             positive("--sigma", self.sigma)
         if self.cascade is not None:
             check_p0(self.cascade)
+            if self.family is not GAUSSIAN:
+                raise InputError(
+                    "--cascade certifies L2 radii with float Gaussian noise: it takes neither "
+                    "--norm l1 nor --noise discrete"
+                )
+        if self.sigma is not None and self.family.discrete:
+            check_sigma(self.sigma)
         if self.sigmas is not None and not Path(self.sigmas).is_file():
             raise InputError(
                 f"--sigmas {self.sigmas}: no such file; write it first with `ddrs sigma ... "
@@ -188,12 +228,14 @@ class SmoothingRun(DatasetRun):
         return self.routes(experts, self.indices(len(dataset)))
 
     def extra_columns(self, experts: Experts) -> tuple[str, ...]:
-        """What experts add to a results file: which one answered (and the router's radius)."""
+        """What experts add to a results file: which one answered (and the router's radius);
+        an L1 run's rows say their norm (L2 rows keep Cohen et al.'s columns)."""
+        norm = (NORM_COLUMN,) if self.norm != "l2" else ()
         if as_experts(experts).is_model:
-            return ()
+            return norm
         if self.cascade is not None:
-            return CASCADE_COLUMNS
-        return ROUTER_COLUMNS if getattr(self, "router", None) else EXPERT_COLUMNS
+            return CASCADE_COLUMNS + norm
+        return (ROUTER_COLUMNS if getattr(self, "router", None) else EXPERT_COLUMNS) + norm
 
     def smoothing_settings(self, command: str, experts: Experts, dataset) -> dict:
         source = {"sigma": self.sigma}
@@ -208,6 +250,7 @@ class SmoothingRun(DatasetRun):
             "alpha": self.alpha,
             "amp": self.amp,
             "compile": self.compile,
+            **self.noise_settings(),
         }
 
 

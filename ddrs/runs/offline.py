@@ -9,6 +9,7 @@ from torch import nn
 
 from ddrs.core.checks import check_alpha
 from ddrs.core.experts import Experts, as_experts
+from ddrs.core.families import noise_family
 from ddrs.core.smooth import certificate_from_counts
 from ddrs.errors import ResultsFileError
 from ddrs.memory.store import shown_location
@@ -19,6 +20,7 @@ from ddrs.results import (
     MEMORY_COLUMNS,
     ResultsWriter,
     file_digest,
+    read_settings,
     read_table,
 )
 from ddrs.runs.certify import resolved_row
@@ -46,6 +48,7 @@ def apply_memory(
     mc_radius = table.get("mc_radius", table["radius"])
     seconds = table["time"] if "time" in table else [0.0] * len(table["idx"])
     experts = as_experts(model)
+    norm = read_settings(results).get("norm", "l2")  # the results' radii, and the balls
     settings = {
         "command": "memory apply",
         "results": str(results),
@@ -54,9 +57,10 @@ def apply_memory(
         "model": model_fingerprint(experts[0].model)[:16],
         "dataset": dataset.info.name,
         "split": dataset.split,
+        "norm": norm,
     }
     with (
-        open_memory(memory, experts, dataset) as store,
+        open_memory(memory, experts, dataset, norm) as store,
         ResultsWriter(out, MEMORY_COLUMNS, settings) as writer,
     ):
         order = table["idx"].argsort(kind="stable").tolist()
@@ -93,6 +97,9 @@ def recertify(counts: str, out: str, alpha: float) -> str:
     format (`idx label predict radius correct sigma time`, time 0). The counts do not depend
     on alpha, so this equals a run at that alpha with the same seed and inputs."""
     alpha = check_alpha(alpha)
+    recorded = read_settings(counts)
+    noise = {"norm": recorded.get("norm", "l2"), "noise": recorded.get("noise", "float")}
+    family = noise_family(**noise)
     table = read_table(counts)
     if "count" not in table and "radius" in table:
         raise ResultsFileError(
@@ -108,6 +115,7 @@ def recertify(counts: str, out: str, alpha: float) -> str:
             int(table["n"][k]),
             alpha,
             float(table["sigma"][k]),
+            family=family,
         )
         label = int(table["label"][k])
         rows.append(
@@ -121,7 +129,8 @@ def recertify(counts: str, out: str, alpha: float) -> str:
                 "time": 0.0,
             }
         )
-    with ResultsWriter(out, CERTIFY_COLUMNS, {"recertify": str(counts), "alpha": alpha}) as writer:
+    settings = {"recertify": str(counts), "alpha": alpha, **noise}
+    with ResultsWriter(out, CERTIFY_COLUMNS, settings) as writer:
         for row in rows:
             if row["idx"] not in writer.done:
                 writer.write(row)

@@ -15,7 +15,7 @@ from ddrs.core.route import ExpertCertifier
 from ddrs.core.smooth import DEFAULTS
 from ddrs.launch import ONE_PROCESS, Rank
 from ddrs.options import setting
-from ddrs.results import NO_EXPERT, PREDICT_COLUMNS, ResultsWriter
+from ddrs.results import NO_EXPERT, NORM_COLUMN, PREDICT_COLUMNS, ResultsWriter
 from ddrs.runs.dataset import SmoothingRun
 from ddrs.runs.loop import RowSource, group_size, stack, write_rows
 from ddrs.runs.source import inputs_of
@@ -50,7 +50,7 @@ def predict_dataset(
     dataset = inputs_of(dataset, experts)
     settings = run.settings(experts, dataset)
     routes = run.check(experts, dataset, settings)
-    engine = {"seed": run.seed, "amp": run.amp, "compile": run.compile}
+    engine = {"seed": run.seed, "amp": run.amp, "compile": run.compile, "family": run.family}
     num_classes = dataset.info.num_classes
     cascade = Cascade(experts, num_classes, run.cascade, **engine) if routes is None else None
     certifier = cascade or ExpertCertifier(experts, num_classes, **engine)
@@ -95,9 +95,12 @@ def predict_dataset(
             }
             for idx, label, answer, columns in zip(group, labels, answers, more)
         ]
-        if extra:
+        if "expert" in extra:
             for row, k in zip(rows, expert):
                 row["expert"] = experts[k].name if k >= 0 else NO_EXPERT
+        if run.norm != "l2":
+            for row in rows:
+                row[NORM_COLUMN] = run.norm
         return rows
 
     columns = run.columns(experts)

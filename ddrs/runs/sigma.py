@@ -32,7 +32,7 @@ from ddrs.launch import ONE_PROCESS, Rank
 from ddrs.models.onnx import gives_gradients
 from ddrs.options import setting
 from ddrs.results import ROUTE_COLUMNS, SIGMA_COLUMNS, ResultsWriter
-from ddrs.runs.dataset import DatasetRun, check_resumable
+from ddrs.runs.dataset import DatasetRun, NoiseSettings, check_resumable
 from ddrs.runs.loop import RowSource, stack, write_rows
 from ddrs.runs.source import inputs_of
 
@@ -112,8 +112,8 @@ class SearchSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SigmaRun(SearchSettings, DatasetRun):
-    """Choose a sigma for every covered input."""
+class SigmaRun(NoiseSettings, SearchSettings, DatasetRun):
+    """Choose a sigma (lambda, with --norm l1) for every covered input."""
 
     out: str = setting(
         None,
@@ -139,6 +139,7 @@ class SigmaRun(SearchSettings, DatasetRun):
 
     def __post_init__(self) -> None:
         DatasetRun.__post_init__(self)
+        NoiseSettings.__post_init__(self)
         if self.sigma0 is not None:
             positive("--sigma0", self.sigma0)
         check_route_rule(self.route_rule)
@@ -174,12 +175,14 @@ class SigmaRun(SearchSettings, DatasetRun):
                 "samples": self.options["samples"],
                 "n": self.n,
                 "alpha": self.alpha,
+                **self.noise_settings(),
             }
         return {
             **self.base_settings("sigma", experts, dataset),
             "sigma0": self.sigma0,
             "search": self.search,
             **self.options,
+            **self.noise_settings(),
         }
 
 
@@ -223,7 +226,14 @@ def _sigma_rows(model: nn.Module, dataset, run: SigmaRun, batch: int):
         x, _ = stack(dataset, group)
         t0 = time.perf_counter()
         found = SEARCHES[run.search](
-            model, x, run.sigma0, seed=run.seed, keys=group, batch=batch, **run.options
+            model,
+            x,
+            run.sigma0,
+            seed=run.seed,
+            keys=group,
+            batch=batch,
+            family=run.family,
+            **run.options,
         )
         elapsed = round((time.perf_counter() - t0) / len(group), 4)
         return [
@@ -255,6 +265,7 @@ def _route_rows(experts: Experts, dataset, run: SigmaRun, batch: int):
             seed=run.seed,
             keys=group,
             batch=batch,
+            family=run.family,
         )
         elapsed = round((time.perf_counter() - t0) / len(group), 4)
         return [

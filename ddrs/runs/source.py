@@ -234,10 +234,11 @@ def load_router(path: str, experts: Experts, device) -> Router:
     return Router(loaded.model, float(about["sigma"]), tuple(about["experts"]))
 
 
-def open_memory(path: str, experts: Experts, dataset) -> CertificationMemory:
+def open_memory(path: str, experts: Experts, dataset, norm: str = "l2") -> CertificationMemory:
     """The certification memory at `path` for this model (or these experts) on this dataset,
-    created if new."""
+    with balls in `norm`, created if new."""
     if Path(path).is_file() and Path(path).stat().st_size == 0:
         print(f"note: {path} is an empty file; starting a new memory in it")
     shape = dataset.info.input_shape
-    return CertificationMemory(path, memory_fingerprint(experts, dataset.info.name, shape), shape)
+    fingerprint = memory_fingerprint(experts, dataset.info.name, shape)
+    return CertificationMemory(path, fingerprint, shape, norm=norm)

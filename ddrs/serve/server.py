@@ -134,7 +134,7 @@ def serve(run: ServeRun) -> None:
     def make_classifier():
         memory = None
         if run.memory is not None:
-            memory = CertificationMemory(run.memory, fingerprint, info.input_shape)
+            memory = CertificationMemory(run.memory, fingerprint, info.input_shape, norm=run.norm)
         return DataDependentSmoothClassifier(
             experts,
             info.num_classes,
@@ -155,6 +155,7 @@ def serve(run: ServeRun) -> None:
             amp=run.amp,
             compile=run.compile,
             radius=run.radius,
+            family=run.family,
         )
 
     if run.memory is not None:  # a memory of another model or a corrupt one: say so now
@@ -173,6 +174,8 @@ def serve(run: ServeRun) -> None:
         "alpha": run.alpha,
         "memory": memory,
         "radius": run.radius,
+        "norm": run.norm,
+        "noise": run.noise,
     }
     if not experts.is_model:
         describe.update(

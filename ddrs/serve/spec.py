@@ -8,12 +8,14 @@ from pathlib import Path
 
 from ddrs.core.cascade import check_p0
 from ddrs.core.checks import integer, number, optional_integer, positive, probability
+from ddrs.core.families import GAUSSIAN
 from ddrs.core.route import ROUTE_RULES, check_route_rule
 from ddrs.core.sigma import DEFAULT_SAMPLES
 from ddrs.core.smooth import DEFAULTS
 from ddrs.core.stats import check_radius_reach
 from ddrs.errors import InputError
 from ddrs.options import setting
+from ddrs.runs.dataset import NoiseSettings
 from ddrs.runs.sigma import SearchSettings
 from ddrs.runs.source import Models
 
@@ -22,7 +24,7 @@ SERVICE_N = 10_000  # a query's N: an answer in about a second on a CPU, not in 
 
 
 @dataclass(frozen=True, kw_only=True)
-class ServeRun(SearchSettings, Models):
+class ServeRun(NoiseSettings, SearchSettings, Models):
     """`ddrs serve`: the model, its inputs, the memory, the certification and the server."""
 
     dataset: str | None = setting(None, "gives the input shape, classes and image transform")
@@ -122,6 +124,7 @@ class ServeRun(SearchSettings, Models):
 
     def __post_init__(self) -> None:
         Models.__post_init__(self)
+        NoiseSettings.__post_init__(self)
         if self.has_experts:
             if self.sigma is not None or self.sigma0 is not None:
                 raise InputError("experts answer at their own sigmas: no --sigma or --sigma0")
@@ -135,12 +138,17 @@ class ServeRun(SearchSettings, Models):
             raise InputError(f"--router {self.router}: no such file")
         if self.cascade is not None:
             check_p0(self.cascade)
+            if self.family is not GAUSSIAN:
+                raise InputError(
+                    "--cascade certifies L2 radii with float Gaussian noise: it takes neither "
+                    "--norm l1 nor --noise discrete"
+                )
             if not self.has_experts or self.router is not None:
                 raise InputError(
                     "--cascade runs among experts (--expert or --experts), without a --router"
                 )
         if self.radius is not None:
-            check_radius_reach(self.radius, self.sigma, self.n, self.alpha)
+            check_radius_reach(self.radius, self.sigma, self.n, self.alpha, self.family)
             if self.router is not None or self.cascade is not None:
                 raise InputError("--radius certifies one model or experts, not a router or cascade")
         if self.memory is None and not self.stateless:
