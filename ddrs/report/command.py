@@ -16,6 +16,7 @@ from ddrs.report.metrics import (
 )
 from ddrs.report.plots import plot_certified_accuracy, plot_experts, plot_sigma_histogram
 from ddrs.report.tables import format_table
+from ddrs.results import read_settings
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -36,6 +37,12 @@ def report_command(args: argparse.Namespace) -> None:
     _check_outputs(args)
     radii = parse_radii(args.radii)
     runs = load_runs(args.runs, args.labels)
+    norms = sorted({read_settings(run.path).get("norm", "l2") for run in runs})
+    if len(norms) > 1:
+        raise InputError(
+            f"these runs certify radii in different norms ({', '.join(norms)}): their "
+            "certified accuracies at a radius are not comparable; report each norm apart"
+        )
     mismatch = idx_mismatch(runs)
     if mismatch and args.common:
         runs = restrict_to_common(runs)

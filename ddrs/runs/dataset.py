@@ -12,7 +12,7 @@ from ddrs.core.cascade import check_p0
 from ddrs.core.checks import integer, optional_integer, positive, probability
 from ddrs.core.experts import Experts, as_experts
 from ddrs.core.families import GAUSSIAN, NOISES, NORMS, Family, noise_family
-from ddrs.core.lattice import check_sigma
+from ddrs.core.lattice import check_sigma, lattice_levels
 from ddrs.core.smooth import DEFAULTS
 from ddrs.data import radius_units
 from ddrs.errors import InputError, ResultsFileError
@@ -225,7 +225,10 @@ class SmoothingRun(NoiseSettings, DatasetRun):
         """What the run checks before it writes anything (and before a sharded run starts its
         workers); returns each covered input's (expert, sigma) (`routes`)."""
         check_resumable(self, experts, dataset, settings)
-        return self.routes(experts, self.indices(len(dataset)))
+        indices = self.indices(len(dataset))
+        if self.family.discrete and indices:  # the dataset's kind of values, before any file
+            lattice_levels(dataset[indices[0]][0])
+        return self.routes(experts, indices)
 
     def extra_columns(self, experts: Experts) -> tuple[str, ...]:
         """What experts add to a results file: which one answered (and the router's radius);

@@ -19,10 +19,13 @@ import torch
 from torch import Tensor
 
 from ddrs.classifier import Answer, DataDependentSmoothClassifier
+from ddrs.core.lattice import lattice_levels
 from ddrs.core.noise import content_key
 from ddrs.data import DatasetInfo
+from ddrs.errors import InputError
 from ddrs.memory import MemoryUnavailable
 from ddrs.options import default_of
+from ddrs.serve.api import RequestError
 from ddrs.serve.metrics import ServiceMetrics
 from ddrs.serve.spec import ServeRun
 
@@ -133,7 +136,17 @@ class CertificationService:
         await self.call(self._close)
         self.writer.shutdown(wait=True)
 
+    def admit(self, x: Tensor) -> None:
+        """Refuse, before it queues, an input this classifier's noise cannot take (discrete
+        noise: 8-bit images only), so that it never fails a batch of others."""
+        if self.classifier is not None and self.classifier.family.discrete:
+            try:
+                lattice_levels(x)
+            except InputError as error:
+                raise RequestError(422, f'"input": {error}') from None
+
     async def submit(self, kind: str, x: Tensor) -> Answer:
+        self.admit(x)
         future = asyncio.get_running_loop().create_future()
         self.in_flight += 1
         try:
