@@ -45,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", required=True, help="a folder for the results files")
     p.add_argument("--n", type=int, default=4000)
     p.add_argument("--skip", type=int, default=20)
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names")
+    p.add_argument("--variants", default=";".join(VARIANTS), help="names, separated by ;")
     p.add_argument("--json", metavar="OUT")
     return p.parse_args()
 
@@ -83,7 +83,7 @@ def main() -> None:
               args.data_root, "--skip", str(args.skip), "--no-progress",
               "--engine", "eager"]  # fmt: skip
     rows, tables = [], {}
-    for name in args.variants.split(","):
+    for name in args.variants.split(";"):
         path = out / (name.replace(", ", "-").replace(" ", "-") + ".tsv")
         extra = list(VARIANTS[name])
         start = time.perf_counter()

@@ -136,6 +136,19 @@ def test_the_lattice_sampler_draws_the_rounded_gaussian(sigma):
     assert chisquare(f_obs, wrong).pvalue < 1e-6
 
 
+@pytest.mark.parametrize("sigma", [0.003, 0.25, 1.0])
+def test_the_bucket_lookup_gives_searchsorteds_answer_everywhere(sigma):
+    """Including at, just below and just above every threshold, and at both ends."""
+    rounded = RoundedGaussian(sigma, "cpu")
+    t = rounded.thresholds
+    g = torch.Generator().manual_seed(1)
+    u = torch.cat([t, t - 1, t + 1, torch.tensor([0, 2**62 - 1]),
+                   draw_uniform(torch.empty(100_000, dtype=torch.int64), g)])  # fmt: skip
+    u = u.clamp(0, 2**62 - 1)
+    expected = (torch.searchsorted(t, u, right=True) - rounded.m).float()
+    assert torch.equal(rounded.offsets(u), expected)
+
+
 class LatticeRecorder(nn.Module):
     """Records what the classifier is given."""
 

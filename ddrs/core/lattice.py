@@ -79,17 +79,43 @@ def _thresholds(sigma: float) -> tuple[int, Tensor]:
     return m, torch.tensor(lower + upper, dtype=torch.int64)
 
 
+BUCKET_BITS = 16  # the lookup's buckets: the top 16 of the uniform integer's 62 bits
+
+
+@functools.lru_cache(maxsize=64)
+def _buckets(sigma: float) -> tuple[Tensor, Tensor, Tensor]:
+    """A lookup that gives searchsorted's answer with one comparison: for each bucket of
+    uniform integers [b 2^46, (b + 1) 2^46), the count of thresholds <= its start, the first
+    threshold above its start, and whether a second threshold lies inside it (then the
+    bucket's integers are searched, a few in the tails)."""
+    _, thresholds = _thresholds(sigma)
+    starts = torch.arange(1 << BUCKET_BITS, dtype=torch.int64) << (BITS - BUCKET_BITS)
+    below = torch.searchsorted(thresholds, starts, right=True)
+    padded = torch.cat([thresholds, torch.tensor([1 << BITS, 1 << BITS])])
+    ends = starts + (1 << (BITS - BUCKET_BITS))
+    return below, padded[below], padded[below + 1] < ends
+
+
 class RoundedGaussian:
     """Integer offsets K of the rounded Gaussian at one sigma, from uniform integers."""
 
     def __init__(self, sigma: float, device) -> None:
         self.m, thresholds = _thresholds(float(sigma))
         self.thresholds = thresholds.to(device)
+        below, self.next, self.crowded = (t.to(device) for t in _buckets(float(sigma)))
+        self.first = (below - self.m).float()  # K at each bucket's start
 
     def offsets(self, uniform: Tensor) -> Tensor:
-        """K for each uniform integer in [0, 2^BITS), as float32."""
-        above = torch.searchsorted(self.thresholds, uniform, right=True)
-        return (above - self.m).float()
+        """K for each uniform integer in [0, 2^BITS), as float32: the number of thresholds at
+        or below it, less m (what searchsorted gives, by the bucket lookup)."""
+        bucket = uniform >> (BITS - BUCKET_BITS)
+        offsets = torch.take(self.first, bucket)
+        offsets += uniform >= torch.take(self.next, bucket)
+        crowded = torch.take(self.crowded, bucket)
+        if crowded.any():
+            above = torch.searchsorted(self.thresholds, uniform[crowded], right=True)
+            offsets[crowded] = (above - self.m).float()
+        return offsets
 
 
 def draw_uniform(out: Tensor, generator: torch.Generator) -> Tensor:
