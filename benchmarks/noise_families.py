@@ -40,13 +40,17 @@ VARIANTS = {
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data-root", required=True)
-    p.add_argument("--out", required=True, help="a folder for the results files")
+    p.add_argument("--checkpoint")
+    p.add_argument("--data-root")
+    p.add_argument("--out", help="a folder for the results files")
     p.add_argument("--n", type=int, default=4000)
     p.add_argument("--skip", type=int, default=20)
     p.add_argument("--variants", default=";".join(VARIANTS), help="names, separated by ;")
     p.add_argument("--json", metavar="OUT")
+    p.add_argument(
+        "--resnet110", type=int, metavar="SAMPLES", default=0,
+        help="only this: the cost of each noise end to end through ResNet-110",
+    )  # fmt: skip
     return p.parse_args()
 
 
@@ -71,8 +75,30 @@ def noise_rates(samples: int = 20_000) -> dict[str, float]:
     return rates
 
 
+def resnet110_seconds(samples: int) -> dict[str, float]:
+    """End-to-end seconds of `samples` noisy samples of one 8-bit image through ResNet-110
+    (random weights: the cost, not the answer), float then discrete."""
+    from ddrs.models import build_model
+
+    model = build_model("cifar_resnet110", 10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3).eval()
+    x = torch.randint(0, 256, (1, 3, 32, 32)).float() / 255
+    seconds = {}
+    for name in ("gaussian", "discrete"):
+        sample_counts(model, x, 0.25, 256, 10, family=FAMILIES[name])  # warm-up
+        start = time.perf_counter()
+        sample_counts(model, x, 0.25, samples, 10, batch=256, family=FAMILIES[name])
+        seconds[name] = time.perf_counter() - start
+    return seconds
+
+
 def main() -> None:
     args = parse_args()
+    if args.resnet110:
+        seconds = resnet110_seconds(args.resnet110)
+        print(f"ResNet-110, {args.resnet110} samples: " + ", ".join(
+            f"{k} {v:.1f} s" for k, v in seconds.items()
+        ) + f"; discrete / float {seconds['discrete'] / seconds['gaussian']:.3f}")  # fmt: skip
+        return
     machine = print_machine("noise families (L2 float, L2 discrete, L1) on CIFAR-10", args)
     monitor = LoadMonitor()
     rates = noise_rates()

@@ -2,7 +2,10 @@
 
 The names a user needs, importable from here (`from ddrs import Smooth, certify_dataset`):
 
-- `Smooth`: CERTIFY and PREDICT (Cohen et al., 2019) around any classifier, a sigma per input.
+- `Smooth`: CERTIFY and PREDICT (Cohen et al., 2019) around any classifier, a sigma per input;
+  `family="uniform"` certifies L1 radii (uniform noise of half-width lambda = sigma),
+  `family="discrete"` samples the Gaussian exactly on the 1/255 lattice of 8-bit images
+  (`noise_family(norm, noise)` names them as the command line does).
 - `certified_sigma_search`, `sigma_search` (the paper's ascent), `grid_sigma_search`: a sigma
   per input.
 - `CertificationMemory`, `DataDependentSmoothClassifier`, `memory_fingerprint`: the memory
@@ -16,6 +19,7 @@ The names a user needs, importable from here (`from ddrs import Smooth, certify_
 
 from ddrs.classifier import DataDependentSmoothClassifier
 from ddrs.core.experts import Expert, Experts
+from ddrs.core.families import noise_family
 from ddrs.core.sigma import certified_sigma_search, grid_sigma_search, sigma_search
 from ddrs.core.smooth import Certificate, Smooth
 from ddrs.data import get_dataset
@@ -56,6 +60,7 @@ __all__ = [
     "grid_sigma_search",
     "load_checkpoint",
     "memory_fingerprint",
+    "noise_family",
     "predict_dataset",
     "sigma_dataset",
     "sigma_search",

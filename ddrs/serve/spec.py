@@ -9,6 +9,7 @@ from pathlib import Path
 from ddrs.core.cascade import check_p0
 from ddrs.core.checks import integer, number, optional_integer, positive, probability
 from ddrs.core.families import GAUSSIAN
+from ddrs.core.lattice import check_sigma
 from ddrs.core.route import ROUTE_RULES, check_route_rule
 from ddrs.core.sigma import DEFAULT_SAMPLES
 from ddrs.core.smooth import DEFAULTS
@@ -132,6 +133,8 @@ class ServeRun(NoiseSettings, SearchSettings, Models):
             if (self.sigma is None) == (self.sigma0 is None):
                 raise InputError("give exactly one of --sigma (fixed) or --sigma0 (a search)")
             positive("--sigma" if self.sigma is not None else "--sigma0", self.noise_level)
+            if self.family.discrete:
+                check_sigma(self.noise_level)
             if self.router is not None:
                 raise InputError("--router routes among experts: give --expert or --experts")
         if self.router is not None and not Path(self.router).is_file():
