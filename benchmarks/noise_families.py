@@ -35,6 +35,9 @@ VARIANTS = {
     "L1 uniform, lambda 0.433": ["--norm", "l1", "--sigma", "0.433"],
     "L1 uniform, lambda 0.25": ["--norm", "l1", "--sigma", "0.25"],
     "L1 uniform, lambda per input": ["--norm", "l1"],  # --sigmas and --memory added below
+    # a model trained under uniform noise (`ddrs train --norm l1 --sigma LAMBDA`): --lambda
+    "L1 uniform, lambda LAMBDA": ["--norm", "l1", "--sigma", "LAMBDA"],
+    "L1 uniform, lambda per input around LAMBDA": ["--norm", "l1"],
 }
 
 
@@ -45,7 +48,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", help="a folder for the results files")
     p.add_argument("--n", type=int, default=4000)
     p.add_argument("--skip", type=int, default=20)
-    p.add_argument("--variants", default=";".join(VARIANTS), help="names, separated by ;")
+    p.add_argument("--lambda", dest="lam", default="0.433", help="LAMBDA in variant names")
+    p.add_argument("--variants", default=";".join(list(VARIANTS)[:5]), help="names, with ;")
     p.add_argument("--json", metavar="OUT")
     p.add_argument(
         "--resnet110", type=int, metavar="SAMPLES", default=0,
@@ -110,12 +114,14 @@ def main() -> None:
               "--engine", "eager"]  # fmt: skip
     rows, tables = [], {}
     for name in args.variants.split(";"):
+        extra = [a.replace("LAMBDA", args.lam) for a in VARIANTS[name]]
+        sigma0 = args.lam if "LAMBDA" in name else "0.433"
+        name = name.replace("LAMBDA", args.lam)
         path = out / (name.replace(", ", "-").replace(" ", "-") + ".tsv")
-        extra = list(VARIANTS[name])
         start = time.perf_counter()
         if "per input" in name:
             sigmas = out / "lambda.tsv"
-            code = ddrs(["sigma", *common, "--norm", "l1", "--sigma0", "0.433", "--spread",
+            code = ddrs(["sigma", *common, "--norm", "l1", "--sigma0", sigma0, "--spread",
                          "0.5,2", "--n", str(args.n), "--out", str(sigmas)])  # fmt: skip
             if code not in (0, None):
                 raise SystemExit(f"{name}: ddrs sigma failed ({code})")

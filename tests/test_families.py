@@ -205,3 +205,12 @@ def test_float_noise_certifies_a_radius_that_an_adversarial_example_breaks_discr
     other = discrete.predict(adversarial, sigma, n, alpha)
     assert not (cert.predict != ABSTAIN and cert.radius > distance and other != cert.predict)
     assert (cert.predict, other) == (0, 0)  # the classifier's real answer, at both points
+
+
+def test_training_noise_of_the_l1_norm_is_uniform_of_half_width_sigma():
+    from ddrs.train.methods import noise_like
+
+    x, sigma = torch.zeros(4000, 8), torch.full((4000,), 0.3)
+    e = noise_like(x, sigma, "l1")
+    assert e.abs().max() <= 0.3 and float(e.var()) == pytest.approx(0.09 / 3, rel=0.05)
+    assert noise_like(x, sigma).abs().max() > 0.3  # the Gaussian is not bounded

@@ -280,3 +280,20 @@ def test_the_service_certifies_l1_radii_with_per_input_lambda_and_discrete_noise
         upload = client.post("/v1/certify", files={"file": ("d.png", png.getvalue(), "image/png")})
         assert upload.status_code == 200, upload.text
         assert client.get("/health").json()["entries"] == 1  # the refused query stored nothing
+
+
+def test_training_under_uniform_noise_for_l1_certificates(tmp_path, capsys):
+    from ddrs.models import load_checkpoint
+
+    out = tmp_path / "u"
+    args = ["train", "--dataset", "digits", "--arch", "cnn", "--sigma", "0.4", "--norm", "l1",
+            "--epochs", "1", "--batch", "64", "--lr", "0.05", "--eval-max", "20",
+            "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    meta = load_checkpoint(str(out / "last.pt"), device="cpu").meta
+    assert meta["norm"] == "l1" and meta["train_config"]["norm"] == "l1"
+    capsys.readouterr()
+    refused = tmp_path / "m"
+    assert main([*args[:-1], str(refused), "--method", "macer"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--norm l1 trains" in err and not refused.exists()

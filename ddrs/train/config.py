@@ -44,6 +44,12 @@ class TrainConfig:
         "the off-the-shelf model that denoised smoothing certifies",
         required=True,
     )
+    norm: str = setting(
+        "l2",
+        "the training noise, for certificates in this norm: l2 (Gaussian) or l1 (uniform of "
+        "half-width --sigma; --method gaussian, without --data-dependent)",
+        choices=["l2", "l1"],
+    )
     epochs: int = setting(90, "training epochs")
     batch: int = setting(256, "training batch size")
     lr: float = setting(0.1, "SGD learning rate")
@@ -108,6 +114,12 @@ class TrainConfig:
 
     def _check_sigma(self) -> None:
         number("--sigma", self.sigma, minimum=0)
+        if self.norm == "l1" and (self.method != "gaussian" or self.data_dependent):
+            raise InputError(
+                "--norm l1 trains with uniform noise under --method gaussian, without "
+                f"--data-dependent (got --method {self.method}"
+                f"{' --data-dependent' if self.data_dependent else ''})"
+            )
         if self.sigma == 0 and (self.method != "gaussian" or self.data_dependent):
             raise InputError(
                 f"--sigma 0 trains on clean images, which only --method gaussian without "

@@ -67,6 +67,7 @@ class Trainer:
             training_subset(len(self.train_set), config.train_subset, config.seed)
         )
         self.method: Method = build_method(config.method, **config.method_settings)
+        self.method.norm = config.norm
         self.model = build_model(
             config.arch, self.info.num_classes, self.info.input_shape, self.info.mean, self.info.std
         ).to(self.device)
@@ -112,6 +113,7 @@ class Trainer:
             "method": c.method,
             "method_settings": self.method.settings(),
             "sigma": c.sigma,
+            "norm": c.norm,
             "epoch": epoch,
             "data_dependent": c.data_dependent,
             "train_config": dataclasses.asdict(c),
@@ -313,7 +315,10 @@ class Trainer:
             for x, y, _ in loader:
                 x, y = x.to(self.device), y.to(self.device)
                 clean += (self.model(x).argmax(1) == y).sum().item()
-                e = torch.randn(x.shape, generator=generator, device=self.device)
+                if self.config.norm == "l1":
+                    e = torch.rand(x.shape, generator=generator, device=self.device) * 2 - 1
+                else:
+                    e = torch.randn(x.shape, generator=generator, device=self.device)
                 noisy += (self.model(x + self.config.sigma * e).argmax(1) == y).sum().item()
         return {"test_clean_acc": clean / len(chosen), "test_noisy_acc": noisy / len(chosen)}
 

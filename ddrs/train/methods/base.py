@@ -19,6 +19,7 @@ class Method:
     """Base class. `settings` are the method's hyper-parameters, recorded in checkpoints."""
 
     name = "method"
+    norm = "l2"  # the training noise: "l2" Gaussian, or "l1" uniform of half-width sigma
 
     def settings(self) -> dict:
         return {}
@@ -27,6 +28,8 @@ class Method:
         raise NotImplementedError
 
 
-def noise_like(x: Tensor, sigma: Tensor) -> Tensor:
-    """sigma_i * e for each row of x, e ~ N(0, I) from torch's global generator."""
-    return sigma.view(-1, *([1] * (x.dim() - 1))) * torch.randn_like(x)
+def noise_like(x: Tensor, sigma: Tensor, norm: str = "l2") -> Tensor:
+    """sigma_i * e for each row of x, e ~ N(0, I) from torch's global generator (norm "l1":
+    e ~ U[-1, 1]^d, uniform noise of half-width sigma_i)."""
+    e = torch.rand_like(x) * 2 - 1 if norm == "l1" else torch.randn_like(x)
+    return sigma.view(-1, *([1] * (x.dim() - 1))) * e
