@@ -172,6 +172,13 @@ def test_certify_under_l1_writes_a_norm_column_and_the_report_labels_its_axis(
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "L1 balls" in err and not refused.exists()
+    # resolved offline, the L1 results make a memory of L1 balls
+    applied = tmp_path / "applied.sqlite"
+    assert main(["memory", "apply", str(out), "--checkpoint", digits_checkpoint, "--dataset",
+                 "digits", "--memory", str(applied), "--out", str(tmp_path / "ap.tsv"),
+                 "--no-progress"]) == 0  # fmt: skip
+    with CertificationMemory.open_existing(applied) as mem:
+        assert mem.norm == "l1" and len(mem) == 10
     assert radius_label([load_runs([str(out)])[0]]).startswith("L1 radius")
     assert main(["report", str(out), "--plot", str(tmp_path / "l1.png")]) == 0
     assert main(["report", str(out), str(l2)]) == 2  # radii of two norms are not comparable
@@ -260,6 +267,7 @@ def test_the_service_certifies_l1_radii_with_per_input_lambda_and_discrete_noise
 
     from ddrs.data import get_dataset
     from ddrs.serve import create_app
+    from ddrs.serve.page import render_page
 
     digits = get_dataset("digits", "test")
     with TestClient(create_app(service_of(digits_checkpoint, tmp_path / "l1.sqlite",
@@ -268,6 +276,7 @@ def test_the_service_certifies_l1_radii_with_per_input_lambda_and_discrete_noise
         assert all(a["radius"] <= a["sigma"] for a in answers)  # L1: at most lambda
         assert len({a["sigma"] for a in answers}) > 1  # a lambda per input
         assert client.get("/v1/memory/stats").json()["norm"] == "l1"
+        assert '"norm": "l1"' in render_page({"norm": "l1", "alpha": 0.01}, False)
     with CertificationMemory.open_existing(tmp_path / "l1.sqlite") as memory:
         assert memory.norm == "l1" and len(memory) == 4
     discrete = service_of(digits_checkpoint, tmp_path / "d.sqlite", "discrete", 0.25)

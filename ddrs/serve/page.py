@@ -16,11 +16,13 @@ PAGE = (resources.files("ddrs.serve") / "static" / "index.html").read_text()
 
 
 def render_page(describe: dict, needs_token: bool, stateless: bool = False) -> str:
-    """The page: alpha (part of the guarantee) and whether answers are stored, for everyone;
+    """The page: alpha and the norm (part of the guarantee) and whether answers are stored, for
+    everyone;
     the other settings only when no token is needed (with a token, `GET /health` with it
     shows them)."""
     facts = {
         "alpha": describe.get("alpha"),
+        "norm": describe.get("norm", "l2"),  # what a radius means, for everyone
         "needs_token": needs_token,
         "stateless": stateless,
         "settings": None if needs_token else describe,

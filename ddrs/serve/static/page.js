@@ -5,8 +5,10 @@ const SERVICE = JSON.parse(document.getElementById("service").textContent);
 const $ = (id) => document.getElementById(id);
 const fixed = (v) => Number(v).toFixed(3);
 const ALPHA = SERVICE.alpha;
+const NORM = String(SERVICE.norm || "l2").toUpperCase();
 
 function start() {
+  document.querySelectorAll(".norm").forEach((span) => { span.textContent = NORM; });
   if (ALPHA !== undefined && ALPHA !== null) {
     $("confidence").textContent = "1 \u2212 \u03b1 = " + (1 - ALPHA) + " (\u03b1 = " + ALPHA + ")";
   }
@@ -93,7 +95,7 @@ function show(kind, body) {
   $("verdict").textContent = className(body);
   $("guarantee").textContent = body.predict === -1 ? "Nothing is certified for this image."
     : kind === "certify"
-      ? "Certified radius " + fixed(body.radius) + ": every image within L2 distance " +
+      ? "Certified radius " + fixed(body.radius) + ": every image within " + NORM + " distance " +
         fixed(body.radius) + " of this one (pixels in [0, 1]) gets this class, with " +
         withProbability() + "."
       : "predict certifies no radius: the class is the smoothed classifier's with " +
@@ -101,7 +103,7 @@ function show(kind, body) {
   const before = (body.mc_predict === -1 ? "abstain" : "class " + body.mc_predict) +
     ", radius " + fixed(body.mc_radius) +
     (body.mc_radius > body.radius && body.shrunk ? " (shrunk by the memory, see below)" : "");
-  const rows = [["certified radius", fixed(body.radius)], ["noise level sigma", fixed(body.sigma)],
+  const rows = [["certified radius", fixed(body.radius)], [NORM === "L1" ? "noise half-width lambda" : "noise level sigma", fixed(body.sigma)],
     [body.repeat ? "Monte Carlo answer (stored)" : "Monte Carlo answer, before the memory",
       before]];
   if (body.expert) rows.push(["expert", body.expert]);
