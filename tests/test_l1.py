@@ -143,9 +143,15 @@ def test_certify_under_l1_writes_a_norm_column_and_the_report_labels_its_axis(
     digits_checkpoint, tmp_path, capsys
 ):
     out, memory = tmp_path / "l1.tsv", tmp_path / "m.sqlite"
-    assert main(certify(digits_checkpoint, out, "--norm", "l1", "--sigma", "0.4")) == 0
+    counts = tmp_path / "l1.counts.tsv"
+    args = certify(digits_checkpoint, out, "--norm", "l1", "--sigma", "0.4")
+    args += ["--counts", str(counts)]
+    assert main(args) == 0
     assert "largest certifiable radius" in capsys.readouterr().out
     table = read_table(out)
+    again = tmp_path / "again.tsv"  # the counts recertified at the same alpha: the same L1 radii
+    assert main(["recertify", str(counts), "--alpha", "0.001", "--out", str(again)]) == 0
+    assert np.array_equal(read_table(again)["radius"], table["radius"])
     assert set(table["norm"]) == {"l1"}
     certified = table["radius"][table["predict"] >= 0]
     assert len(certified) and (certified <= 2 * 0.4 * 0.5).all()  # at most lambda (pA <= 1)

@@ -3,7 +3,8 @@
 Each input x_i is smoothed with its own noise level sigma_i:
     g(x_i) = argmax_c P(f(x_i + sigma_i * e) = c),  e ~ N(0, I),
 and everything else follows the paper's pseudocode. Sigma and radii are L2, in the pixel
-units of the un-normalised input (values in [0, 1]).
+units of the un-normalised input (values in [0, 1]); another noise family (families.py: L1
+with uniform noise, or the discrete Gaussian) changes the noise and the radius formula only.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ DEFAULTS = CertifySettings()
 
 @dataclass(frozen=True)
 class Certificate:
-    """CERTIFY's answer for one input: class (or ABSTAIN) and certified L2 radius."""
+    """CERTIFY's answer for one input: class (or ABSTAIN) and certified radius (L2, or the
+    family's norm)."""
 
     predict: int
     radius: float

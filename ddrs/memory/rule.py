@@ -59,7 +59,7 @@ class Answer:
     certificate (mc_predict, mc_radius), as stored and sent."""
 
     predict: int  # the class (-1 = abstain)
-    radius: float  # the certified radius (L2, pixel units)
+    radius: float  # the certified radius (in the memory's norm, pixel units)
     sigma: float  # the sigma that certified `radius` (for a repeat: the stored entry's)
     changed: bool  # the memory changed the Monte Carlo class (x inside another class's ball)
     shrunk: bool  # the memory shrank the Monte Carlo radius
