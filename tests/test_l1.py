@@ -171,13 +171,17 @@ def test_certify_under_l1_writes_a_norm_column_and_the_report_labels_its_axis(
     assert main([*args, "--memory", str(memory)]) == 0
     with CertificationMemory.open_existing(memory) as mem:
         assert mem.norm == "l1" and len(mem) == 10 and mem.check() == []
-    # the same memory refuses L2 certificates, in one line and before writing anything
+    # the same memory refuses L2 certificates, in one line and before writing anything; and
+    # lambdas chosen for L1 are not taken as sigmas
     capsys.readouterr()
     refused = tmp_path / "refused.tsv"
-    args = certify(digits_checkpoint, refused, "--sigmas", str(sigmas), "--memory", str(memory))
+    args = certify(digits_checkpoint, refused, "--sigma", "0.25", "--memory", str(memory))
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "L1 balls" in err and not refused.exists()
+    assert main(certify(digits_checkpoint, refused, "--sigmas", str(sigmas))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "chosen for --norm l1" in err and not refused.exists()
     # resolved offline, the L1 results make a memory of L1 balls
     applied = tmp_path / "applied.sqlite"
     assert main(["memory", "apply", str(out), "--checkpoint", digits_checkpoint, "--dataset",

@@ -27,6 +27,7 @@ from ddrs.results import (
     ResultsWriter,
     file_digest,
     read_routes,
+    read_settings,
     read_sigmas,
 )
 
@@ -225,6 +226,12 @@ class SmoothingRun(NoiseSettings, DatasetRun):
         """What the run checks before it writes anything (and before a sharded run starts its
         workers); returns each covered input's (expert, sigma) (`routes`)."""
         check_resumable(self, experts, dataset, settings)
+        chosen_for = read_settings(self.sigmas).get("norm", "l2") if self.sigmas else self.norm
+        if chosen_for != self.norm:
+            raise InputError(
+                f"--sigmas {self.sigmas} was chosen for --norm {chosen_for}: certify with "
+                f"--norm {chosen_for}, or choose them with `ddrs sigma --norm {self.norm}`"
+            )
         indices = self.indices(len(dataset))
         if self.family.discrete and indices:  # the dataset's kind of values, before any file
             lattice_levels(dataset[indices[0]][0])
