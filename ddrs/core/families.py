@@ -71,10 +71,11 @@ class Family:
         return s / 2 * (normal_icdf(p_a) - normal_icdf(p_b))
 
     def standard(self, out: Tensor, generator: torch.Generator) -> Tensor:
-        """Fill `out` with standard noise of a float family (N(0, 1) or U[-1, 1])."""
+        """Fill `out` with standard noise of a float family (N(0, 1) or U[-1, 1]); the
+        discrete family's searches draw its Gaussian."""
         if self.norm == "l1":
             return out.uniform_(-1.0, 1.0, generator=generator)
-        return out.normal_(generator=generator)
+        return torch.randn(out.shape, generator=generator, out=out)
 
 
 def normal_icdf(p: Tensor) -> Tensor:

@@ -64,8 +64,6 @@ class NoiseSource:
     def _draw(self, out: Tensor) -> None:
         if self.family.discrete:
             draw_uniform(out, self.generator)
-        elif self.family.norm == "l2":
-            torch.randn(out.shape, generator=self.generator, out=out)
         else:
             self.family.standard(out, self.generator)
 

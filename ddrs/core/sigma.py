@@ -75,7 +75,7 @@ class PerInputNoise:
     a search only chooses sigma, on noise of its own)."""
 
     def __init__(self, keys: Sequence[int], seed: int, device, family: Family = GAUSSIAN):
-        self.family = GAUSSIAN if family.discrete else family
+        self.family = family
         self.generators = []
         for key in keys:
             g = torch.Generator(device=device)
@@ -84,10 +84,6 @@ class PerInputNoise:
         self.device = device
 
     def draw(self, n: int, shape) -> Tensor:
-        if self.family.norm == "l2":
-            return torch.stack(
-                [torch.randn(n, *shape, generator=g, device=self.device) for g in self.generators]
-            )
         out = torch.empty(len(self.generators), n, *shape, device=self.device)
         for row, g in zip(out, self.generators):
             self.family.standard(row, g)
