@@ -257,3 +257,25 @@ class PostgresServer:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def rule_oracle(x, c: int, r: float, xs, cs, rs, p: int = 2) -> tuple[int, float]:
+    """The memory's rule written out entry by entry in plain numpy float64, with L2 distances
+    (p = 2) or L1 (p = 1); an exact repeat gets the stored answer."""
+    xv = x.float().double().numpy().ravel()
+    best = None
+    for j in range(len(xs)):
+        xj = xs[j].float().double().numpy().ravel()
+        gap = np.abs(xv - xj)
+        d = float(np.sqrt(np.sum(gap**2)) if p == 2 else np.sum(gap))
+        if d == 0 and xs[j].float().numpy().tobytes() == x.float().numpy().tobytes():
+            return int(cs[j]), float(rs[j])
+        if int(cs[j]) != c and d < float(rs[j]) + r:
+            margin = d - float(rs[j])
+            if best is None or margin < best[0]:
+                best = (margin, int(cs[j]))
+    if best is None:
+        return c, r
+    if best[0] < 0:
+        return best[1], -best[0]
+    return c, best[0]

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import rule_oracle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -54,26 +55,6 @@ class Ram:
         self.c = torch.cat([self.c, torch.tensor([new_c])])
         self.r = torch.cat([self.r, torch.tensor([new_r], dtype=torch.float64)])
         return new_c, new_r, j, False
-
-
-def oracle(x: Tensor, c: int, r: float, xs: Tensor, cs: Tensor, rs: Tensor) -> tuple[int, float]:
-    """The rule written out entry by entry, in plain numpy float64."""
-    xv = x.float().double().numpy().ravel()
-    best = None
-    for j in range(len(xs)):
-        xj = xs[j].float().double().numpy().ravel()
-        d = float(np.sqrt(np.sum((xv - xj) ** 2)))
-        if d == 0 and xs[j].float().numpy().tobytes() == x.float().numpy().tobytes():
-            return int(cs[j]), float(rs[j])
-        if int(cs[j]) != c and d < float(rs[j]) + r:
-            margin = d - float(rs[j])
-            if best is None or margin < best[0]:
-                best = (margin, int(cs[j]))
-    if best is None:
-        return c, r
-    if best[0] < 0:
-        return best[1], -best[0]
-    return c, best[0]
 
 
 def stored(mem: CertificationMemory) -> tuple[Tensor, Tensor, Tensor]:
@@ -263,7 +244,7 @@ def run_sequence(shape, items, exact: bool) -> CertificationMemory:
     mems, ram = make_memories(shape), Ram(shape)
     for x, c, r in items:
         r = 0.0 if c == -1 else r
-        expected = oracle(x, c, r, ram.x, ram.c, ram.r) if exact else None
+        expected = rule_oracle(x, c, r, ram.x, ram.c, ram.r) if exact else None
         new_c, new_r, j, repeat = ram.add(x, c, r)
         if exact:
             assert (new_c, new_r) == expected

@@ -18,7 +18,6 @@ from torch import Tensor, nn
 
 from ddrs.core.checks import check_alpha, integer, number
 from ddrs.core.families import GAUSSIAN, Family, family_of
-from ddrs.core.lattice import check_sigma, lattice_levels
 from ddrs.core.noise import STREAM_ESTIMATION, STREAM_PILOT, STREAM_PREDICTION, STREAM_SELECTION
 from ddrs.core.sampling import auto_batch_size, sample_counts
 from ddrs.core.stats import (
@@ -191,17 +190,9 @@ class Smooth:
     def _checked(self, x, sigma, n0, n, alpha, batch, keys):
         """CERTIFY's arguments checked and normalised: (per-input sigmas, n0, n, alpha, batch
         size, noise keys)."""
-        sigma = self._checked_inputs(x, sigma)
+        sigma = check_inputs(x, sigma)
         n0, n, alpha = integer("n0", n0), integer("n", n), check_alpha(alpha)
         return sigma, n0, n, alpha, self._batch(batch, x), self._keys(x.shape[0], keys)
-
-    def _checked_inputs(self, x: Tensor, sigma) -> Tensor:
-        """The inputs checked, for this family too; their sigmas as a float tensor (B,)."""
-        sigma = check_inputs(x, sigma)
-        if self.family.discrete:
-            lattice_levels(x)
-            check_sigma(float(sigma.max()))
-        return sigma
 
     def certify_batch(
         self,
@@ -370,7 +361,7 @@ class Smooth:
 
         The probability of returning a class other than g(x) is at most alpha (per input).
         """
-        sigma = self._checked_inputs(x, sigma)
+        sigma = check_inputs(x, sigma)
         n = integer("n", n)
         alpha = check_alpha(alpha)
         batch = self._batch(batch, x)

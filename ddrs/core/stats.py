@@ -11,7 +11,7 @@ import numpy as np
 from scipy.stats import beta, binomtest
 
 from ddrs.core.checks import check_alpha
-from ddrs.core.families import GAUSSIAN, Family, normal_icdf  # noqa: F401 (re-exported)
+from ddrs.core.families import GAUSSIAN, Family
 from ddrs.errors import InputError
 
 

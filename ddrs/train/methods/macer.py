@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddrs.core.checks import integer, number, positive
-from ddrs.core.stats import normal_icdf
+from ddrs.core.families import normal_icdf
 from ddrs.train.methods.base import BatchLoss, Method, noise_like
 
 
